@@ -1,0 +1,44 @@
+"""The `workbench` command: each verb lives in its own module under workbench/commands/."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from workbench.errors import WorkbenchError
+
+app = typer.Typer(
+    help="Capture activations, train sparse autoencoders, browse sparse features.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    """Attach every command module's verbs to the app (one line per module)."""
+
+
+def main() -> None:
+    """Console entry point: bad input prints one line to stderr and exits 2."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""What capture needs from any model: one object over HookedTransformer, TransformerBridge and HookedEncoder.
+
+Every loader (the zoo, MiniLM, local Hugging Face folders, TransformerLens names) returns a
+ModelHandle, so the capture runner, the probes and the SAE evaluation never ask which kind
+of model they hold.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class ModelHandle:
+    """A loaded, hookable model with its tokenizer.
+
+    name: what the user typed (zoo name, package name or path); fingerprint: a short hash of
+    the weights, stored with every capture so a store never mixes two models.
+    kind: "decoder" (causal LM) or "encoder" (bidirectional, e.g. MiniLM).
+    prefix_ids / suffix_ids: special tokens framing every context window ([BOS] for decoders,
+    [CLS] ... [SEP] for BERT-like encoders); they are recorded as tokens like any other.
+    """
+
+    name: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    kind: str = "decoder"
+    prefix_ids: list[int] = field(default_factory=list)
+    suffix_ids: list[int] = field(default_factory=list)
+    n_layers: int = 0
+    d_model: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- hooks -------------------------------------------------------------------------
+    def hook_names(self) -> list[str]:
+        """Every TransformerLens hook name this model exposes."""
+        return sorted(self.model.hook_dict.keys())
+
+    def resolve_hooks(self, patterns: list[str]) -> list[str]:
+        """Expand exact names and globs; unknown names raise with the closest valid ones."""
+        names = self.hook_names()
+        out: list[str] = []
+        for pattern in patterns:
+            pattern = pattern.strip()
+            if not pattern:
+                continue
+            if any(ch in pattern for ch in "*?["):
+                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            else:
+                hits = [pattern] if pattern in names else []
+            if not hits:
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+                hint = f"; closest: {', '.join(close)}" if close else ""
+                raise WorkbenchError(
+                    f"unknown hook '{pattern}' for model {self.name}{hint} "
+                    f"(`workbench hooks --model {self.name}` lists all {len(names)})"
+                )
+            out.extend(h for h in hits if h not in out)
+        return out
+
+    def stop_layer_for(self, hooks: list[str]) -> int | None:
+        """The first block no requested hook needs, so the forward pass can stop there."""
+        deepest = -1
+        for hook in hooks:
+            parts = hook.split(".")
+            if parts[0] != "blocks" or len(parts) < 2 or not parts[1].isdigit():
+                return None  # embed, ln_final, unembed...: the whole model is needed
+            deepest = max(deepest, int(parts[1]))
+        if deepest < 0 or deepest + 1 >= self.n_layers:
+            return None
+        return deepest + 1
+
+    # ---- running -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int | None = None) -> dict[str, torch.Tensor]:
+        """Forward pass over tokens [batch, ctx]; returns {hook: tensor} for the hooks asked."""
+        wanted = set(hooks)
+        cache: dict[str, torch.Tensor] = {}
+
+        def save(tensor: torch.Tensor, hook: Any) -> None:
+            cache[hook.name] = tensor.detach()
+
+        fwd_hooks = [(name, save) for name in hooks]
+        kwargs: dict[str, Any] = {}
+        if stop_at_layer is not None:
+            kwargs["stop_at_layer"] = stop_at_layer
+        if self.kind == "encoder":
+            kwargs.update(self.extra.get("encoder_kwargs", {}))
+        self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd_hooks, return_type=None, **kwargs)
+        missing = wanted - cache.keys()
+        if missing:
+            raise WorkbenchError(f"hooks did not fire for model {self.name}: {', '.join(sorted(missing))}")
+        return cache
+
+    def hook_shapes(self, hooks: list[str]) -> dict[str, tuple[int, ...]]:
+        """Per-token shape of each hook's output (everything after [batch, pos])."""
+        n = len(self.prefix_ids) + len(self.suffix_ids) + 3
+        probe_tokens = torch.full((1, n), self.extra.get("probe_token_id", 0), dtype=torch.long)
+        cache = self.run(probe_tokens, hooks)
+        return {h: tuple(cache[h].shape[2:]) for h in hooks}
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text, without special tokens (capture frames windows itself)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Readable string of each token id (decoded one by one, so spaces show)."""
+        return [self.tokenizer.decode([i]) for i in ids]
