@@ -18,6 +18,10 @@ app = typer.Typer(
 
 def _register() -> None:
     """Attach every command module's verbs to the app (one line per module)."""
+    from workbench.commands.capture import capture_command, info_command
+
+    app.command("capture")(capture_command)
+    app.command("info")(info_command)
 
 
 def main() -> None:

@@ -105,15 +105,30 @@ class ModelHandle:
         return cache
 
     def hook_shapes(self, hooks: list[str]) -> dict[str, tuple[int, ...]]:
-        """Per-token shape of each hook's output (everything after [batch, pos])."""
-        n = len(self.prefix_ids) + len(self.suffix_ids) + 3
+        """Per-token shape of each hook's output; hooks that are not per token are refused."""
+        n = len(self.prefix_ids) + len(self.suffix_ids) + 5
         probe_tokens = torch.full((1, n), self.extra.get("probe_token_id", 0), dtype=torch.long)
+        probe_tokens[0, : len(self.prefix_ids)] = torch.tensor(self.prefix_ids, dtype=torch.long)
         cache = self.run(probe_tokens, hooks)
-        return {h: tuple(cache[h].shape[2:]) for h in hooks}
+        shapes = {}
+        for hook in hooks:
+            shape = tuple(cache[hook].shape)
+            per_token = len(shape) >= 2 and shape[:2] == (1, n) and not (len(shape) == 4 and shape[2] == shape[3] == n)
+            if not per_token:
+                raise WorkbenchError(
+                    f"hook '{hook}' is not one vector per token (shape {list(shape)} for {n} tokens) and cannot be "
+                    "stored densely; attention patterns and router outputs are captured with --probes sinks,routing"
+                )
+            shapes[hook] = shape[2:]
+        return shapes
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text, without special tokens (capture frames windows itself)."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.tokenize_many([text])[0]
+
+    def tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of several texts at once (the Rust tokenizer works them in parallel)."""
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Readable string of each token id (decoded one by one, so spaces show)."""

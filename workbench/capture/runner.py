@@ -1,0 +1,267 @@
+"""The capture loop: documents -> windows -> batches -> model forward -> store batches.
+
+Resumable by construction: windows are deterministic, a batch is stored whole or not at
+all, and a rerun of the same command skips the batches already on disk. Exactly `tokens`
+rows end up in the store (the last batch is cut to fit) unless the data runs out first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from workbench.capture.probe import BatchContext, Probe
+from workbench.capture.texts import load_corpus
+from workbench.capture.windows import iter_batches, iter_windows
+from workbench.errors import WorkbenchError
+from workbench.models.handle import ModelHandle
+from workbench.store.encoding import STORAGE_DTYPES, encode_activations
+from workbench.store.layout import (
+    FORMAT_VERSION,
+    TOKENS_TABLE,
+    activation_file,
+    batch_dir_name,
+    committed_batches,
+    read_manifest,
+    write_manifest,
+)
+from workbench.store.writer import BatchWriter, remove_partial_batches
+
+
+@dataclass
+class CaptureSettings:
+    """What a capture asks for; a resumed capture must ask for exactly the same."""
+
+    model: str
+    data: str
+    hooks: list[str]
+    tokens: int
+    ctx: int = 128
+    batch_size: int = 32
+    store: str = "stores/default"
+    dtype: str = "float32"
+    probes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+
+@dataclass
+class CaptureReport:
+    store: Path
+    tokens: int
+    new_tokens: int
+    resumed_batches: int
+    seconds: float
+    exhausted: bool
+
+
+def check_settings(settings: CaptureSettings) -> None:
+    """Reject impossible settings before anything is loaded or written."""
+    if settings.tokens <= 0:
+        raise WorkbenchError(f"--tokens must be positive (got {settings.tokens})")
+    if settings.ctx <= 1:
+        raise WorkbenchError(f"--ctx must be at least 2 (got {settings.ctx})")
+    if settings.batch_size <= 0:
+        raise WorkbenchError(f"--batch-size must be positive (got {settings.batch_size})")
+    if settings.dtype not in STORAGE_DTYPES:
+        raise WorkbenchError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got {settings.dtype})")
+    if not settings.hooks and not settings.probes:
+        raise WorkbenchError("nothing to capture: give --hooks and/or --probes")
+
+
+def prepare_store_folder(path: Path) -> None:
+    """Create the store folder, or say in one line why it cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise WorkbenchError(f"cannot write store at {path}: {err.strerror or err}") from err
+
+
+def _manifest_for(settings: CaptureSettings, handle: ModelHandle, shapes: dict[str, tuple[int, ...]], corpus_fp: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "model": {
+            "name": handle.name,
+            "fingerprint": handle.fingerprint,
+            "kind": handle.kind,
+            "n_layers": handle.n_layers,
+            "d_model": handle.d_model,
+            "prefix_ids": handle.prefix_ids,
+            "suffix_ids": handle.suffix_ids,
+        },
+        "hooks": {h: {"shape": list(shapes[h]), "dtype": settings.dtype} for h in settings.hooks},
+        "capture": {
+            "data": settings.data,
+            "data_fingerprint": corpus_fp,
+            "tokens": settings.tokens,
+            "ctx": settings.ctx,
+            "batch_size": settings.batch_size,
+            "probes": settings.probes,
+            "complete": False,
+        },
+    }
+
+
+def _check_compatible(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A store holds one model and one capture; anything else gets one line and no write."""
+    if old["model"]["name"] != new["model"]["name"] or old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+        raise WorkbenchError(
+            f"store {root} holds captures of model {old['model']['name']} "
+            f"(weights {old['model']['fingerprint']}), not {new['model']['name']} "
+            f"(weights {new['model']['fingerprint']}): use another --store"
+        )
+    for hook, meta in new["hooks"].items():
+        stored = old["hooks"].get(hook)
+        if stored is not None and stored["shape"] != meta["shape"]:
+            raise WorkbenchError(
+                f"store {root} holds {hook} with width {stored['shape']}, this model gives {meta['shape']}: use another --store"
+            )
+    differing = [
+        key for key in ("data", "data_fingerprint", "tokens", "ctx", "batch_size", "probes") if old["capture"].get(key) != new["capture"].get(key)
+    ]
+    if set(old["hooks"]) != set(new["hooks"]):
+        differing.append("hooks")
+    if any(old["hooks"][h]["dtype"] != new["hooks"][h]["dtype"] for h in new["hooks"] if h in old["hooks"]):
+        differing.append("dtype")
+    if differing:
+        was = {k: old["capture"].get(k) for k in differing if k in old["capture"]}
+        if "hooks" in differing:
+            was["hooks"] = sorted(old["hooks"])
+        raise WorkbenchError(
+            f"store {root} was captured with other settings ({', '.join(differing)}: {was}); "
+            "rerun with the same settings to resume, or use another --store"
+        )
+
+
+def _tokens_table(token_index: torch.Tensor, ids: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor, ctx: int, strings: list[str]) -> pa.Table:
+    flat_index = token_index[keep].numpy()
+    flat_ids = ids[keep].numpy()
+    return pa.table(
+        {
+            "token_index": pa.array(flat_index, pa.int64()),
+            "seq": pa.array(flat_index // ctx, pa.int64()),
+            "pos": pa.array((flat_index % ctx).astype(np.int32), pa.int32()),
+            "doc": pa.array(docs[keep].numpy(), pa.int64()),
+            "token_id": pa.array(flat_ids.astype(np.int32), pa.int32()),
+            "token": pa.array([strings[i] for i in flat_ids], pa.string()),
+        }
+    )
+
+
+class _TokenStrings:
+    """Readable token strings, decoded once per vocabulary id."""
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+        self.cache: dict[int, str] = {}
+
+    def __getitem__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.handle.token_strings([int(token_id)])[0]
+        return text
+
+
+def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, progress: bool = True) -> CaptureReport:
+    """Capture `settings.tokens` tokens into the store, resuming whatever is already there."""
+    check_settings(settings)
+    corpus = load_corpus(settings.data)
+    settings.data = corpus.spec
+    root = Path(settings.store).expanduser()
+    prepare_store_folder(root)
+    if handle is None:
+        from workbench.models.registry import load_model
+
+        handle = load_model(settings.model, device=settings.device)
+    settings.hooks = handle.resolve_hooks(settings.hooks)
+    probes: list[Probe] = []
+    if settings.probes:
+        from workbench.capture.probes.registry import make_probes
+
+        probes = make_probes(settings.probes, handle)
+        settings.probes = [p.name for p in probes]
+    shapes = handle.hook_shapes(settings.hooks) if settings.hooks else {}
+
+    manifest = _manifest_for(settings, handle, shapes, corpus.fingerprint)
+    old = read_manifest(root)
+    if old is not None:
+        _check_compatible(root, old, manifest)
+        manifest = old
+    elif any(root.iterdir()):
+        raise WorkbenchError(f"{root} is not empty and is not a workbench store: use an empty or new folder")
+    else:
+        write_manifest(root, manifest)
+
+    remove_partial_batches(root)
+    done = committed_batches(root)
+    if [p.name for p in done] != [batch_dir_name(i) for i in range(len(done))]:
+        raise WorkbenchError(f"store {root} has gaps between its batches; it was not written by one capture")
+    stored_tokens = sum(_rows(p) for p in done)
+
+    ctx, batch_size = settings.ctx, settings.batch_size
+    n_windows = math.ceil(settings.tokens / ctx)
+    n_batches = math.ceil(n_windows / batch_size)
+    forward_hooks = list(dict.fromkeys(settings.hooks + [h for p in probes for h in p.hook_names(handle)]))
+    stop_at = handle.stop_layer_for(forward_hooks)
+    strings = _TokenStrings(handle)
+    writer = BatchWriter(root)
+    started = time.perf_counter()
+    new_tokens = 0
+    bar = tqdm(total=settings.tokens, initial=stored_tokens, unit="tok", unit_scale=True, desc="capture", disable=not progress)
+    try:
+        with ExitStack() as stack:
+            for probe in probes:
+                stack.enter_context(probe.attach(handle))
+            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip_batches=len(done))
+            for number, ids, docs in batches:
+                if number >= n_batches:
+                    break
+                token_index = number * batch_size * ctx + torch.arange(ids.numel()).view(ids.shape)
+                keep = token_index < settings.tokens
+                cache = handle.run(ids, forward_hooks, stop_at_layer=stop_at)
+                tables = {TOKENS_TABLE: _tokens_table(token_index, ids, docs, keep, ctx, strings)}
+                keep_dev = keep.to(handle.device)
+                for hook in settings.hooks:
+                    acts = cache[hook][keep_dev].reshape(int(keep.sum()), -1)
+                    tables[activation_file(hook)] = pa.table(
+                        {"token_index": pa.array(token_index[keep].numpy(), pa.int64()), "act": encode_activations(acts, settings.dtype)}
+                    )
+                batch_ctx = BatchContext(tokens=ids.to(handle.device), token_index=token_index.to(handle.device), keep=keep_dev, batch=number)
+                for probe in probes:
+                    tables.update(probe.reduce(batch_ctx, cache))
+                writer.submit(number, tables)
+                kept = int(keep.sum())
+                new_tokens += kept
+                bar.update(kept)
+    finally:
+        bar.close()
+        writer.close()
+    exhausted = stored_tokens + new_tokens < settings.tokens
+    if not exhausted:
+        manifest["capture"]["complete"] = True
+        write_manifest(root, manifest)
+    return CaptureReport(
+        store=root,
+        tokens=stored_tokens + new_tokens,
+        new_tokens=new_tokens,
+        resumed_batches=len(done),
+        seconds=time.perf_counter() - started,
+        exhausted=exhausted,
+    )
+
+
+def _rows(batch_folder: Path) -> int:
+    return pq.ParquetFile(batch_folder / f"{TOKENS_TABLE}.parquet").metadata.num_rows

@@ -1,0 +1,116 @@
+"""Writing into a store: whole batches at once, on a background thread.
+
+Each batch's tables go into a temporary folder that is renamed into place only when every
+file is on disk, so a SIGKILL at any moment leaves whole batches and nothing else. Parquet
+encoding runs on a thread (pyarrow releases the GIL) while the model computes the next
+batch, which is what keeps the store from being the bottleneck.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workbench.errors import WorkbenchError
+from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, tables_dir
+
+
+def _write_parquet(table: pa.Table, path: Path, dense: bool) -> None:
+    # Activations are float bits that barely compress; skipping compression doubles ingest.
+    pq.write_table(table, path, compression="none" if dense else "zstd")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_batch(root: Path, batch: int, tables: dict[str, pa.Table]) -> Path:
+    """Write one batch's tables and publish them with a single rename."""
+    final = capture_dir(root) / batch_dir_name(batch)
+    tmp = capture_dir(root) / f".tmp-{batch_dir_name(batch)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    for name, table in tables.items():
+        _write_parquet(table, tmp / f"{name}.parquet", dense=name.startswith(ACT_PREFIX))
+    try:
+        os.rename(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WorkbenchError(f"batch {batch} already exists in {root}: is another capture writing to this store?") from err
+    return final
+
+
+def remove_partial_batches(root: Path) -> int:
+    """Delete temporary folders a killed capture left behind; returns how many."""
+    leftovers = list(capture_dir(root).glob(".tmp-*"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(leftovers)
+
+
+def write_table(root: Path, name: str, table: pa.Table) -> Path:
+    """Store (or replace) a derived table, e.g. an analysis result or SAE features."""
+    if not name.replace("_", "").isalnum():
+        raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
+    target = tables_dir(root) / name
+    staging = tables_dir(root) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    _write_parquet(table, staging / "part-0.parquet", dense=False)
+    retired = None
+    if target.exists():
+        retired = tables_dir(root) / f".old-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, retired)
+    os.rename(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    return target
+
+
+class BatchWriter:
+    """Commits batches on a background thread; errors surface on the next submit or close."""
+
+    def __init__(self, root: Path, depth: int = 2) -> None:
+        self.root = root
+        self._queue: queue.Queue[tuple[int, dict[str, pa.Table]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            batch, tables = item
+            try:
+                folder = commit_batch(self.root, batch, tables)
+                self.bytes_written += sum(f.stat().st_size for f in folder.iterdir())
+            except BaseException as err:  # handed to the main thread
+                self._error = err
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, WorkbenchError):
+                raise err
+            raise WorkbenchError(f"writing to store {self.root} failed: {err}") from err
+
+    def submit(self, batch: int, tables: dict[str, pa.Table]) -> None:
+        self._raise_pending()
+        self._queue.put((batch, tables))
+
+    def close(self) -> None:
+        """Wait until every submitted batch is on disk."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
