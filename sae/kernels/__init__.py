@@ -1,5 +1,12 @@
-"""Fused sparse kernels for SAE training: Triton on CUDA, plain torch on CPU."""
+"""Fused sparse kernels for SAE training: Triton on CUDA, plain torch on CPU.
+
+sparse_decode: k decoder rows per token, backward per feature (no dense B x d_sae).
+sparse_encode: dense encoder product + selection, backward over the kept entries only.
+topk_rows / batch_topk / threshold_rows: the selections of TopK, Mutual Choice and GBA.
+"""
 
 from sae.kernels.decode import sparse_decode
+from sae.kernels.encode import sparse_encode
+from sae.kernels.select import Selected, batch_topk, threshold_rows, topk_rows
 
-__all__ = ["sparse_decode"]
+__all__ = ["sparse_decode", "sparse_encode", "topk_rows", "batch_topk", "threshold_rows", "Selected"]

@@ -1,0 +1,58 @@
+"""Selections that turn dense pre-activations z [B, d_sae] into sparse (values, indices).
+
+All follow sae.kernels.encode's contract: values are the activation of z at the kept
+indices (slope 1 where non-zero), padding entries have value 0, values are float32.
+- topk_rows: each row keeps its k largest (TopK over ReLU).
+- batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
+  first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
+  the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
+  whenever no row holds more than cap of the batch's k*B largest; `overflow` counts rows
+  that may (their cap-th candidate reached the threshold), as a device tensor (no sync).
+- threshold_rows: keep z > theta per feature (JumpReLU; ReLU is theta = 0), at most cap
+  per row (the cap largest margins), with the same overflow count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Selected(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+    threshold: torch.Tensor
+    overflow: torch.Tensor
+
+
+def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, through ReLU."""
+    values, indices = z.topk(k, dim=1, sorted=False)
+    return values.float().relu(), indices
+
+
+def batch_topk(z: torch.Tensor, k: int, cap: int | None = None) -> Selected:
+    """The k*B largest entries of the batch (ReLU), as rows padded to width cap."""
+    B, d_sae = z.shape
+    cap = min(cap or 4 * k, d_sae)
+    cand, indices = z.topk(cap, dim=1, sorted=False)
+    cand = cand.float()
+    n_keep = min(k * B, cand.numel())
+    threshold = cand.reshape(-1).topk(n_keep, sorted=False).values.min()
+    keep = (cand >= threshold) & (cand > 0)
+    values = torch.where(keep, cand, torch.zeros_like(cand))
+    overflow = (cand.min(dim=1).values >= threshold).sum() if cap < d_sae else torch.zeros((), device=z.device, dtype=torch.long)
+    return Selected(values, indices, threshold, overflow)
+
+
+def threshold_rows(z: torch.Tensor, theta: torch.Tensor, cap: int) -> Selected:
+    """Entries with z > theta[f] (JumpReLU form: the value is z itself), at most cap per row."""
+    d_sae = z.shape[1]
+    cap = min(cap, d_sae)
+    margin = z.float() - theta.float()
+    top_margin, indices = margin.topk(cap, dim=1, sorted=False)
+    kept = top_margin > 0
+    values = torch.where(kept, z.gather(1, indices).float(), torch.zeros_like(top_margin))
+    overflow = kept.all(dim=1).sum() if cap < d_sae else torch.zeros((), device=z.device, dtype=torch.long)
+    return Selected(values, indices, theta, overflow)
