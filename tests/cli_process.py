@@ -1,0 +1,27 @@
+"""Run the real `workbench` command in a subprocess, as a user or a second program would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def workbench_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "workbench.cli", *args]
+
+
+def run_workbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `workbench ARGS` to completion, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(workbench_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def start_workbench(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start `workbench ARGS` in the background, output to a log file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    handle = open(log, "wb")
+    return subprocess.Popen(workbench_argv(*args), stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
