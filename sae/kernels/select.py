@@ -2,7 +2,8 @@
 
 All follow sae.kernels.encode's contract: values are the activation of z at the kept
 indices (slope 1 where non-zero), padding entries have value 0, values are float32.
-- topk_rows: each row keeps its k largest (TopK over ReLU).
+- topk_rows: each row keeps its k largest (TopK over ReLU); on CUDA (or when forced) a
+  one-pass Triton bisection select (sae.kernels.triton_topk) for rows it can hold.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
   first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
   the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from sae.kernels.backend import use_triton
+
 
 class Selected(NamedTuple):
     values: torch.Tensor
@@ -26,8 +29,13 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row, through ReLU."""
+def topk_rows(z: torch.Tensor, k: int, force_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, through ReLU: (float32 values, int64 indices)."""
+    if use_triton(z.device, force_triton):
+        from sae.kernels.triton_topk import MAX_ROW, row_topk
+
+        if z.shape[1] <= MAX_ROW and z.stride(1) == 1:
+            return row_topk(z, k)
     values, indices = z.topk(k, dim=1, sorted=False)
     return values.float().relu(), indices
 

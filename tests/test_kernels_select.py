@@ -1,0 +1,78 @@
+"""The selections (TopK rows, batch top-k, thresholds) against dense references."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from sae.kernels import batch_topk, threshold_rows, topk_rows
+from sae.kernels.triton_topk import row_topk
+
+
+def dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return torch.zeros(values.shape[0], d_sae, dtype=torch.float64).scatter_add(1, indices, values.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,N,k", [(5, 37, 1), (4, 300, 9), (3, 50, 50), (2, 1100, 64)])
+def test_triton_row_topk_keeps_the_k_largest(dtype, B, N, k):
+    gen = torch.Generator().manual_seed(N + k)
+    z = torch.randn(B, N, generator=gen).to(dtype)
+    z[0] = z[0, 3]  # a row of ties: any k of them, each once
+    z[1, : N // 2] = -1.0  # negatives and ties below the k-th
+    values = torch.full((B, k), float("nan"))
+    indices = torch.full((B, k), -1)
+    v, i = row_topk(z, k)
+    values.copy_(v), indices.copy_(i)
+    ref = z.double().topk(k, dim=1).values
+    assert not values.isnan().any() and (indices >= 0).all()
+    assert torch.equal(z.double().gather(1, indices).sort(1).values, ref.sort(1).values)
+    assert torch.equal(values.double().sort(1).values, ref.relu().sort(1).values)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+@pytest.mark.parametrize("force_triton", [True, False])
+def test_topk_rows_backends_agree(force_triton):
+    z = torch.randn(6, 200)
+    v, i = topk_rows(z, 8, force_triton=force_triton)
+    assert torch.equal(dense(v, i, 200), dense(*topk_rows(z, 8, force_triton=False), 200))
+
+
+@pytest.mark.parametrize("cap", [None, 1000])
+def test_batch_topk_matches_dense_batch_selection(cap):
+    B, d_sae, k = 16, 120, 5
+    z = torch.randn(B, d_sae, generator=torch.Generator().manual_seed(1))
+    z[3] += 2.0  # one "hard" row that wins many of the batch's slots
+    sel = batch_topk(z, k, cap=cap)
+    acts = z.double().relu().reshape(-1)
+    keep = torch.zeros_like(acts).index_fill_(0, acts.topk(k * B).indices, 1.0)
+    ref = (acts * keep).reshape(B, d_sae)
+    got = dense(sel.values, sel.indices, d_sae)
+    if int(sel.overflow) == 0:
+        assert torch.equal(got, ref)
+        assert torch.isclose(sel.threshold.double(), ref[ref > 0].min())
+    else:  # with the default cap 4k the hard row overflows: it is reported, never hidden
+        assert cap is None
+        assert int((sel.values > 0).sum()) == k * B
+
+
+def test_batch_topk_reports_overflow_and_is_exact_without_it():
+    B, d_sae, k = 8, 64, 2
+    z = torch.randn(B, d_sae, generator=torch.Generator().manual_seed(2))
+    z[0] += 10.0  # row 0 holds all k*B largest: more than cap = 4k
+    assert int(batch_topk(z, k).overflow) >= 1
+    sel = batch_topk(z, k, cap=d_sae)
+    assert int(sel.overflow) == 0 and int((sel.values > 0).sum()) == k * B
+
+
+def test_threshold_rows_is_jumprelu():
+    B, d_sae = 10, 90
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(B, d_sae, generator=gen)
+    theta = torch.rand(d_sae, generator=gen)
+    sel = threshold_rows(z, theta, cap=d_sae)
+    assert torch.equal(dense(sel.values, sel.indices, d_sae), (z * (z > theta)).double())
+    small = threshold_rows(z, theta, cap=3)
+    assert int(small.overflow) == int(((z > theta).sum(1) >= 3).sum())
