@@ -22,6 +22,8 @@ def _register() -> None:
 
     app.command("capture")(capture_command)
     app.command("info")(info_command)
+    from workbench.commands.features import features_command; app.command("features")(features_command)  # noqa: E702
+    from workbench.commands.analyze import analyze_command; app.command("analyze")(analyze_command)  # noqa: E702
 
 
 def main() -> None:

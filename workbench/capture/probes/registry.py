@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from workbench.capture.probe import Probe
 from workbench.capture.probes.attention_sinks import AttentionSinkProbe
 from workbench.capture.probes.lazy_neurons import LazyNeuronProbe
@@ -9,6 +11,9 @@ from workbench.capture.probes.routing import RoutingProbe
 from workbench.capture.probes.super_experts import SuperExpertProbe
 from workbench.errors import WorkbenchError
 from workbench.models.handle import ModelHandle
+
+if TYPE_CHECKING:
+    from workbench.store.reader import Store
 
 PROBES: dict[str, type[Probe]] = {
     "lazy": LazyNeuronProbe,
@@ -47,3 +52,23 @@ def make_probes(names: list[str], handle: ModelHandle) -> list[Probe]:
         elif name in explicit:
             raise WorkbenchError(f"probe '{name}' cannot run: {reason}")
     return probes
+
+
+# The table each probe always writes: its presence in a store means the probe was captured.
+PROBE_TABLES: dict[str, str] = {
+    "lazy": "lazy_neuron_counts",
+    "experts": "expert_max",
+    "sinks": "sink_attention",
+    "routing": "routing_choices",
+}
+
+
+def require_probe(store: Store, probe: str) -> None:
+    """Raise one line saying how to capture the probe when the store lacks its rows."""
+    if PROBE_TABLES[probe] in store.info()["probe_tables"]:
+        return
+    needs = " (it needs a model with mixture-of-experts layers)" if probe in ("experts", "routing") else ""
+    raise WorkbenchError(
+        f"store {store.root} (model {store.model_name}) has no '{probe}' probe rows: "
+        f"capture with --probes {probe}{needs}"
+    )

@@ -7,8 +7,9 @@ Per batch this probe writes:
 - expert_max (layer, expert, rank, value, token_index, channel, routed): the `top` largest
   per-row maxima of each expert with the token and output channel that produced them, and
   how many tokens the expert received in the batch;
-- massive_activations (layer, rank, value, token_index, channel, median): the 3 largest
-  |h| of blocks.L.hook_resid_post over the batch, where they sit, and the batch's median |h|.
+- massive_activations (layer, rank, value, token_index, channel, median): per sample (context
+  window), the 3 largest |h| of blocks.L.hook_resid_post, where they sit, and the sample's
+  median |h| (Sun et al. average these per-sequence statistics over sequences).
 """
 
 from __future__ import annotations
@@ -82,19 +83,21 @@ class SuperExpertProbe(Probe):
             layer=pa.int32(), rank=pa.int32(), value=pa.float32(),
             token_index=pa.int64(), channel=pa.int32(), median=pa.float32(),
         )  # fmt: skip
+        whole = ctx.keep.all(dim=1)  # the last window may be cut short: only whole samples count
+        sample_index = ctx.token_index[whole]  # [S, T]
         for hook in self.hooks:
-            resid = cache[hook]
-            magnitude = resid.reshape(-1, resid.shape[-1])[keep].abs().float()
-            if not magnitude.numel():
+            magnitude = cache[hook][whole].abs().float()  # [S, T, d]
+            samples, positions, d = magnitude.shape
+            if not samples:
                 continue
-            d = magnitude.shape[1]
-            best = torch.topk(magnitude.reshape(-1), min(3, magnitude.numel()))
+            flat = magnitude.reshape(samples, -1)
+            best = torch.topk(flat, 3, dim=1)  # [S, 3]
             massive.add(
                 layer=int(hook.split(".")[1]),
-                rank=torch.arange(1, best.indices.numel() + 1),
+                rank=torch.arange(1, 4).expand(samples, 3),
                 value=best.values,
-                token_index=flat_index[keep][best.indices // d],
+                token_index=sample_index.gather(1, best.indices // d),
                 channel=best.indices % d,
-                median=float(magnitude.median()),
+                median=flat.median(dim=1).values[:, None].expand(samples, 3),
             )
         return {"expert_max": experts.table(ctx.batch), "massive_activations": massive.table(ctx.batch)}

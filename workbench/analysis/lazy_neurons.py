@@ -1,0 +1,88 @@
+"""Lazy neurons from the `lazy` probe's counts: % active per layer, neuron frequencies, dead and dense lists.
+
+% active for (layer, rule) = 100 * sum fired / (tokens * d_mlp), the mean over tokens of
+the per-token active fraction (Li et al. 2022). A neuron is dead when it never fired over
+the whole capture, dense when it fired on at least `dense_frequency` of the tokens.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from workbench.capture.probes.registry import require_probe
+from workbench.store.reader import Store
+
+DENSE_FREQUENCY = 0.99
+
+
+def active_percent_by_layer(store: Store) -> pd.DataFrame:
+    """layer, rule, pct_active, tokens: mean % of MLP neurons active per token."""
+    require_probe(store, "lazy")
+    return store.df(
+        """
+        SELECT layer, rule, 100.0 * sum(fired) / sum(tokens) AS pct_active,
+               sum(tokens) / count(DISTINCT neuron) AS tokens
+        FROM lazy_neuron_counts GROUP BY layer, rule ORDER BY rule, layer
+        """
+    )
+
+
+def neuron_frequencies(store: Store) -> pd.DataFrame:
+    """layer, rule, neuron, fired, tokens, frequency for every neuron over the whole capture."""
+    require_probe(store, "lazy")
+    return store.df(
+        """
+        SELECT layer, rule, neuron, sum(fired) AS fired, sum(tokens) AS tokens,
+               sum(fired)::DOUBLE / sum(tokens) AS frequency
+        FROM lazy_neuron_counts GROUP BY layer, rule, neuron ORDER BY rule, layer, neuron
+        """
+    )
+
+
+def dead_neurons(frequencies: pd.DataFrame) -> pd.DataFrame:
+    """Neurons that never fired (per rule)."""
+    return frequencies[frequencies["fired"] == 0].reset_index(drop=True)
+
+
+def dense_neurons(frequencies: pd.DataFrame, min_frequency: float = DENSE_FREQUENCY) -> pd.DataFrame:
+    """Neurons that fired on at least min_frequency of the tokens (per rule)."""
+    return frequencies[frequencies["frequency"] >= min_frequency].reset_index(drop=True)
+
+
+def token_activity(store: Store, rule: str) -> pd.DataFrame:
+    """token_index, layer, active_frac: the layer x token heatmap of active ratios."""
+    require_probe(store, "lazy")
+    return store.df(
+        "SELECT token_index, layer, active_frac FROM lazy_token_activity WHERE rule = ? ORDER BY token_index, layer",
+        [rule],
+    )
+
+
+def neuron_top_tokens(store: Store, layer: int, neuron: int, n: int = 10) -> pd.DataFrame:
+    """The tokens (with position and string) on which a neuron reached its largest values."""
+    require_probe(store, "lazy")
+    return store.df(
+        """
+        SELECT top.value, top.token_index, t.seq, t.pos, t.token
+        FROM lazy_neuron_top AS top JOIN tokens AS t USING (token_index)
+        WHERE top.layer = ? AND top.neuron = ? ORDER BY top.value DESC LIMIT ?
+        """,
+        [layer, neuron, n],
+    )
+
+
+def analyze_lazy(store: Store, min_frequency: float = DENSE_FREQUENCY) -> dict[str, pd.DataFrame]:
+    """Run the lazy-neuron analysis and persist lazy_layer_summary and lazy_neuron_frequency."""
+    by_layer = active_percent_by_layer(store)
+    frequencies = neuron_frequencies(store)
+    dead, dense = dead_neurons(frequencies), dense_neurons(frequencies, min_frequency)
+    counts = frequencies.assign(dead=frequencies["fired"] == 0, dense=frequencies["frequency"] >= min_frequency)
+    summary = by_layer.merge(
+        counts.groupby(["layer", "rule"], as_index=False).agg(
+            neurons=("neuron", "size"), dead=("dead", "sum"), dense=("dense", "sum")
+        ),
+        on=["layer", "rule"],
+    )
+    store.write_table("lazy_layer_summary", summary)
+    store.write_table("lazy_neuron_frequency", counts)
+    return {"by_layer": summary, "frequencies": frequencies, "dead": dead, "dense": dense}
