@@ -23,6 +23,7 @@ def _register() -> None:
     app.command("capture")(capture_command)
     app.command("info")(info_command)
     from workbench.commands.features import features_command; app.command("features")(features_command)  # noqa: E702
+    from workbench.commands.app import app_command; app.command("app")(app_command)  # noqa: E702
     from workbench.commands.analyze import analyze_command; app.command("analyze")(analyze_command)  # noqa: E702
 
 

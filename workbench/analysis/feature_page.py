@@ -1,0 +1,173 @@
+"""The data of one SAE feature's page (Neuronpedia-style), read from the feature pass's tables.
+
+One query fetches the feature's rows (feature-sorted Parquet, pruned by row-group stats);
+everything else (top examples, interval examples, the activation histogram, context
+tokens coloured by activation) is numpy over those rows and the store's tokens, which
+TokenText holds in memory once per store. Every query binds its inputs as parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
+from workbench.errors import WorkbenchError
+from workbench.store.reader import Store
+
+
+class TokenText:
+    """token_index -> (sequence, token string), held as arrays: contexts are slices."""
+
+    def __init__(self, store: Store) -> None:
+        frame = store.df("SELECT token_index, seq, token_id FROM tokens ORDER BY token_index")
+        vocab = store.df("SELECT DISTINCT token_id, token FROM tokens")
+        self.seq = frame["seq"].to_numpy(np.int64)
+        self.token_id = frame["token_id"].to_numpy(np.int64)
+        strings = np.full(int(vocab["token_id"].max()) + 1 if len(vocab) else 0, "", dtype=object)
+        strings[vocab["token_id"].to_numpy(np.int64)] = vocab["token"].to_numpy(object)
+        self.strings = strings
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def window(self, token_index: int, left: int, right: int) -> np.ndarray:
+        """Token indices around token_index within its own sequence."""
+        lo, hi = max(token_index - left, 0), min(token_index + right + 1, len(self.seq))
+        idx = np.arange(lo, hi)
+        return idx[self.seq[idx] == self.seq[token_index]]
+
+    def text(self, idx: np.ndarray) -> list[str]:
+        return self.strings[self.token_id[idx]].tolist()
+
+
+@dataclass
+class Example:
+    """One activating token with its context: tokens[i] had activation acts[i]."""
+
+    token_index: int
+    value: float
+    tokens: list[str]
+    acts: list[float]
+    centre: int
+
+
+@dataclass
+class FeaturePage:
+    feature: int
+    count: int
+    density: float
+    max: float
+    mean: float
+    top: list[Example]
+    intervals: list[tuple[str, list[Example]]]
+    values: np.ndarray = field(repr=False)
+    correlated: pd.DataFrame = field(repr=False)
+
+
+class FeatureTables:
+    """The feature pass's tables of one SAE in a store."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        views = store.views()
+        if features_table(name) not in views:
+            raise WorkbenchError(f"store {store.root} has no features for SAE '{name}'; run `workbench features SAE_DIR --store {store.root}`")
+        self.store, self.name = store, name
+        self.rows_glob = views[features_table(name)]
+        self.corr_glob = views.get(corr_table(name))
+        self.stats = store.df(f"SELECT * FROM {stats_table(name)} ORDER BY feature")
+        self.info = store.df(f"SELECT * FROM {SAES_TABLE} WHERE name = ?", [name]).iloc[0].to_dict()
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.stats)
+
+    def rows(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token_index, value) of every token the feature fires on, largest value first."""
+        con = duckdb.connect()
+        try:
+            got = con.execute(
+                "SELECT token_index, value FROM read_parquet(?) WHERE feature = ? ORDER BY value DESC",
+                [self.rows_glob, feature],
+            ).fetchnumpy()
+        finally:
+            con.close()
+        return got["token_index"].astype(np.int64), got["value"].astype(np.float32)
+
+    def correlated(self, feature: int) -> pd.DataFrame:
+        if self.corr_glob is None:
+            return pd.DataFrame(columns=["other", "corr"])
+        con = duckdb.connect()
+        try:
+            return con.execute(
+                "SELECT other, corr FROM read_parquet(?) WHERE feature = ? ORDER BY corr DESC", [self.corr_glob, feature]
+            ).df()
+        finally:
+            con.close()
+
+    def page(
+        self, feature: int, text: TokenText, n_top: int = 20, n_intervals: int = 5, per_interval: int = 4,
+        left: int = 12, right: int = 4,
+    ) -> FeaturePage:
+        """Everything the feature page shows for one feature."""
+        if not 0 <= feature < self.d_sae:
+            raise WorkbenchError(f"feature {feature} is out of range: SAE '{self.name}' has features 0..{self.d_sae - 1}")
+        token_index, value = self.rows(feature)
+        by_token = np.argsort(token_index)
+        sorted_tokens, sorted_values = token_index[by_token], value[by_token]
+
+        def example(i: int) -> Example:
+            idx = text.window(int(token_index[i]), left, right)
+            pos = np.searchsorted(sorted_tokens, idx)
+            pos = np.minimum(pos, max(len(sorted_tokens) - 1, 0))
+            hit = (sorted_tokens[pos] == idx) if len(sorted_tokens) else np.zeros(len(idx), bool)
+            acts = np.where(hit, sorted_values[pos] if len(sorted_values) else 0.0, 0.0)
+            return Example(int(token_index[i]), float(value[i]), text.text(idx), acts.tolist(), int(np.flatnonzero(idx == token_index[i])[0]))
+
+        top = [example(i) for i in range(min(n_top, len(value)))]
+        intervals: list[tuple[str, list[Example]]] = []
+        if len(value):
+            edges = np.linspace(0.0, float(value[0]), n_intervals + 1)
+            rng = np.random.default_rng(feature)
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                inside = np.flatnonzero((value > lo) & (value <= hi))
+                pick = np.sort(rng.choice(inside, size=min(per_interval, len(inside)), replace=False)) if len(inside) else inside
+                intervals.append((f"{lo:.3g} to {hi:.3g}", [example(int(i)) for i in pick]))
+        stat = self.stats.iloc[feature]
+        return FeaturePage(
+            feature=feature,
+            count=int(stat["count"]),
+            density=float(stat["density"]),
+            max=float(stat["max"]),
+            mean=float(stat["mean"]),
+            top=top,
+            intervals=intervals[::-1],
+            values=value,
+            correlated=self.correlated(feature),
+        )
+
+    def search_token(self, token: str, limit: int = 20) -> pd.DataFrame:
+        """Features that fire most often on a token string (exact match, stripped of spaces)."""
+        return self.store.df(
+            f"""
+            WITH hits AS (SELECT token_index FROM tokens WHERE trim(token) = trim(?))
+            SELECT f.feature, count(*) AS fires, avg(f.value) AS mean_value,
+                   count(*) / (SELECT count(*) FROM hits) AS share_of_token
+            FROM {features_table(self.name)} f SEMI JOIN hits USING (token_index)
+            GROUP BY f.feature ORDER BY fires DESC, mean_value DESC LIMIT ?
+            """,
+            [token, limit],
+        )
+
+
+def list_saes(store: Store) -> pd.DataFrame:
+    """The saes table (one row per feature pass), or an empty frame."""
+    if SAES_TABLE not in store.views():
+        return pd.DataFrame(columns=["name", "folder", "hook", "rule", "d_sae", "tokens", "l0", "fvu", "dead_fraction"])
+    frame = store.df(f"SELECT * FROM {SAES_TABLE} ORDER BY name")
+    frame["present"] = [Path(f).is_dir() for f in frame["folder"]]
+    return frame
