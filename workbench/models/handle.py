@@ -89,10 +89,15 @@ class ModelHandle:
         wanted = set(hooks)
         cache: dict[str, torch.Tensor] = {}
 
-        def save(tensor: torch.Tensor, hook: Any) -> None:
-            cache[hook.name] = tensor.detach()
+        def saver(name: str) -> Any:
+            # Keyed by the name asked for: TransformerBridge calls a hook under its canonical
+            # name (blocks.0.hook_out when blocks.0.hook_resid_post was asked for).
+            def save(tensor: torch.Tensor, hook: Any) -> None:
+                cache[name] = tensor.detach()
 
-        fwd_hooks = [(name, save) for name in hooks]
+            return save
+
+        fwd_hooks = [(name, saver(name)) for name in hooks]
         kwargs: dict[str, Any] = {}
         if stop_at_layer is not None:
             kwargs["stop_at_layer"] = stop_at_layer
