@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
-from workbench.models.handle import ModelHandle
 
 
 @dataclass
@@ -76,10 +75,10 @@ def _is_fused_moe(module: nn.Module) -> bool:
     return isinstance(gate, nn.Module) and isinstance(down, torch.Tensor) and down.dim() == 3
 
 
-def find_moe_layers(handle: ModelHandle) -> list[MoeLayer]:
-    """Every MoE layer of the model, in layer order (empty for dense models)."""
+def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
+    """Every MoE layer of a model (ModelHandle.model), in layer order (empty for dense models)."""
     layers: dict[int, MoeLayer] = {}
-    for name, module in handle.model.named_modules():
+    for name, module in model.named_modules():
         if _is_tl_moe(module):
             cfg = module.cfg
             layer = MoeLayer(

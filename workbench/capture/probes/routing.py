@@ -34,7 +34,7 @@ class RoutingProbe(Probe):
     name = "routing"
 
     def __init__(self, handle: ModelHandle):
-        self.layers = find_moe_layers(handle)
+        self.layers = find_moe_layers(handle.model)
         names = set(handle.hook_names())
         last = f"blocks.{self.layers[-1].layer}.hook_resid_post" if self.layers else ""
         # Asking for the last MoE layer's output keeps a stop_at_layer from skipping MoE layers.
@@ -43,7 +43,7 @@ class RoutingProbe(Probe):
 
     @staticmethod
     def unavailable(handle: ModelHandle) -> str | None:
-        if not find_moe_layers(handle):
+        if not find_moe_layers(handle.model):
             return f"model {handle.name} has no mixture-of-experts layers"
         return None
 

@@ -37,14 +37,14 @@ class SuperExpertProbe(Probe):
     name = "experts"
 
     def __init__(self, handle: ModelHandle, top: int = 3):
-        self.layers = find_moe_layers(handle)
+        self.layers = find_moe_layers(handle.model)
         self.hooks = residual_hooks(handle)
         self.top = top
         self.outputs: dict[int, ExpertOutputs] = {}
 
     @staticmethod
     def unavailable(handle: ModelHandle) -> str | None:
-        if not find_moe_layers(handle):
+        if not find_moe_layers(handle.model):
             return f"model {handle.name} has no mixture-of-experts layers"
         return None
 
