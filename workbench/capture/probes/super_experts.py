@@ -9,7 +9,7 @@ Per batch this probe writes:
   how many tokens the expert received in the batch;
 - massive_activations (layer, rank, value, token_index, channel, median): per sample (context
   window), the 3 largest |h| of blocks.L.hook_resid_post, where they sit, and the sample's
-  median |h| (Sun et al. average these per-sequence statistics over sequences).
+  (lower) median |h| (Sun et al. average these per-sequence statistics over sequences).
 """
 
 from __future__ import annotations
