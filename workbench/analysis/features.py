@@ -68,18 +68,17 @@ def corr_table(name: str) -> str:
 
 
 def training_rule(folder: str | Path, cfg: dict[str, Any]) -> str:
-    """The rule an SAE was trained with (topk / mutual-choice / gba) from its training.json,
-    else its SAELens architecture (a Mutual Choice SAE is saved as jumprelu, GBA as standard)."""
+    """The rule an SAE was trained with (topk / mutual-choice / gba), as the workbench trainer
+    records it in cfg metadata or training.json; else the SAELens architecture (a Mutual
+    Choice SAE is saved as jumprelu, a GBA one as standard)."""
+    recorded = ((cfg.get("metadata") or {}).get("workbench") or {}).get("arch")
     record_path = Path(folder) / "training.json"
-    if record_path.is_file():
+    if not recorded and record_path.is_file():
         try:
-            record = json.loads(record_path.read_text())
+            recorded = (json.loads(record_path.read_text()).get("config") or {}).get("arch")
         except json.JSONDecodeError:
-            record = {}
-        for source in (record, record.get("config", {})):
-            if isinstance(source, dict) and isinstance(source.get("arch"), str):
-                return source["arch"]
-    return str(cfg.get("architecture", "unknown"))
+            recorded = None
+    return str(recorded or cfg.get("architecture", "unknown"))
 
 
 @dataclass
@@ -259,7 +258,7 @@ def run_feature_pass(
         parts.append((rows[active].numpy(), indices[active].numpy().astype(np.int32), values[active].numpy()))
         offset += len(x)
     token_index, feature, value = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    store.write_table(features_table(name), _sorted_rows(token_index, feature, value))
+    store.write_table(features_table(name), _sorted_rows(token_index, feature, value), row_group_size=FEATURE_ROW_GROUP)
     store.write_table(stats_table(name), acc.stats())
     store.write_table(corr_table(name), acc.correlations())
     report = FeaturePassReport(

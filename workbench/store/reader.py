@@ -148,11 +148,11 @@ class Store:
             "SELECT * FROM tokens WHERE token_index >= ? AND token_index < ? ORDER BY token_index", [lo, hi]
         )
 
-    def write_table(self, name: str, table: pa.Table | pd.DataFrame) -> None:
+    def write_table(self, name: str, table: pa.Table | pd.DataFrame, row_group_size: int | None = None) -> None:
         """Store or replace a derived table, visible to sql() as a view of that name."""
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
-        write_table(self.root, name, table)
+        write_table(self.root, name, table, row_group_size)
 
     # ---- dense activations -------------------------------------------------------------
     def _hook_meta(self, hook: str) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from workbench.errors import WorkbenchError
 from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, tables_dir
 
 
-def _write_parquet(table: pa.Table, path: Path, dense: bool) -> None:
+def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int | None = None) -> None:
     # Activations are float bits that barely compress; skipping compression doubles ingest.
-    pq.write_table(table, path, compression="none" if dense else "zstd")
+    pq.write_table(table, path, compression="none" if dense else "zstd", row_group_size=row_group_size)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,14 +55,17 @@ def remove_partial_batches(root: Path) -> int:
     return len(leftovers)
 
 
-def write_table(root: Path, name: str, table: pa.Table) -> Path:
-    """Store (or replace) a derived table, e.g. an analysis result or SAE features."""
+def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | None = None) -> Path:
+    """Store (or replace) a derived table, e.g. an analysis result or SAE features.
+
+    row_group_size: rows per Parquet row group; small groups on a sorted column let a
+    filtered query read only the groups whose min/max stats match (SAE feature tables)."""
     if not name.replace("_", "").isalnum():
         raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
     target = tables_dir(root) / name
     staging = tables_dir(root) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    _write_parquet(table, staging / "part-0.parquet", dense=False)
+    _write_parquet(table, staging / "part-0.parquet", dense=False, row_group_size=row_group_size)
     retired = None
     if target.exists():
         retired = tables_dir(root) / f".old-{name}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,54 @@
+"""SAE comparison: TopK vs Mutual Choice vs GBA on the same hook and the same stored tokens:
+FVU, L0, dead fraction and density curves side by side (from the feature passes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app.store_access import cached, require_store, sae_frame
+from workbench.analysis.features import stats_table
+from workbench.store.reader import Store
+
+
+def densities(store: Store, name: str) -> np.ndarray:
+    return store.df(f"SELECT density FROM {stats_table(name)} ORDER BY density DESC")["density"].to_numpy()
+
+
+st.title("SAE comparison")
+store = require_store()
+saes = sae_frame(store)
+if not len(saes):
+    st.info(f"No SAE has been passed over this store: train TopK, Mutual Choice and GBA SAEs on one hook, then run "
+            f"`workbench features SAE_DIR --store {store.root}` for each.")  # fmt: skip
+    st.stop()
+hooks = sorted(saes["hook"].unique())
+hook = st.selectbox("Hook", hooks)
+same = saes[saes["hook"] == hook].sort_values("rule")
+chosen = st.multiselect("SAEs", same["name"].tolist(), default=same["name"].tolist())
+rows = same[same["name"].isin(chosen)]
+labels = [f"{n} ({r})" for n, r in zip(rows["name"], rows["rule"])]
+
+bars = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "L0 (active features per token)", "dead fraction"))
+for col, metric in enumerate(("fvu", "l0", "dead_fraction"), start=1):
+    bars.add_bar(x=labels, y=rows[metric], showlegend=False, row=1, col=col)
+bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens", height=420)
+st.plotly_chart(bars)
+
+curves = go.Figure()
+for name, label in zip(rows["name"], labels):
+    d = cached(densities, store, name)
+    live = d[d > 0]
+    curves.add_scatter(x=np.arange(1, len(live) + 1) / max(len(d), 1), y=live, mode="lines", name=label)
+curves.update_layout(title="Feature density curves: features ranked by density (x: rank / d_sae)", yaxis_type="log",
+                     xaxis_title="feature rank / d_sae", yaxis_title="density (fraction of tokens)")  # fmt: skip
+st.plotly_chart(curves)
+hist = go.Figure()
+for name, label in zip(rows["name"], labels):
+    d = cached(densities, store, name)
+    hist.add_histogram(x=np.log10(d[d > 0]), name=label, opacity=0.6, nbinsx=40)
+hist.update_layout(barmode="overlay", title="Feature density histogram (log10)", xaxis_title="log10 density")
+st.plotly_chart(hist)
+st.dataframe(rows[["name", "rule", "d_sae", "fvu", "l0", "dead_fraction", "tokens", "folder"]], hide_index=True)
