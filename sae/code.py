@@ -1,0 +1,55 @@
+"""A batch of sparse feature activations as fixed-width (indices, values) rows.
+
+Every rule hands the decoder the same shape, [B, w] indices and values, so one gather-sum
+kernel (sae.kernels.sparse_decode) serves TopK (w = k), Mutual Choice and GBA (w = the most
+features any row of the batch kept). Rows with fewer active features are padded with value
+0 at a valid index, which contributes nothing to the output or to dW_dec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SparseCode:
+    """indices LongTensor[B, w], values Tensor[B, w] (>= 0; 0 marks padding)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.indices.shape[1])
+
+    def active(self) -> torch.Tensor:
+        """Bool [B, w]: which entries are real (non-zero) activations."""
+        return self.values > 0
+
+    def l0(self) -> torch.Tensor:
+        """Active features per row, [B]."""
+        return self.active().sum(dim=1)
+
+    def to_dense(self, d_sae: int) -> torch.Tensor:
+        """[B, d_sae] activations (differentiable in values)."""
+        dense = self.values.new_zeros(self.values.shape[0], d_sae)
+        return dense.scatter_add(1, self.indices, self.values)
+
+    def fired(self, d_sae: int) -> torch.Tensor:
+        """Per-feature count of rows in which it fired, [d_sae] (no gradient)."""
+        counts = torch.zeros(d_sae, dtype=torch.long, device=self.indices.device)
+        return counts.index_add_(0, self.indices[self.active()], torch.ones_like(self.indices[self.active()]))
+
+
+def code_from_mask(acts: torch.Tensor, keep: torch.Tensor) -> SparseCode:
+    """Pack the kept entries of non-negative acts [B, d_sae] into the narrowest padded code.
+
+    The width is the largest number of kept entries in any row (at least 1). Values are
+    gathered from `acts`, so gradients flow back to the kept pre-activations only.
+    """
+    kept = acts * keep
+    width = max(int(keep.sum(dim=1).max().item()) if keep.numel() else 0, 1)
+    _, indices = torch.topk(kept.detach(), width, dim=1, sorted=False)
+    return SparseCode(indices=indices, values=kept.gather(1, indices))

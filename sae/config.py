@@ -1,0 +1,117 @@
+"""Every setting of one SAE training run, validated once, saved in training.json and the
+checkpoint (resume refuses a checkpoint whose shape-defining settings differ)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+ARCHS = ("topk", "mutual-choice", "gba")
+AUX_LOSSES = ("auxk", "aux-zipf", "none")
+DEFAULT_AUX = {"topk": "auxk", "mutual-choice": "aux-zipf", "gba": "none"}
+#: Settings a resumed run must share with its checkpoint.
+SHAPE_KEYS = ("arch", "d_in", "d_sae", "k", "batch_size", "seed")
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s Adam scaling: 2e-4 / sqrt(d_sae / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    d_in: int
+    d_sae: int
+    tokens: int
+    k: int | None = None
+    batch_size: int = 4096
+    lr: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    aux: str | None = None
+    aux_alpha: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 1_000_000
+    density_decay: float = 0.99
+    warmup_steps: int | None = None
+    decay_fraction: float = 0.2
+    init_tokens: int = 65536
+    theta_decay: float = 0.99
+    gba_groups: int = 10
+    gba_p_max: float = 0.1
+    gba_p_min: float = 1e-3
+    gba_every: int = 50
+    gba_gamma: float = 0.01
+    gba_eps: float = 1e-6
+    log_every: int | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise WorkbenchError(f"unknown --arch '{self.arch}': choose one of {', '.join(ARCHS)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise WorkbenchError(f"SAE width must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.arch in ("topk", "mutual-choice"):
+            if self.k is None:
+                raise WorkbenchError(f"--arch {self.arch} needs --k (active features per token)")
+            if not 0 < self.k <= self.d_sae:
+                raise WorkbenchError(f"--k {self.k} must be between 1 and d_sae={self.d_sae}; lower --k or widen the SAE")
+        if self.batch_size <= 0:
+            raise WorkbenchError("--batch-size must be positive")
+        if self.tokens < self.batch_size:
+            raise WorkbenchError(f"--tokens {self.tokens} is less than one batch ({self.batch_size}); train on more tokens")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+        if self.aux is None:
+            self.aux = DEFAULT_AUX[self.arch]
+        if self.aux not in AUX_LOSSES:
+            raise WorkbenchError(f"unknown aux loss '{self.aux}': choose one of {', '.join(AUX_LOSSES)}")
+        if self.arch == "gba" and not 0 < self.gba_p_min <= self.gba_p_max <= 1:
+            raise WorkbenchError("GBA targets need 0 < p_min <= p_max <= 1")
+
+    # ---- derived settings --------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.d_sae)
+
+    @property
+    def aux_k(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
+
+    @property
+    def log_interval(self) -> int:
+        return self.log_every or max(1, self.steps // 200)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or max(1, self.steps // 10)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, constant, then linear decay to 0 over the last decay_fraction."""
+        scale = 1.0
+        if self.warmup > 0 and step < self.warmup:
+            scale = (step + 1) / self.warmup
+        decay_start = int(self.steps * (1 - self.decay_fraction))
+        if self.decay_fraction > 0 and step >= decay_start:
+            scale *= max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
+        return self.learning_rate * scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

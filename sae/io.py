@@ -1,0 +1,128 @@
+"""Reading and writing SAEs in the SAELens layout: cfg.json + sae_weights.safetensors.
+
+Writing folds the training-time input scale into the weights (the saved SAE takes raw
+activations) and saves each rule in its SAELens inference form: TopK as "topk", Mutual
+Choice as "jumprelu" with its threshold, GBA as "standard" (ReLU) with its adapted biases.
+Reading takes any SAELens folder of those three architectures (ours or a peer's), so
+`workbench eval` and the browser work on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.model import SparseAutoencoder
+from sae.rules import JumpReLURule, ReLURule, SparsityRule, TopKRule
+from workbench.errors import WorkbenchError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def _saelens_version() -> str:
+    try:
+        import sae_lens
+
+        return str(sae_lens.__version__)
+    except ImportError:  # the format does not need the package; >= 6 keeps its loader on the v6 path
+        return "6.0.0"
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def save_sae(folder: str | Path, model: SparseAutoencoder, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
+    """Write model (trained on inputs multiplied by input_scale) as a SAELens folder.
+
+    Folding: the model computes z = (s x - b_dec) W_enc + b_enc and x_hat = (f(z) W_dec + b_dec) / s
+    in raw units, which is a plain SAE with W_enc' = s W_enc, b_dec' = b_dec / s,
+    W_dec' = W_dec / s (b_enc and thresholds unchanged).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = float(input_scale)
+    tensors = {
+        "W_enc": (model.W_enc * s).contiguous(),
+        "b_enc": model.b_enc.detach().clone(),
+        "W_dec": (model.W_dec / s).contiguous(),
+        "b_dec": (model.b_dec / s).contiguous(),
+    }
+    tensors.update(model.rule.saelens_tensors(model.d_sae))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"sae_lens_version": _saelens_version(), "sae_lens_training_version": None}
+    meta.update(metadata or {})
+    cfg = {
+        "architecture": model.rule.saelens_architecture,
+        "d_in": model.d_in,
+        "d_sae": model.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **model.rule.saelens_config(),
+        "metadata": meta,
+    }
+    _write_atomic(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _write_atomic(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    return folder
+
+
+def read_cfg(folder: str | Path) -> dict[str, Any]:
+    """cfg.json of a SAELens folder (raises a WorkbenchError if it is not one)."""
+    folder = Path(folder)
+    path = folder / CFG_FILE
+    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise WorkbenchError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WorkbenchError(f"{path} is not valid JSON ({err.msg})") from err
+
+
+def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SparsityRule:
+    arch = cfg.get("architecture", "standard")
+    if arch == "topk":
+        return TopKRule(int(cfg["k"]))
+    if arch == "jumprelu":
+        return JumpReLURule(weights["threshold"])
+    if arch == "standard":
+        return ReLURule()
+    raise WorkbenchError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
+
+
+@torch.no_grad()
+def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """(model in raw activation units, cfg) from a SAELens folder."""
+    cfg = read_cfg(folder)
+    if cfg.get("normalize_activations", "none") != "none":
+        raise WorkbenchError(
+            f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
+            "fold the normalisation into the weights first (SAELens: fold_activation_norm_scaling_factor)"
+        )
+    if cfg.get("reshape_activations", "none") != "none":
+        raise WorkbenchError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
+    weights = {k: v.float() for k, v in load_file(str(Path(folder) / WEIGHTS_FILE)).items()}
+    W_enc, W_dec, b_dec = weights["W_enc"], weights["W_dec"], weights["b_dec"]
+    b_enc = weights.get("b_enc", torch.zeros(W_enc.shape[1]))
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + b_dec @ W_enc  # z = x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+    if cfg.get("architecture") == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        norms = W_dec.norm(dim=1).clamp(min=1e-8)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    model = SparseAutoencoder(W_enc.shape[0], W_enc.shape[1], _rule_for(cfg, weights))
+    model.W_enc.copy_(W_enc)
+    model.b_enc.copy_(b_enc)
+    model.W_dec.copy_(W_dec)
+    model.b_dec.copy_(b_dec)
+    return model.to(device).eval(), cfg

@@ -1,0 +1,102 @@
+"""Training losses: FVU (the reconstruction loss), AuxK (Gao et al. 2024) and
+aux_zipf (Ayonrinde 2024, our reconstruction of it; see aux_zipf_loss)."""
+
+from __future__ import annotations
+
+import torch
+
+from sae.kernels import sparse_decode
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+
+
+def weighted_aux_loss(
+    z: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor, k_aux: int
+) -> torch.Tensor:
+    """Reconstruct the residual from the top-k_aux candidate features, scaled by weight.
+
+    Candidates are features with weight > 0. Per token, take the k_aux candidates with the
+    largest pre-activations z, activate them as a_j = w_j * ReLU(z_j), and return
+    ||sum_j a_j W_dec[j] - e||^2 / ||e - mean(e)||^2 (sums over the batch). The gradient
+    reaches W_enc and b_enc through z and W_dec through the decode.
+    """
+    n_candidates = int((weights > 0).sum())
+    if n_candidates == 0 or k_aux <= 0:
+        return z.new_zeros(())
+    k = min(k_aux, n_candidates)
+    masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
+    _, indices = torch.topk(masked.detach(), k, dim=1, sorted=False)
+    values = z.gather(1, indices).relu() * weights[indices]
+    e_hat = sparse_decode(indices, values, W_dec)
+    return fvu(residual, e_hat)
+
+
+def auxk_loss(
+    z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, k_aux: int
+) -> torch.Tensor:
+    """AuxK: the dead features (bool [d_sae]) reconstruct the detached residual e = x - x_hat.
+
+    L_aux = ||e_hat - e||^2 / ||e - mean(e)||^2, e_hat from the top-k_aux dead pre-activations
+    (Gao et al. 2024, section A.2; k_aux about d_in / 2, weighted alpha = 1/32 by the trainer).
+    """
+    return weighted_aux_loss(z, residual, dead.to(z.dtype), W_dec, k_aux)
+
+
+def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Tensor:
+    """Per-feature underuse u in [0, 1] against a Zipf curve fitted to the feature densities.
+
+    Rank features by firing frequency (rank 1 = most frequent) and fit
+    log d(r) = log A - s log r by least squares over the first `fit_fraction` of the live
+    (d > 0) ranks, where the curve fits; the expected density at rank r is A r^-s.
+    u_i = clamp(1 - d_i / (A r_i^-s), 0, 1): 1 for a dead feature, 0 for one at or above
+    the curve. With fewer than 2 live features there is no curve: u = 1[d == 0].
+    """
+    d_sae = density.numel()
+    order = torch.argsort(density, descending=True)
+    ranks = torch.empty(d_sae, device=density.device)
+    ranks[order] = torch.arange(1, d_sae + 1, device=density.device, dtype=ranks.dtype)
+    live = int((density > 0).sum())
+    n_fit = int(live * fit_fraction)
+    if n_fit < 2:
+        return (density <= 0).to(density.dtype)
+    fit_d = density[order[:n_fit]].double().log()
+    fit_r = torch.arange(1, n_fit + 1, device=density.device, dtype=torch.float64).log()
+    slope = ((fit_r - fit_r.mean()) * (fit_d - fit_d.mean())).sum() / (fit_r - fit_r.mean()).pow(2).sum()
+    log_a = fit_d.mean() - slope * fit_r.mean()
+    expected = (log_a + slope * ranks.double().log()).exp()
+    return (1 - density.double() / expected).clamp(0, 1).to(density.dtype)
+
+
+def aux_zipf_loss(
+    z: torch.Tensor,
+    residual: torch.Tensor,
+    density: torch.Tensor,
+    W_dec: torch.Tensor,
+    k_aux: int,
+    fit_fraction: float = 0.8,
+) -> torch.Tensor:
+    """aux_zipf_loss: AuxK generalised from dead to under-used features, weighted by deficit.
+
+    Formula (as implemented):
+        d_i      firing frequency of feature i over recent tokens (trainer's running estimate)
+        r_i      rank of d_i, 1 = most frequent
+        A, s     least-squares fit of log d_i = log A - s log r_i on the head of the live ranks
+        u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1)                  (zipf_underuse)
+        T(x)     = the k_aux features with u_i > 0 of largest z_i(x)
+        e        = x - x_hat (detached)
+        e_hat    = sum_{i in T(x)} u_i ReLU(z_i(x)) W_dec[i]
+        L        = sum_x ||e_hat - e||^2 / sum_x ||e - mean(e)||^2
+    If only dead features fall below the curve (u = 1 for them, 0 elsewhere) this is exactly
+    auxk_loss, which is the sense in which the paper says it "generalises aux_k_loss".
+
+    Provenance: Ayonrinde 2024 (arXiv:2411.02124) introduces aux_zipf_loss to push dead and
+    under-used features, measured against the Zipf curve that feature densities follow except
+    at the low end. Its exact equation could not be retrieved from this sandbox (only the
+    abstract and reviews were reachable), so this is our reconstruction from that definition;
+    check it against the paper's section on aux_zipf_loss before relying on exact numbers.
+    """
+    weights = zipf_underuse(density, fit_fraction)
+    return weighted_aux_loss(z, residual, weights, W_dec, k_aux)

@@ -1,0 +1,89 @@
+"""The sparse autoencoder shared by every rule: z = (x - b_dec) W_enc + b_enc,
+x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
+
+Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
+not a transpose. The decode step is a gather-sum of the active rows of W_dec
+(sae.kernels.sparse_decode); when a rule keeps so many features per row that gathering
+would cost more than a dense product (GBA early in training), decode falls back to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.code import SparseCode
+from sae.kernels import sparse_decode
+from sae.rules.base import SparsityRule
+
+#: Gather rows while the code is at most this fraction of d_sae wide; else dense matmul.
+SPARSE_DECODE_MAX_FRACTION = 1 / 8
+
+
+class SparseAutoencoder(nn.Module):
+    """Parameters W_enc, b_enc, W_dec, b_dec and a rule. Inputs are in the units the SAE
+    was trained in (training normalises them; io folds that scale into the saved weights)."""
+
+    def __init__(self, d_in: int, d_sae: int, rule: SparsityRule) -> None:
+        super().__init__()
+        self.d_in, self.d_sae = int(d_in), int(d_sae)
+        self.rule = rule
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae), requires_grad=rule.trains_encoder_bias)
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
+        """Unit-norm random decoder rows, W_enc = W_dec^T, b_enc = 0, b_dec from data."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        if b_dec is not None:
+            self.b_dec.copy_(b_dec)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """z [B, d_sae]."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        """x_hat [B, d_in] from a sparse code."""
+        return self.decode_directions(code) + self.b_dec
+
+    def decode_directions(self, code: SparseCode) -> torch.Tensor:
+        """sum_j a_j W_dec[i_j], without b_dec (what AuxK reconstructs the residual with)."""
+        if code.width > max(1, int(self.d_sae * SPARSE_DECODE_MAX_FRACTION)):
+            return code.to_dense(self.d_sae) @ self.W_dec
+        return sparse_decode(code.indices, code.values, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode, torch.Tensor]:
+        """Training pass: (x_hat, code, z) with the rule's training selection."""
+        z = self.pre_acts(x)
+        code = self.rule(z)
+        return self.decode(code), code, z
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Inference code: the rule's batch-free form (what the saved SAE computes)."""
+        return self.rule.infer(self.pre_acts(x))
+
+    def feature_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense inference activations [B, d_sae] (compare with sae_lens SAE.encode)."""
+        return self.encode(x).to_dense(self.d_sae)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference reconstruction x_hat [B, d_in]."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Put every decoder row back on the unit sphere (after each optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the part of dW_dec along each (unit) row, so the step moves along the sphere."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)

@@ -1,0 +1,45 @@
+"""What every sparsifying rule provides: a training selection, a batch-free inference form,
+and how it is written in the SAELens format.
+
+z = (x - b_dec) W_enc + b_enc are the pre-activations [B, d_sae]. A rule turns them into a
+SparseCode. The rules differ only here; the decoder, losses, trainer and IO are shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sae.code import SparseCode
+
+
+class SparsityRule(nn.Module):
+    """Base class. State the rule learns (thresholds, GBA statistics) lives in buffers, so it
+    travels with the model's state_dict into checkpoints."""
+
+    name: str = ""
+    #: SAELens architecture the inference form is saved as ("topk", "jumprelu", "standard").
+    saelens_architecture: str = ""
+    #: False where b_enc is set by a feedback rule instead of gradients (GBA).
+    trains_encoder_bias: bool = True
+
+    def forward(self, z: torch.Tensor) -> SparseCode:
+        """Training-time selection (may depend on the whole batch and update rule state)."""
+        raise NotImplementedError
+
+    def infer(self, z: torch.Tensor) -> SparseCode:
+        """Inference selection: each row on its own, as the saved SAELens SAE computes it."""
+        raise NotImplementedError
+
+    def saelens_config(self) -> dict[str, Any]:
+        """Extra cfg.json fields for the SAELens architecture (e.g. {"k": 32})."""
+        return {}
+
+    def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
+        """Extra weight tensors for the SAELens file (e.g. {"threshold": ...})."""
+        return {}
+
+    def after_step(self, model: nn.Module, z: torch.Tensor, code: SparseCode, step: int) -> None:
+        """Hook called after each optimiser step (GBA adapts its biases here)."""

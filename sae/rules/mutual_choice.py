@@ -1,0 +1,55 @@
+"""Mutual Choice (Ayonrinde 2024; the same operation as BatchTopK): one budget of k*B
+token-feature matches for the whole batch, so hard tokens get more features, easy ones fewer.
+
+Training: keep the k*B largest entries of ReLU(z) over the whole [B, d_sae] matrix.
+Inference has no batch, so the rule learns a threshold theta, an exponential moving average
+of the smallest value kept in each training batch, and uses the JumpReLU form
+f(z) = z * [z > theta] (saved to SAELens as architecture "jumprelu" with threshold theta).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae.code import SparseCode, code_from_mask
+from sae.rules.base import SparsityRule
+
+
+class MutualChoiceRule(SparsityRule):
+    """Batch-level top k*B with a learned inference threshold (a buffer: checkpointed)."""
+
+    name = "mutual-choice"
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, k: int, theta_decay: float = 0.99) -> None:
+        super().__init__()
+        self.k = int(k)
+        self.theta_decay = float(theta_decay)
+        self.register_buffer("theta", torch.zeros(()))
+        self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z: torch.Tensor) -> SparseCode:
+        acts = z.relu()
+        budget = min(self.k * z.shape[0], acts.numel())
+        flat = acts.detach().reshape(-1)
+        kept_values, kept_flat = torch.topk(flat, budget, sorted=False)
+        keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept_flat, True).view_as(acts)
+        if self.training:
+            self._update_theta(kept_values)
+        return code_from_mask(acts, keep)
+
+    @torch.no_grad()
+    def _update_theta(self, kept_values: torch.Tensor) -> None:
+        """theta <- EMA of the smallest kept value (the first batch sets it directly)."""
+        smallest = kept_values.min().clamp(min=0).to(self.theta.dtype)
+        if int(self.theta_updates) == 0:
+            self.theta.copy_(smallest)
+        else:
+            self.theta.mul_(self.theta_decay).add_((1 - self.theta_decay) * smallest)
+        self.theta_updates += 1
+
+    def infer(self, z: torch.Tensor) -> SparseCode:
+        return code_from_mask(z.relu(), z > self.theta)
+
+    def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
+        return {"threshold": self.theta.detach().expand(d_sae).clone()}
