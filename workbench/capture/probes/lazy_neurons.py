@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from workbench.capture.probe import BatchContext, Probe
+from workbench.capture.probes.moe_layers import find_moe_layers
 from workbench.capture.probes.rows import Rows
 from workbench.models.handle import ModelHandle
 
@@ -94,8 +95,10 @@ class LazyNeuronProbe(Probe):
     @staticmethod
     def unavailable(handle: ModelHandle) -> str | None:
         """Why the probe cannot run on this model, or None."""
+        if find_moe_layers(handle.model):
+            return f"model {handle.name} has mixture-of-experts MLPs (the lazy probe reads dense MLPs)"
         if not mlp_post_hooks(handle):
-            return f"model {handle.name} has no dense MLP hook_post (MoE experts are not dense MLPs)"
+            return f"model {handle.name} has no dense MLP hook_post"
         return None
 
     def hook_names(self, handle: ModelHandle) -> list[str]:
