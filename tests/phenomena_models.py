@@ -38,6 +38,18 @@ smell of the coast. Young birds often fly with older ones on their first journey
 The library opened at nine. Students came in with notebooks and coffee, looking for a quiet
 table near the windows. The librarian knew most of them by name, and she kept a list of the
 books they asked for, so she could order new copies before the exams began.
+
+A good bread needs only flour, water, salt and time. The dough rests overnight in a cool
+room, and in the morning it is shaped, left to rise again and baked in a very hot oven. The
+crust should crack a little as it cools, which bakers call the bread singing.
+
+When the storm reached the coast, the fishing boats had already returned to the harbour.
+Families gathered in the kitchen, listening to the wind and the radio. By midnight the rain
+had stopped, and the next day children ran along the beach collecting shells and driftwood.
+
+Learning a new language takes patience. At first every sentence feels like a puzzle, and
+even simple questions require careful thought. After a few months, however, the words begin
+to arrive on their own, and one day you notice that you have been dreaming in the new tongue.
 """
 
 
