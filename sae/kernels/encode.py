@@ -12,7 +12,8 @@ The selection contract: values[b, j] is z[b, indices[b, j]] passed through the r
 activation, where the activation's slope is 1 wherever the value is non-zero (ReLU,
 JumpReLU, TopK over ReLU) and 0 elsewhere; padding entries carry value 0. So G = dvalues *
 [values != 0]. Fast path: W_enc stored feature-major, i.e. W_enc is the transpose view of
-a contiguous [d_sae, d_in] tensor; any other strides are correct but slower on GPU.
+a contiguous [d_sae, d_in] tensor. A row-major W_enc (SAELens layout) costs one extra
+transposing copy of dW_enc (and slower gathers for dx, which training does not need).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def _compute_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _feature_major_empty(W_enc: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [d_in, d_sae] tensor whose transpose is contiguous."""
+    return torch.empty(W_enc.shape[1], W_enc.shape[0], device=W_enc.device, dtype=W_enc.dtype).t()
 
 
 class SparseEncode(torch.autograd.Function):
@@ -60,8 +66,10 @@ class SparseEncode(torch.autograd.Function):
         if need_W or need_b_enc or need_b_dec:
             d_b_enc = torch.empty(W_enc.shape[1], device=W_enc.device, dtype=acc)
             if need_W:
-                d_W = torch.empty_like(W_enc)
+                d_W = _feature_major_empty(W_enc)
                 ops.feature_scatter(indices, g, xc, d_W.t(), d_b_enc)
+                if not W_enc.t().is_contiguous():
+                    d_W = d_W.contiguous()  # one transposing copy beats strided row writes
             else:
                 d_b_enc.zero_().index_add_(0, indices.reshape(-1), g.reshape(-1))
         if need_x:

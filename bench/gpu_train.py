@@ -1,0 +1,284 @@
+"""GPU training speed: our TopK training step against SAELens TopK / BatchTopK and
+EleutherAI sparsify TopK, side by side in one process (device GPU; not a test).
+
+For each config (d_in x d_sae, k, batch) every method trains from its own init on the
+same synthetic batches (generated on the GPU, identical for all), with Adam(fused=True)
+at the same learning rate. Reported per method: tokens/s over the timed steps (CUDA
+events; the first WARMUP steps excluded), the fraction of the encoder-matmul floor
+(the time of the bf16 product x @ W_enc alone), peak GPU memory above the shared data,
+and FVU on a held-out batch after the same number of tokens.
+
+Our methods use the project's SparseAutoencoder (sae.model) parameters with
+sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
+sparse_decode (gather-sum; per-feature backward), unit-norm decoder rows after each step.
+- "ours (triton, graph)": W_enc stored feature-major, bf16 autocast, the whole step
+  (forward, backward, fused Adam, decoder renorm) captured once as a CUDA graph.
+- "ours (triton, no graph)" / "ours (row-major W_enc)": the same without the graph / with
+  the SAELens weight layout, to show what each choice is worth.
+- "ours (plain torch)": the CPU code path (embedding_bag, index_add, torch.topk) in fp32,
+  no autocast: the FVU reference (goal: triton FVU within 1% of it).
+Peers run as their libraries train: SAELens training_forward_pass (MSE + its aux loss
+term; no dead mask is passed, the trainer's dead tracking is not part of the step) under
+bf16 autocast; sparsify SparseCoder.forward (its own bf16 autocast, fused encoder, Triton
+decoder) with its decoder renorm and parallel-gradient removal.
+
+Run on the device (peers as wheels in .whl, see bench/README note in BENCHMARKS.md):
+    python bench/gpu_train.py [--configs 0,1,2] [--steps 150] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from typing import Callable
+
+import torch
+import triton.testing
+
+from sae.kernels import sparse_decode, sparse_encode, topk_rows
+from sae.model import SparseAutoencoder
+from sae.rules import TopKRule
+
+CONFIGS = [(768, 24576, 32, 4096), (2048, 65536, 64, 4096), (4096, 131072, 64, 8192)]
+N_POOL = 8
+WARMUP = 10
+LR = 4e-4
+
+
+def synthetic_pool(d_in: int, k: int, B: int, n_batches: int, seed: int) -> list[torch.Tensor]:
+    """Batches of x = sum of k/2 ground-truth unit directions per token (Zipf-frequent,
+    exponential magnitudes) + small noise; n_gt = 8 d_in directions. Same for every method."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_gt = 8 * d_in
+    V = torch.randn(n_gt, d_in, device="cuda", generator=gen)
+    V /= V.norm(dim=1, keepdim=True)
+    freq = 1.0 / torch.arange(1, n_gt + 1, device="cuda", dtype=torch.float32) ** 0.7
+    per_token = max(k // 2, 1)
+    out = []
+    for _ in range(n_batches):
+        idx = torch.multinomial(freq, B * per_token, replacement=True, generator=gen).view(B, per_token)
+        mag = torch.empty(B, per_token, device="cuda").exponential_(generator=gen)
+        x = torch.nn.functional.embedding_bag(idx, V, per_sample_weights=mag, mode="sum")
+        x += 0.05 * torch.randn(B, d_in, device="cuda", generator=gen)
+        out.append(x.contiguous())
+    return out
+
+
+def fvu_of(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float((x - x_hat.float()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+class Method:
+    """A trainable SAE: step(x) does one full optimiser step; reconstruct(x) for eval."""
+
+    name = ""
+
+    def step(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Ours(Method):
+    """The project's SparseAutoencoder trained through sae.kernels."""
+
+    def __init__(self, d_in, d_sae, k, x0, *, triton_path: bool, feature_major: bool, graph: bool, bf16: bool):
+        self.name = "ours (" + ("triton" if triton_path else "plain torch") + (
+            "" if feature_major else ", row-major W_enc") + (", graph" if graph else (", no graph" if triton_path else "")) + ")"
+        self.k, self.triton_path, self.bf16 = k, triton_path, bf16
+        model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
+        model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
+        model = model.cuda()
+        if feature_major:
+            model.W_enc = torch.nn.Parameter(model.W_enc.detach().t().contiguous().t())
+        self.model = model
+        self.opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True, capturable=graph)
+        self.graph = None
+        if graph:
+            self.static_x = x0.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.opt.zero_grad(set_to_none=True)
+                    self._step(self.static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step(self.static_x)
+
+    def _forward(self, x):
+        m = self.model
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            values, indices = sparse_encode(
+                x, m.W_enc, m.b_enc, m.b_dec,
+                lambda z: topk_rows(z, self.k, force_triton=self.triton_path), force_triton=self.triton_path,
+            )
+        return sparse_decode(indices, values, m.W_dec, force_triton=self.triton_path) + m.b_dec
+
+    def _step(self, x):
+        x_hat = self._forward(x)
+        loss = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        loss.backward()
+        self.opt.step()
+        self.model.normalize_decoder()
+
+    def step(self, x):
+        if self.graph is not None:
+            self.static_x.copy_(x)
+            self.graph.replay()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self._step(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self._forward(x)
+
+
+class SaeLens(Method):
+    def __init__(self, d_in, d_sae, k, x0, *, batch: bool):
+        from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        self.TrainStepInput = TrainStepInput
+        cls, cfg = (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig) if batch else (TopKTrainingSAE, TopKTrainingSAEConfig)
+        self.name = "SAELens " + ("BatchTopK" if batch else "TopK")
+        self.sae = cls(cfg(d_in=d_in, d_sae=d_sae, k=k, device="cuda"))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, fused=True)
+        self.n = 0
+
+    def _out(self, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.sae.training_forward_pass(
+                self.TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=self.n, is_logging_step=False)
+            )
+
+    def step(self, x):
+        self.opt.zero_grad(set_to_none=True)
+        self._out(x).loss.backward()
+        self.opt.step()
+        self.n += 1
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self._out(x).sae_out
+
+
+class Sparsify(Method):
+    name = "sparsify TopK"
+
+    def __init__(self, d_in, d_sae, k, x0):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device="cuda", dtype=torch.float32)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, fused=True)
+
+    def step(self, x):
+        self.opt.zero_grad(set_to_none=True)
+        out = self.sae(x)
+        out.fvu.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.sae(x).sae_out
+
+
+def encoder_floor_ms(d_in: int, d_sae: int, B: int) -> float:
+    x = torch.randn(B, d_in, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(d_in, d_sae, device="cuda", dtype=torch.bfloat16)
+    return triton.testing.do_bench(lambda: x @ W, warmup=25, rep=100, return_mode="median")
+
+
+def run_method(make: Callable[[], Method], pool, x_eval, steps: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
+    method = make()
+    for i in range(WARMUP):
+        method.step(pool[i % len(pool)])
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t_build
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(WARMUP, steps):
+        method.step(pool[i % len(pool)])
+    end.record()
+    torch.cuda.synchronize()
+    ms_per_step = start.elapsed_time(end) / (steps - WARMUP)
+    peak = torch.cuda.max_memory_allocated() - base
+    fvu = fvu_of(x_eval, method.reconstruct(x_eval))
+    row = dict(method=method.name, ms_per_step=ms_per_step, tok_per_s=pool[0].shape[0] / ms_per_step * 1e3,
+               peak_gib=peak / 2**30, fvu=fvu, build_and_warmup_s=build_s)
+    del method
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps-large", type=int, default=80, help="steps at the 4096 x 131072 config")
+    ap.add_argument("--only", default="", help="comma-separated name prefixes to run (default all)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    for ci in (int(c) for c in args.configs.split(",")):
+        d_in, d_sae, k, B = CONFIGS[ci]
+        steps = args.steps_large if ci == 2 else args.steps
+        label = f"{d_in}x{d_sae} k{k} B{B}"
+        pool = synthetic_pool(d_in, k, B, N_POOL + 1, seed=ci)
+        x_eval = pool.pop()
+        floor = encoder_floor_ms(d_in, d_sae, B)
+        makers: list[tuple[str, Callable[[], Method]]] = [
+            ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
+            ("ours (triton, no graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=False, bf16=True)),
+            ("ours (triton, row-major W_enc, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=False, graph=True, bf16=True)),
+            ("ours (plain torch)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=False, feature_major=False, graph=False, bf16=False)),
+            ("sparsify TopK", lambda: Sparsify(d_in, d_sae, k, pool[0])),
+            ("SAELens TopK", lambda: SaeLens(d_in, d_sae, k, pool[0], batch=False)),
+            ("SAELens BatchTopK", lambda: SaeLens(d_in, d_sae, k, pool[0], batch=True)),
+        ]
+        only = [p for p in args.only.split(",") if p]
+        for name, make in makers:
+            if only and not any(name.startswith(p) for p in only):
+                continue
+            try:
+                row = run_method(make, pool, x_eval, steps)
+            except Exception as exc:  # a peer that cannot run here is reported, not hidden
+                traceback.print_exc()
+                row = dict(method=name, error=f"{type(exc).__name__}: {exc}"[:200])
+            row.update(config=label, floor_tok_per_s=B / floor * 1e3, steps=steps, tokens=steps * B)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+        del pool, x_eval
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n| config | method | tokens/s | % of encoder floor | ms/step | peak GiB | FVU after equal tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['config']} | {r['method']} | error: {r['error']} | | | | |")
+            continue
+        frac = r["tok_per_s"] / r["floor_tok_per_s"]
+        print(f"| {r['config']} | {r['method']} | {r['tok_per_s'] / 1e6:.3f}M | {frac:.1%} | {r['ms_per_step']:.3f} | "
+              f"{r['peak_gib']:.2f} | {r['fvu']:.4f} |")
+    print("\nencoder-matmul floor (tokens/s): " + ", ".join(
+        sorted({f"{r['config']}: {r['floor_tok_per_s'] / 1e6:.2f}M" for r in results})))
+
+
+if __name__ == "__main__":
+    main()
