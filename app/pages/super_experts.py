@@ -15,7 +15,7 @@ store = require_store()
 maxima = guarded(se.expert_maxima, store)
 n_layers = int(store.info()["model"]["n_layers"])
 c1, c2 = st.columns(2)
-percentile = c1.slider("Percentile cut", 90.0, 99.9, se.PERCENTILE, 0.1)
+percentile = c1.slider("Percentile cut", 50.0, 99.9, se.PERCENTILE, 0.1)
 ratio = c2.slider("and above max(a) /", 2.0, 100.0, se.MAX_RATIO, 1.0)
 marked = se.mark_super_experts(maxima, n_layers, percentile=percentile, max_ratio=ratio)
 

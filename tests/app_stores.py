@@ -1,0 +1,63 @@
+"""Small real stores for the app's tests: captures of the tiny test models through the real
+runner, three SAEs (TopK, Mutual Choice, GBA) trained on one hook, and their feature passes."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae.config import TrainConfig
+from sae.data import StoreSource
+from sae.trainer import Trainer
+from tests.phenomena_models import capture, dense_config, handle_for, moe_config
+from workbench import Store
+from workbench.analysis.features import run_feature_pass
+
+HOOK = "blocks.1.hook_resid_post"
+RULES = {"topk": 4, "mutual-choice": 4, "gba": None}
+
+
+def dense_store(folder: Path, tokens: int = 4000) -> Store:
+    """A dense ReLU model's store with lazy + sinks probes and the residual stream of block 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return capture(handle_for(dense_config()), folder, ["lazy", "sinks"], tokens=tokens, ctx=48, batch_size=8, hooks=[HOOK])
+
+
+def moe_store(folder: Path, tokens: int = 1000) -> Store:
+    """An MoE model's store with the experts, sinks and routing probes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return capture(handle_for(moe_config(), name="planted-moe"), folder, ["experts", "sinks", "routing"], tokens=tokens, ctx=48, batch_size=8)
+
+
+def train_saes(store: Store, folder: Path, d_sae: int = 64, tokens: int = 2048) -> list[Path]:
+    """One SAE per rule on HOOK, each passed over the store; returns their folders."""
+    folders = []
+    for arch, k in RULES.items():
+        config = TrainConfig(arch=arch, d_in=32, d_sae=d_sae, tokens=tokens, k=k, batch_size=256, gba_every=2, init_tokens=1024)
+        trainer = Trainer.start(config, StoreSource(store, HOOK, chunk_tokens=1024))
+        trainer.fit(progress=False)
+        out = trainer.save_sae(folder / f"sae-{arch}")
+        run_feature_pass(store, out, corr_tokens=2000)
+        folders.append(out)
+    return folders
+
+
+@dataclass(frozen=True)
+class DemoStores:
+    dense: Path
+    moe: Path
+    saes: list[Path]
+
+
+def demo_stores(base: Path) -> DemoStores:
+    """The dense store with three SAEs and the MoE store, built once under base per session
+    (the page tests and the browser test share them)."""
+    root = base / "app-demo"
+    if not (root / "built").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        dense = dense_store(root / "dense")
+        moe_store(root / "moe")
+        train_saes(dense, root / "saes")
+        (root / "built").touch()
+    return DemoStores(root / "dense" / "store", root / "moe" / "store", sorted((root / "saes").iterdir()))

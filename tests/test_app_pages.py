@@ -1,0 +1,138 @@
+"""Every page of the app under streamlit's AppTest: no traceback on a missing or empty store,
+figures drawn from real stores, and each page's widgets changing its figures' data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app.store_access import SAES_ENV, STORE_ENV
+from tests.app_stores import demo_stores
+
+APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
+PAGES = ["overview", "lazy_neurons", "super_experts", "attention_sinks", "routing", "sae_features", "sae_comparison"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return demo_stores(tmp_path_factory.getbasetemp())
+
+
+def open_page(page: str, store: Path | None, monkeypatch, saes: list[Path] = ()) -> AppTest:
+    if store is None:
+        monkeypatch.delenv(STORE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STORE_ENV, str(store))
+    monkeypatch.setenv(SAES_ENV, ":".join(str(s) for s in saes))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.switch_page(f"pages/{page}.py")
+    return checked(at.run())
+
+
+def checked(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def specs(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def infos(at: AppTest) -> str:
+    return " ".join(i.value for i in at.info)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_missing_and_empty_stores_say_what_to_run(page, demo, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(demo.dense / "store.json", empty / "store.json")  # a capture that has not finished a batch
+    for store in (None, tmp_path / "missing", empty):
+        at = open_page(page, store, monkeypatch)
+        assert "workbench capture" in infos(at) and not specs(at)
+
+
+@pytest.mark.parametrize("page,charts", [("lazy_neurons", 3), ("attention_sinks", 3), ("sae_features", 2), ("sae_comparison", 3)])
+def test_dense_store_pages_draw_their_figures(page, charts, demo, monkeypatch):
+    at = open_page(page, demo.dense, monkeypatch)
+    drawn = specs(at)
+    assert len(drawn) >= charts and all(fig["data"] for fig in drawn)
+
+
+@pytest.mark.parametrize("page,probe", [("super_experts", "experts"), ("routing", "routing")])
+def test_a_missing_probe_names_the_capture_flag(page, probe, demo, monkeypatch):
+    at = open_page(page, demo.dense, monkeypatch)
+    assert f"--probes {probe}" in infos(at) and not specs(at)
+
+
+def test_overview_lists_hooks_probes_and_saes(demo, monkeypatch):
+    at = open_page("overview", demo.moe, monkeypatch, saes=demo.saes)
+    text = " ".join(m.value for m in at.markdown)
+    assert "planted-moe" in text and "1,000 tokens" in text
+    assert any("has no feature pass here" in w.value for w in at.warning)  # SAEs of the other store
+    at = open_page("overview", demo.dense, monkeypatch, saes=demo.saes)
+    assert not at.warning
+    assert set(at.dataframe[1].value["rule"]) == {"topk", "mutual-choice", "gba"}
+
+
+def test_lazy_neuron_widgets_change_the_figures(demo, monkeypatch):
+    at = open_page("lazy_neurons", demo.dense, monkeypatch)
+    before = specs(at)
+    checked(at.number_input[0].set_value(5).run())
+    assert specs(at)[2]["data"] != before[2]["data"]
+    checked(at.multiselect[0].set_value([0]).run())
+    assert len(specs(at)[1]["data"]) == 1 < len(before[1]["data"])
+    dense = len(at.dataframe[1].value)
+    checked(at.slider[0].set_value(0.5).run())
+    assert len(at.dataframe[1].value) > dense
+
+
+def test_sink_threshold_changes_sink_rate(demo, monkeypatch):
+    at = open_page("attention_sinks", demo.dense, monkeypatch)
+    before = specs(at)[1]["data"]
+    checked(at.slider[0].set_value(0.05).run())
+    assert specs(at)[1]["data"] != before
+
+
+def test_super_expert_cuts_change_the_verdicts(demo, monkeypatch):
+    at = open_page("super_experts", demo.moe, monkeypatch)
+    stars = specs(at)[0]["data"][1]
+    checked(at.slider[0].set_value(50.0).run())
+    checked(at.slider[1].set_value(100.0).run())
+    assert specs(at)[0]["data"][1] != stars
+    assert len(specs(at)) == 2  # heatmap and massive-activation curve
+
+
+def test_routing_widgets_change_the_figures(demo, monkeypatch):
+    at = open_page("routing", demo.moe, monkeypatch)
+    before = specs(at)
+    assert len(before) == 6
+    checked(at.selectbox[0].set_value(3).run())
+    after = specs(at)
+    assert after[3]["data"] != before[3]["data"] and after[2]["data"] != before[2]["data"]
+    checked(at.slider[1].set_value(0.5).run())
+    assert specs(at)[5]["data"] != after[5]["data"]
+
+
+def test_feature_page_widgets_and_search(demo, monkeypatch):
+    at = open_page("sae_features", demo.dense, monkeypatch)
+    hist = specs(at)[1]["data"]
+    feature = at.number_input(key="feature").value
+    checked(at.number_input(key="feature").set_value((feature + 1) % 64).run())
+    assert specs(at)[1]["data"] != hist
+    density = specs(at)[0]["data"]
+    checked(at.selectbox[0].set_value(at.selectbox[0].options[-1]).run())
+    assert specs(at)[0]["data"] != density
+    checked(at.text_input[0].set_value("e").run())
+    assert len(at.dataframe[0].value) > 0 and {"feature", "fires"} <= set(at.dataframe[0].value.columns)
+
+
+def test_comparison_shows_the_chosen_saes(demo, monkeypatch):
+    at = open_page("sae_comparison", demo.dense, monkeypatch)
+    assert len(specs(at)[0]["data"][0]["x"]) == 3
+    checked(at.multiselect[0].set_value(at.multiselect[0].value[:2]).run())
+    assert len(specs(at)[0]["data"][0]["x"]) == 2 and len(specs(at)[1]["data"]) == 2
