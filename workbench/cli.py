@@ -25,6 +25,8 @@ def _register() -> None:
     from workbench.commands.features import features_command; app.command("features")(features_command)  # noqa: E702
     from workbench.commands.app import app_command; app.command("app")(app_command)  # noqa: E702
     from workbench.commands.analyze import analyze_command; app.command("analyze")(analyze_command)  # noqa: E702
+    from workbench.commands.train import train_command; app.command("train")(train_command)  # noqa: E702
+    from workbench.commands.train import eval_command; app.command("eval")(eval_command)  # noqa: E702
 
 
 def main() -> None:

@@ -1,0 +1,89 @@
+"""Each rule's invariant: TopK keeps at most k per row; Mutual Choice keeps k*B per batch and
+its learned threshold reproduces that budget at inference; GBA keeps its biases in [-1, 0]
+and moves each group's firing frequency toward its target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.config import TrainConfig
+from sae.rules import GBARule, MutualChoiceRule, TopKRule
+from sae.synthetic import SyntheticFeatures, SyntheticSource
+from sae.trainer import Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: intra-op threads only add overhead (a lot on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_topk_keeps_at_most_k_per_row_and_they_are_the_largest():
+    z = torch.randn(64, 200, generator=torch.Generator().manual_seed(0))
+    z[0] = -1.0  # a row with nothing positive keeps nothing
+    code = TopKRule(7)(z)
+    assert code.width == 7
+    l0 = code.l0()
+    assert int(l0.max()) <= 7 and int(l0[0]) == 0 and int(l0[1:].min()) == 7
+    dense = code.to_dense(200)
+    kth = z.topk(7, dim=1).values[:, -1:]
+    assert torch.equal(dense[1:] > 0, (z[1:] >= kth[1:]) & (z[1:] > 0))
+
+
+def test_mutual_choice_keeps_k_times_batch_and_allocates_unevenly():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(32, 300, generator=g)
+    z[:4] += 2.0  # "hard" tokens with large pre-activations take more of the budget
+    rule = MutualChoiceRule(k=5)
+    code = rule(z)
+    assert int(code.l0().sum()) == 5 * 32
+    kept = code.to_dense(300)
+    assert torch.equal(kept > 0, z >= z.flatten().topk(160).values.min())
+    assert code.l0()[:4].float().mean() > 5 > code.l0()[4:].float().mean()
+    assert float(rule.theta) == float(z.flatten().topk(160).values.min())
+
+
+def test_mutual_choice_threshold_reproduces_the_budget_at_inference():
+    feats = SyntheticFeatures.make(n=96, d=24, mean_active=3, kind="zipf", seed=3)
+    config = TrainConfig(arch="mutual-choice", d_in=24, d_sae=128, k=4, tokens=256 * 250, batch_size=256, lr=2e-3, seed=0,
+                         theta_decay=0.9)  # a short EMA memory for a 250-step run
+    trainer = Trainer.start(config, SyntheticSource(feats, seed=4))
+    model = trainer.fit(progress=False)
+    x = next(SyntheticSource(feats, seed=99).batches(4096)) * trainer.input_scale
+    with torch.no_grad():
+        train_l0 = model.rule.eval()(model.pre_acts(x)).l0().float().mean()
+        infer_l0 = model.encode(x).l0().float().mean()
+    assert float(train_l0) == 4.0
+    assert abs(float(infer_l0) - 4.0) < 0.4, float(infer_l0)
+    assert float(model.rule.theta) > 0
+
+
+def test_gba_biases_stay_in_range_and_group_frequencies_approach_targets():
+    feats = SyntheticFeatures.make(n=96, d=24, mean_active=3, kind="zipf", seed=5)
+    config = TrainConfig(
+        arch="gba", d_in=24, d_sae=120, tokens=512 * 300, batch_size=512, lr=2e-3, gba_groups=3,
+        gba_p_max=0.2, gba_p_min=0.01, gba_every=5, gba_gamma=0.05, seed=0,
+    )
+    trainer = Trainer.start(config, SyntheticSource(feats, seed=6))
+    rule: GBARule = trainer.model.rule
+    x = next(SyntheticSource(feats, seed=77).batches(8192)) * trainer.input_scale
+
+    def group_freqs() -> torch.Tensor:
+        with torch.no_grad():
+            fired = (trainer.model.pre_acts(x) > 0).float().mean(0)
+        return torch.stack([fired[rule.group == g].mean() for g in range(3)])
+
+    before = group_freqs()
+    model = trainer.fit(progress=False)
+    after = group_freqs()
+    assert float(model.b_enc.min()) >= -1.0 and float(model.b_enc.max()) <= 0.0
+    assert not model.b_enc.requires_grad
+    targets = rule.group_target
+    err_before = (before.log() - targets.log()).abs()
+    err_after = (after.log() - targets.log()).abs()
+    assert torch.all(err_after < err_before), (before, after, targets)
+    assert after[0] > after[1] > after[2]  # the groups end ordered like their targets
