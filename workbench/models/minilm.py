@@ -6,7 +6,9 @@ TransformerLens hook names with the Hugging Face forward's numerics and bidirect
 attention (tests/test_minilm.py checks both against transformers and sentence-transformers).
 The bridge was preferred to HookedEncoder, whose from_pretrained refuses local paths in
 TransformerLens 3.9. Windows are framed [CLS] ... [SEP]; with no padding the forward needs
-no attention mask or token types, so no encoder_kwargs are set.
+no attention mask or token types, so no encoder_kwargs are set. The bridge wraps the encoder
+in BertForMaskedLM; the package holds only the encoder's weights, so the masked-LM head
+behind `unembed` is freshly initialised: its logits mean nothing, every block hook is exact.
 """
 
 from __future__ import annotations
