@@ -7,6 +7,9 @@ import torch
 
 from sae.kernels import sparse_decode
 
+#: Zipf deficits below this are treated as none (see zipf_underuse).
+UNDERUSE_FLOOR = 1e-3
+
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."""
@@ -52,7 +55,9 @@ def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Ten
     log d(r) = log A - s log r by least squares over the first `fit_fraction` of the live
     (d > 0) ranks, where the curve fits; the expected density at rank r is A r^-s.
     u_i = clamp(1 - d_i / (A r_i^-s), 0, 1): 1 for a dead feature, 0 for one at or above
-    the curve. With fewer than 2 live features there is no curve: u = 1[d == 0].
+    the curve; deficits under UNDERUSE_FLOOR (the fit's own noise) count as 0, so features on
+    the curve never compete with under-used ones for the k_aux slots. With fewer than 2 live
+    features there is no curve: u = 1[d == 0].
     """
     d_sae = density.numel()
     order = torch.argsort(density, descending=True)
@@ -67,7 +72,8 @@ def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Ten
     slope = ((fit_r - fit_r.mean()) * (fit_d - fit_d.mean())).sum() / (fit_r - fit_r.mean()).pow(2).sum()
     log_a = fit_d.mean() - slope * fit_r.mean()
     expected = (log_a + slope * ranks.double().log()).exp()
-    return (1 - density.double() / expected).clamp(0, 1).to(density.dtype)
+    u = (1 - density.double() / expected).clamp(0, 1)
+    return torch.where(u < UNDERUSE_FLOOR, torch.zeros_like(u), u).to(density.dtype)
 
 
 def aux_zipf_loss(
@@ -84,7 +90,7 @@ def aux_zipf_loss(
         d_i      firing frequency of feature i over recent tokens (trainer's running estimate)
         r_i      rank of d_i, 1 = most frequent
         A, s     least-squares fit of log d_i = log A - s log r_i on the head of the live ranks
-        u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1)                  (zipf_underuse)
+        u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1), set to 0 below 1e-3  (zipf_underuse)
         T(x)     = the k_aux features with u_i > 0 of largest z_i(x)
         e        = x - x_hat (detached)
         e_hat    = sum_{i in T(x)} u_i ReLU(z_i(x)) W_dec[i]

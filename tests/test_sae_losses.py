@@ -1,0 +1,118 @@
+"""Losses: FVU against its definition, AuxK's gradient reaching the encoder, and aux_zipf
+against a direct, loop-by-loop computation of its formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae.losses import aux_zipf_loss, auxk_loss, fvu, zipf_underuse
+from sae.model import SparseAutoencoder
+from sae.rules import TopKRule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fvu_is_unexplained_over_total_variance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g) * 3 + 1
+    x_hat = x + 0.1 * torch.randn(50, 8, generator=g)
+    direct = sum(float((x[i] - x_hat[i]).pow(2).sum()) for i in range(50)) / sum(
+        float((x[i] - x.mean(0)).pow(2).sum()) for i in range(50)
+    )
+    assert float(fvu(x, x_hat)) == pytest.approx(direct, rel=1e-5)
+    assert float(fvu(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
+
+
+def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
+    g = torch.Generator().manual_seed(1)
+    model = SparseAutoencoder(16, 64, TopKRule(4))
+    model.init_weights(g)
+    x = torch.randn(128, 16, generator=g)
+    x_hat, code, z = model(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    loss = auxk_loss(z, (x - x_hat).detach(), dead, model.W_dec, k_aux=8)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grad = model.W_enc.grad
+    assert grad is not None and float(grad[:, 40:].abs().sum()) > 0
+    assert float(grad[:, :40].abs().sum()) == 0.0
+    assert float(model.b_enc.grad[40:].abs().sum()) > 0
+    assert float(model.W_dec.grad[40:].abs().sum()) > 0
+
+
+def test_auxk_is_zero_without_dead_features():
+    model = SparseAutoencoder(8, 32, TopKRule(2))
+    model.init_weights(torch.Generator().manual_seed(2))
+    x = torch.randn(10, 8)
+    x_hat, _, z = model(x)
+    assert float(auxk_loss(z, (x - x_hat).detach(), torch.zeros(32, dtype=torch.bool), model.W_dec, 4)) == 0.0
+
+
+def direct_aux_zipf(z, residual, density, W_dec, k_aux, fit_fraction):
+    """The documented formula, one feature and one token at a time."""
+    d_sae = len(density)
+    order = sorted(range(d_sae), key=lambda i: -float(density[i]))
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    live = [i for i in order if density[i] > 0]
+    n_fit = int(len(live) * fit_fraction)
+    xs = [math.log(r) for r in range(1, n_fit + 1)]
+    ys = [math.log(float(density[order[r - 1]])) for r in range(1, n_fit + 1)]
+    mx, my = sum(xs) / n_fit, sum(ys) / n_fit
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    log_a = my - slope * mx
+    u = [min(max(1 - float(density[i]) / math.exp(log_a + slope * math.log(rank[i])), 0.0), 1.0) for i in range(d_sae)]
+    u = [0.0 if value < 1e-3 else value for value in u]
+    candidates = [i for i in range(d_sae) if u[i] > 0]
+    num = 0.0
+    mean_e = residual.mean(0)
+    den = float((residual - mean_e).pow(2).sum())
+    for b in range(len(z)):
+        chosen = sorted(candidates, key=lambda i: -float(z[b, i]))[: min(k_aux, len(candidates))]
+        e_hat = sum(u[i] * max(float(z[b, i]), 0.0) * W_dec[i] for i in chosen)
+        num += float((e_hat - residual[b]).pow(2).sum())
+    return num / den, u
+
+
+def test_aux_zipf_matches_a_direct_computation_of_its_formula():
+    g = torch.Generator().manual_seed(3)
+    d_sae, d_in = 40, 6
+    ranks = torch.arange(1, d_sae + 1, dtype=torch.float64)
+    density = (0.3 * ranks.pow(-1.1)).float()
+    density[30:] *= 0.2  # the low end falls below the Zipf curve: under-used
+    density[36:] = 0.0  # and a few are dead
+    density = density[torch.randperm(d_sae, generator=g)]
+    z = torch.randn(12, d_sae, generator=g)
+    residual = torch.randn(12, d_in, generator=g)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    ours = aux_zipf_loss(z, residual, density, W_dec, k_aux=5, fit_fraction=0.8)
+    direct, u = direct_aux_zipf(z, residual, density, W_dec, 5, 0.8)
+    assert float(ours) == pytest.approx(direct, rel=1e-4)
+    torch.testing.assert_close(zipf_underuse(density, 0.8), torch.tensor(u, dtype=torch.float32), atol=1e-5, rtol=0)
+    weights = zipf_underuse(density, 0.8)
+    assert torch.all(weights[density == 0] == 1.0)
+    assert int((weights > 0).sum()) > int((density == 0).sum())  # under-used, not only dead
+
+
+def test_aux_zipf_reduces_to_auxk_when_only_dead_features_are_below_the_curve():
+    g = torch.Generator().manual_seed(4)
+    ranks = torch.arange(1, 33, dtype=torch.float64)
+    density = (0.2 * ranks.pow(-1.0)).float()
+    density[28:] = 0.0
+    z = torch.randn(9, 32, generator=g)
+    residual = torch.randn(9, 5, generator=g)
+    W_dec = torch.randn(32, 5, generator=g)
+    weights = zipf_underuse(density, fit_fraction=1.0)
+    assert torch.equal(weights > 0, density == 0)
+    zipf = aux_zipf_loss(z, residual, density, W_dec, k_aux=3, fit_fraction=1.0)
+    auxk = auxk_loss(z, residual, density == 0, W_dec, k_aux=3)
+    assert float(zipf) == pytest.approx(float(auxk), rel=1e-4)
