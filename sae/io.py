@@ -26,11 +26,12 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 def _saelens_version() -> str:
-    try:
-        import sae_lens
+    """The installed sae-lens version (read from package metadata: importing it takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return str(sae_lens.__version__)
-    except ImportError:  # the format does not need the package; >= 6 keeps its loader on the v6 path
+    try:
+        return version("sae-lens")
+    except PackageNotFoundError:  # the format does not need the package; >= 6 keeps its loader on the v6 path
         return "6.0.0"
 
 
