@@ -93,11 +93,12 @@ def evaluate_sae(
     tokens: int | None = None,
     ce_sequences: int = 32,
     device: str = "cpu",
+    handle: Any = None,
 ) -> dict[str, Any]:
     """All metrics for an SAE folder (ours or any SAELens folder) or model on a store.
 
-    hook defaults to the folder's metadata.hook_name; ce_sequences=0 skips the CE score
-    (it needs the store's model, loaded offline by the registry; decoder models only).
+    hook defaults to the folder's metadata.hook_name; ce_sequences=0 skips the CE score,
+    which runs the store's model (handle, or load_model(store.model_name); causal LMs only).
     """
     store = _open_store(store)
     cfg: dict[str, Any] = {}
@@ -115,9 +116,10 @@ def evaluate_sae(
     result: dict[str, Any] = {"hook": hook, "store": str(store.root), "d_sae": sae.d_sae}
     result.update(reconstruction_metrics(sae, store, hook, tokens, device=device))
     if ce_sequences > 0:
-        from workbench.models.registry import load_model
+        if handle is None:
+            from workbench.models.registry import load_model
 
-        handle = load_model(store.model_name, device=device)
+            handle = load_model(store.model_name, device=device)
         if handle.kind != "decoder":
             result["ce_skipped"] = f"{store.model_name} is an encoder; the CE-loss score needs a causal LM"
         else:
