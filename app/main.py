@@ -1,6 +1,6 @@
 """The workbench app: `workbench app --store PATH` runs `streamlit run app/main.py`.
 
-One entry script, one page per view (app/pages/), navigation in the sidebar. The store path
+One entry script, one page per view (app/views/), navigation in the sidebar. The store path
 and SAE folders arrive in the environment (see app/store_access.py).
 """
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on the path, not the repository
     sys.path.insert(0, str(ROOT))
 
-PAGES = Path(__file__).parent / "pages"
+PAGES = Path(__file__).parent / "views"  # not pages/: that name turns on streamlit's legacy auto-navigation
 
 st.set_page_config(page_title="Sparse-feature workbench", layout="wide")
 navigation = st.navigation(

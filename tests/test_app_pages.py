@@ -29,7 +29,7 @@ def open_page(page: str, store: Path | None, monkeypatch, saes: list[Path] = ())
         monkeypatch.setenv(STORE_ENV, str(store))
     monkeypatch.setenv(SAES_ENV, ":".join(str(s) for s in saes))
     at = AppTest.from_file(str(APP), default_timeout=120)
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     return checked(at.run())
 
 

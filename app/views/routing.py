@@ -41,7 +41,7 @@ summary = guarded(routing.load_summary, store)
 st.plotly_chart(
     px.line(summary.melt(id_vars="layer", value_vars=["entropy", "router_entropy"]), x="layer", y="value",
             color="variable", markers=True, title="Normalised entropy per layer: load H(f)/log E and router H_t/log E")
-    .update_yaxes(range=[0, 1.05]),
+    .update_yaxes(range=[0, 1.05]).update_xaxes(dtick=1),
 )  # fmt: skip
 
 layers = sorted(load["layer"].unique())
@@ -63,7 +63,7 @@ min_count = st.slider("Specialisation: token ids seen at least", 2, 50, 5)
 spec = guarded(routing.token_specialisation, store, int(min_count))
 st.plotly_chart(
     px.bar(spec.melt(id_vars="layer", value_vars=["specialisation", "chance"]), x="layer", y="value", color="variable",
-           barmode="group", title="Token-ID specialisation: share routed to the token's most common expert vs shuffled ids"),
+           barmode="group", title="Token-ID specialisation: share routed to the token's most common expert vs shuffled ids").update_xaxes(dtick=1),
 )  # fmt: skip
 
 cf = st.slider("Simulated capacity factor", 0.5, 2.0, 1.0, 0.25)

@@ -48,7 +48,7 @@ for col, name in (("top1", "top-1"), ("top2", "top-2"), ("top3", "top-3"), ("med
     if col in massive:
         curve.add_scatter(x=massive["layer"], y=massive[col], mode="lines+markers", name=name)
 curve.update_layout(title="Massive activations: largest |h| in the residual stream per layer", yaxis_type="log",
-                    xaxis_title="layer", yaxis_title="|h|")  # fmt: skip
+                    xaxis_title="layer", yaxis_title="|h|", xaxis_dtick=1)  # fmt: skip
 st.plotly_chart(curve)
 channels = [c for c in massive.columns if c.endswith(("_channel", "_token"))]
 st.dataframe(massive[["layer", "top1", "median", "ratio", "is_massive", *channels]], hide_index=True)

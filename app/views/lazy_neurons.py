@@ -19,7 +19,7 @@ rule = st.radio("Activity rule", rules, horizontal=True, help="zero: a > 0; fat:
 chosen = by_layer[by_layer["rule"] == rule]
 st.plotly_chart(
     px.bar(chosen, x="layer", y="pct_active", labels={"pct_active": "% of MLP neurons active per token"},
-           title=f"Active neurons per layer ({rule})"),
+           title=f"Active neurons per layer ({rule})").update_xaxes(dtick=1),
 )  # fmt: skip
 
 freqs = guarded(lazy.neuron_frequencies, store)

@@ -9,10 +9,10 @@ from app.store_access import missing_passes, require_store, sae_frame
 from workbench.capture.probes.registry import PROBE_TABLES
 
 PROBE_PAGES = {
-    "lazy": ("pages/lazy_neurons.py", "Lazy neurons"),
-    "experts": ("pages/super_experts.py", "Super experts"),
-    "sinks": ("pages/attention_sinks.py", "Attention sinks"),
-    "routing": ("pages/routing.py", "Routing"),
+    "lazy": ("views/lazy_neurons.py", "Lazy neurons"),
+    "experts": ("views/super_experts.py", "Super experts"),
+    "sinks": ("views/attention_sinks.py", "Attention sinks"),
+    "routing": ("views/routing.py", "Routing"),
 }
 
 st.title("Sparse-feature workbench")
@@ -32,7 +32,10 @@ hooks = pd.DataFrame(
     [{"hook": h, "shape": str(m["shape"]), "dtype": m["dtype"]} for h, m in info["hooks"].items()],
     columns=["hook", "shape", "dtype"],
 )
-st.dataframe(hooks, hide_index=True) if len(hooks) else st.caption("No dense hooks stored (capture with --hooks).")
+if len(hooks):
+    st.dataframe(hooks, hide_index=True)
+else:
+    st.caption("No dense hooks stored (capture with --hooks).")
 
 st.subheader("Phenomena")
 for probe, table in PROBE_TABLES.items():
@@ -40,15 +43,15 @@ for probe, table in PROBE_TABLES.items():
     held = table in info["probe_tables"]
     cols = st.columns([1, 3])
     with cols[0]:
-        st.page_link(page, label=title, icon="✅" if held else "➖")
+        st.page_link(page, label=title)
     cols[1].caption("captured" if held else f"not captured: add `--probes {probe}` to the capture")
 
 st.subheader("Sparse autoencoders")
 saes = sae_frame(store)
 if len(saes):
     st.dataframe(saes[["name", "rule", "hook", "d_sae", "l0", "fvu", "dead_fraction", "tokens", "folder"]], hide_index=True)
-    st.page_link("pages/sae_features.py", label="SAE features", icon="🔎")
-    st.page_link("pages/sae_comparison.py", label="SAE comparison", icon="📊")
+    st.page_link("views/sae_features.py", label="SAE features: one page per feature")
+    st.page_link("views/sae_comparison.py", label="SAE comparison: FVU, L0, dead fraction, densities")
 else:
     st.caption(f"No feature pass yet: `workbench features SAE_DIR --store {info['path']}` after training an SAE.")
 for folder in missing_passes(store):

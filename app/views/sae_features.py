@@ -47,7 +47,10 @@ with st.expander("Find features by token", expanded=False):
     query = st.text_input("Token (exact text, surrounding spaces ignored)", "")
     if query.strip():
         found = cached(token_search, store, name, query)
-        st.dataframe(found, hide_index=True) if len(found) else st.caption("No stored token matches, or none fires a feature.")
+        if len(found):
+            st.dataframe(found, hide_index=True)
+        else:
+            st.caption("No stored token matches, or none fires a feature.")
 
 live = tables.stats[tables.stats["count"] > 0]
 default = int(live.sort_values("count").iloc[len(live) // 2]["feature"]) if len(live) else 0
