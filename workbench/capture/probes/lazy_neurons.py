@@ -51,25 +51,31 @@ def cett_score(acts: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return acts.abs() * w_out.float().norm(dim=1)
 
 
-def dropped_output_norm(acts: torch.Tensor, w_out: torch.Tensor, threshold: float) -> float:
-    """Mean over tokens of ||sum_{i: score_i < t} a_i W_i|| / ||sum_i a_i W_i||."""
-    w_out = w_out.float()
-    dropped = torch.where(cett_score(acts, w_out) < threshold, acts, torch.zeros_like(acts))
-    full = (acts @ w_out).norm(dim=1).clamp_min(1e-12)
+def _dropped_norm(acts: torch.Tensor, w_out: torch.Tensor, score: torch.Tensor, full: torch.Tensor, t: float) -> float:
+    dropped = torch.where(score < t, acts, torch.zeros_like(acts))
     return float(((dropped @ w_out).norm(dim=1) / full).mean())
 
 
-def cett_threshold(acts: torch.Tensor, w_out: torch.Tensor, target: float, steps: int = 30) -> tuple[float, float]:
+def dropped_output_norm(acts: torch.Tensor, w_out: torch.Tensor, threshold: float) -> float:
+    """Mean over tokens of ||sum_{i: score_i < t} a_i W_i|| / ||sum_i a_i W_i||."""
+    acts, w_out = acts.float(), w_out.float()
+    full = (acts @ w_out).norm(dim=1).clamp_min(1e-12)
+    return _dropped_norm(acts, w_out, cett_score(acts, w_out), full, threshold)
+
+
+def cett_threshold(acts: torch.Tensor, w_out: torch.Tensor, target: float, steps: int = 16) -> tuple[float, float]:
     """Bisect the largest t whose dropped output norm stays <= target; returns (t, norm at t)."""
-    acts = acts.float()
-    lo, hi = 0.0, float(cett_score(acts, w_out).max()) if acts.numel() else 0.0
+    acts, w_out = acts.float(), w_out.float()
+    score = cett_score(acts, w_out)
+    full = (acts @ w_out).norm(dim=1).clamp_min(1e-12)
+    lo, hi = 0.0, float(score.max()) if acts.numel() else 0.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if dropped_output_norm(acts, w_out, mid) > target:
+        if _dropped_norm(acts, w_out, score, full, mid) > target:
             hi = mid
         else:
             lo = mid
-    return lo, dropped_output_norm(acts, w_out, lo)
+    return lo, _dropped_norm(acts, w_out, score, full, lo)
 
 
 class LazyNeuronProbe(Probe):
@@ -77,7 +83,7 @@ class LazyNeuronProbe(Probe):
 
     name = "lazy"
 
-    def __init__(self, handle: ModelHandle, fat_eps: float = 1e-2, cett: float = 0.2, calibration_tokens: int = 512):
+    def __init__(self, handle: ModelHandle, fat_eps: float = 1e-2, cett: float = 0.2, calibration_tokens: int = 128):
         self.hooks = mlp_post_hooks(handle)
         self.layers = [int(h.split(".")[1]) for h in self.hooks]
         relu = activation_name(handle) in RELU_LIKE

@@ -99,7 +99,7 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
 
 
 @contextmanager
-def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+def _removed_on_exit(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
     try:
         yield
     finally:
@@ -107,15 +107,17 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
 def record_routing(layers: list[MoeLayer], sink: dict[int, RoutedBatch]) -> Iterator[None]:
-    """Context manager: every forward pass stores each layer's routing into sink[layer]."""
+    """While open, every forward pass stores each layer's routing into sink[layer]."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    for moe in layers:
-        if moe.style == "tl":
-            handles.append(moe.block.hook_expert_weights.register_forward_hook(_tl_router_hook(moe, sink)))
-        else:
-            handles.append(moe.block.gate.register_forward_hook(_fused_router_hook(moe, sink)))
-    return _hooks(handles)
+    with _removed_on_exit(handles):
+        for moe in layers:
+            if moe.style == "tl":
+                handles.append(moe.block.hook_expert_weights.register_forward_hook(_tl_router_hook(moe, sink)))
+            else:
+                handles.append(moe.block.gate.register_forward_hook(_fused_router_hook(moe, sink)))
+        yield
 
 
 def _tl_router_hook(moe: MoeLayer, sink: dict[int, RoutedBatch]) -> Callable[..., None]:
@@ -148,24 +150,26 @@ def routed_rows(indices: torch.Tensor, expert: int) -> torch.Tensor:
     return token
 
 
+@contextmanager
 def record_expert_outputs(layers: list[MoeLayer], sink: dict[int, ExpertOutputs]) -> Iterator[None]:
-    """Context manager: per layer and expert, the max |down-proj output| of every routed row."""
+    """While open, per layer and expert, the max |down-proj output| of every routed row goes to sink."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
     routing: dict[int, RoutedBatch] = {}
-    for moe in layers:
-        if moe.style == "tl":
-            handles.append(moe.block.hook_expert_indices.register_forward_hook(_remember_indices(moe, routing)))
-            for e, expert in enumerate(moe.block.experts):
-                handles.append(expert.W_out.register_forward_hook(_tl_expert_hook(moe, e, routing, sink)))
-        else:
-            experts = moe.block.experts
-            if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "act_fn"):
-                raise WorkbenchError(
-                    f"MoE layer {moe.layer} has fused experts without gate_up_proj/act_fn; "
-                    "the experts probe knows Mixtral, OLMoE and Qwen-MoE layouts"
-                )
-            handles.append(experts.register_forward_hook(_fused_experts_hook(moe, sink), with_kwargs=True))
-    return _hooks(handles)
+    with _removed_on_exit(handles):
+        for moe in layers:
+            if moe.style == "tl":
+                handles.append(moe.block.hook_expert_indices.register_forward_hook(_remember_indices(moe, routing)))
+                for e, expert in enumerate(moe.block.experts):
+                    handles.append(expert.W_out.register_forward_hook(_tl_expert_hook(moe, e, routing, sink)))
+            else:
+                experts = moe.block.experts
+                if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "act_fn"):
+                    raise WorkbenchError(
+                        f"MoE layer {moe.layer} has fused experts without gate_up_proj/act_fn; "
+                        "the experts probe knows Mixtral, OLMoE and Qwen-MoE layouts"
+                    )
+                handles.append(experts.register_forward_hook(_fused_experts_hook(moe, sink), with_kwargs=True))
+        yield
 
 
 def _remember_indices(moe: MoeLayer, routing: dict[int, RoutedBatch]) -> Callable[..., None]:
