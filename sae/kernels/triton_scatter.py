@@ -66,16 +66,20 @@ def feature_scatter(
     src: torch.Tensor,
     out: torch.Tensor,
     coef_sum: torch.Tensor | None = None,
+    block_d: int = 256,
+    block_p: int = 16,
+    num_warps: int = 4,
 ) -> None:
     """Fill out [F, D] (any strides) with out[f] = sum_{pairs of f} coef * src[row]; if
-    coef_sum [F] is given, fill it with the per-feature sum of coef."""
+    coef_sum [F] is given, fill it with the per-feature sum of coef. The block sizes are
+    tuning knobs (bench/kernels_scatter.py measures them)."""
     F, D = out.shape
     if F == 0 or D == 0:
         return
     assert src.stride(1) == 1
-    block_d = min(triton.next_power_of_2(D), 256)
+    block_d = min(triton.next_power_of_2(D), block_d)
     _feature_scatter_kernel[(F, triton.cdiv(D, block_d))](
         order, offsets, coef.reshape(-1), src, out, coef_sum if coef_sum is not None else out,
         k, D, src.stride(0), out.stride(0), out.stride(1),
-        WRITE_COEF_SUM=coef_sum is not None, BLOCK_P=16, BLOCK_D=block_d,
+        WRITE_COEF_SUM=coef_sum is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )
