@@ -1,0 +1,44 @@
+"""Micro-benchmark (GPU): per-row top-k on bf16 pre-activations, torch.topk against the
+Triton bisection select (sae.kernels.triton_topk) held in registers or streamed in chunks.
+Each variant's kept values are checked against torch.topk first.
+
+Run: python bench/kernels_topk.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton.testing
+
+from sae.kernels.triton_topk import MAX_ROW, row_topk
+
+CONFIGS = [(4096, 32, 24576), (4096, 64, 65536), (8192, 64, 131072)]
+
+
+def main() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("| rows x cols, k | variant | ms |")
+    print("|---|---|---|")
+    for B, k, N in CONFIGS:
+        z = torch.randn(B, N, device="cuda", generator=gen).to(torch.bfloat16)
+        ref = z.topk(k, dim=1).values.float().relu().sort(1).values
+        variants = {"torch.topk": lambda: z.topk(k, dim=1, sorted=False)}
+        if N <= MAX_ROW:
+            variants["bisect, row in registers"] = lambda: row_topk(z, k)
+        for chunk, warps in itertools.product((1024, 2048, 4096), (4, 8)):
+            variants[f"bisect, chunk {chunk}, {warps} warps"] = lambda c=chunk, w=warps: row_topk(z, k, chunk=c, num_warps=w)
+        for name, fn in variants.items():
+            if name != "torch.topk":
+                vals = fn()[0].sort(1).values
+                assert torch.equal(vals, ref), name
+            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+            print(f"| {B}x{N}, k{k} | {name} | {ms:.3f} |", flush=True)
+        del z
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
