@@ -15,16 +15,17 @@ def dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tens
     return torch.zeros(values.shape[0], d_sae, dtype=torch.float64).scatter_add(1, indices, values.double())
 
 
+@pytest.mark.parametrize("chunk", [None, 64], ids=["row-in-registers", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,k", [(5, 37, 1), (4, 300, 9), (3, 50, 50), (2, 1100, 64)])
-def test_triton_row_topk_keeps_the_k_largest(dtype, B, N, k):
+def test_triton_row_topk_keeps_the_k_largest(chunk, dtype, B, N, k):
     gen = torch.Generator().manual_seed(N + k)
     z = torch.randn(B, N, generator=gen).to(dtype)
     z[0] = z[0, 3]  # a row of ties: any k of them, each once
     z[1, : N // 2] = -1.0  # negatives and ties below the k-th
     values = torch.full((B, k), float("nan"))
     indices = torch.full((B, k), -1)
-    v, i = row_topk(z, k)
+    v, i = row_topk(z, k, chunk=chunk)
     values.copy_(v), indices.copy_(i)
     ref = z.double().topk(k, dim=1).values
     assert not values.isnan().any() and (indices >= 0).all()
