@@ -3,8 +3,10 @@
     python bench/probe_overhead.py --model minilm --data english.txt --tokens 8192 --ctx 128 --batch-size 8
 
 Runs the two captures alternately `--repeats` times into fresh temporary stores (the model is
-loaded once) and prints tokens/s of each run and the median slowdown. The stored hook is
-the last block's residual stream in both runs, so the difference is the probes' own cost.
+loaded once) and prints, per run, tokens per wall second and tokens per CPU second of this
+process (all threads; steadier than wall time on a machine shared with other jobs), then the
+median slowdown of each. The stored hook is the last block's residual stream in both runs,
+so the difference is the probes' own cost.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from workbench.capture.runner import CaptureSettings, run_capture
@@ -31,6 +34,7 @@ def main() -> None:
     handle = load_model(args.model)
     hook = f"blocks.{handle.n_layers - 1}.hook_resid_post"
     rates: dict[str, list[float]] = {"none": [], args.probes: []}
+    cpu_rates: dict[str, list[float]] = {"none": [], args.probes: []}
     for _ in range(args.repeats):
         for probes in rates:
             with tempfile.TemporaryDirectory() as folder:
@@ -38,11 +42,15 @@ def main() -> None:
                     model=args.model, data=args.data, hooks=[hook], tokens=args.tokens, ctx=args.ctx,
                     batch_size=args.batch_size, store=str(Path(folder) / "s"), probes=[] if probes == "none" else probes.split(","),
                 )  # fmt: skip
+                cpu = time.process_time()
                 report = run_capture(settings, handle=handle, progress=False)
+                cpu = time.process_time() - cpu
                 rates[probes].append(report.new_tokens / report.seconds)
-                print(f"probes={probes:<28} {rates[probes][-1]:8.0f} tok/s", flush=True)
-    base, probed = statistics.median(rates["none"]), statistics.median(rates[args.probes])
-    print(f"median: without {base:.0f} tok/s, with --probes {args.probes} {probed:.0f} tok/s, slowdown x{base / probed:.2f}")
+                cpu_rates[probes].append(report.new_tokens / cpu)
+                print(f"probes={probes:<28} {rates[probes][-1]:8.0f} tok/s wall {cpu_rates[probes][-1]:8.0f} tok/CPU-s", flush=True)
+    for name, table in (("wall", rates), ("CPU", cpu_rates)):
+        base, probed = statistics.median(table["none"]), statistics.median(table[args.probes])
+        print(f"median {name}: without {base:.0f}, with --probes {args.probes} {probed:.0f} tok/s, slowdown x{base / probed:.2f}")
 
 
 if __name__ == "__main__":

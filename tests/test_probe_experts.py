@@ -131,3 +131,19 @@ def test_fused_experts_are_recomputed_exactly_and_routing_read_from_the_router(f
             peak, channel = alone.abs().max(-1)
             torch.testing.assert_close(outputs[moe.layer].row_max[e], peak, rtol=1e-5, atol=1e-6)
             assert torch.equal(outputs[moe.layer].row_channel[e], channel)
+
+
+def test_super_expert_rule_against_numpy_on_random_maxima():
+    import pandas as pd
+
+    from workbench.analysis.super_experts import mark_super_experts
+
+    rng = np.random.default_rng(3)
+    n_layers, n_experts = 8, 16
+    a = rng.lognormal(0, 0.5, (n_layers, n_experts))
+    a[1, 4], a[2, 9], a[7, 0] = 60.0, 25.0, 30.0  # early outliers and one in the last quarter (never super)
+    frame = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), n_experts), "expert": np.tile(np.arange(n_experts), n_layers), "a": a.reshape(-1)})
+    marked = mark_super_experts(frame, n_layers)
+    cut = max(np.percentile(a, 99.5), a.max() / 10)
+    want = {(l, e) for l in range(n_layers) for e in range(n_experts) if l < 6 and a[l, e] > cut}
+    assert set(zip(marked[marked["is_super"]]["layer"], marked[marked["is_super"]]["expert"])) == want == {(1, 4)}
