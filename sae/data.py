@@ -93,20 +93,27 @@ class ChunkedShuffleStream:
 
 
 class StoreSource:
-    """Activations of one hook from a capture store, streamed in shuffled chunks."""
+    """Activations of one hook from a capture store, streamed in shuffled chunks.
 
-    def __init__(self, store: Any, hook: str, chunk_tokens: int = 65536, buffer_chunks: int = 4, seed: int = 0) -> None:
+    start / stop: train on token_index in [start, stop) only (e.g. keep a held-out tail)."""
+
+    def __init__(
+        self, store: Any, hook: str, chunk_tokens: int = 65536, buffer_chunks: int = 4, seed: int = 0,
+        start: int = 0, stop: int | None = None,
+    ) -> None:
         hooks = store.info()["hooks"]
         if hook not in hooks:
             stored = ", ".join(sorted(hooks)) or "none"
             raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {stored}); capture it or pick a stored one")
         self.store, self.hook = store, hook
         self.d_in = int(math.prod(hooks[hook]["shape"]))
-        n = store.n_tokens()
-        if n == 0:
-            raise WorkbenchError(f"store {store.root} holds no tokens yet; run `workbench capture` first")
-        self.n_tokens = n
-        starts = list(range(0, n, chunk_tokens))
+        n = store.n_tokens() if stop is None else min(stop, store.n_tokens())
+        if n - start <= 0:
+            raise WorkbenchError(f"store {store.root} holds no tokens in [{start}, {n}); run `workbench capture` first")
+        if chunk_tokens <= 0:
+            raise WorkbenchError("--chunk-tokens must be positive")
+        self.n_tokens = n - start
+        starts = list(range(start, n, chunk_tokens))
         self.ranges = [(s, min(s + chunk_tokens, n)) for s in starts]
         self.stream = ChunkedShuffleStream([b - a for a, b in self.ranges], self._load, buffer_chunks, seed)
 

@@ -30,13 +30,15 @@ def _open_store(store: Any) -> Any:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192, device: str = "cpu"
+    sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
+    device: str = "cpu", start: int = 0,
 ) -> dict[str, Any]:
-    """FVU, explained variance, L0, dead fraction and log-density histogram over the store's
-    first `tokens` activations of `hook` (all of them if None), streamed chunk by chunk."""
+    """FVU, explained variance, L0, dead fraction and log-density histogram over `tokens`
+    stored activations of `hook` from token_index `start` (all the rest if None), streamed."""
     stats = ReconstructionStats(sae.d_in, sae.d_sae)
     sae = sae.to(device).eval()
-    for x in store.iter_activations(hook, chunk_tokens=chunk_tokens, stop=tokens):
+    stop = None if tokens is None else start + tokens
+    for x in store.iter_activations(hook, chunk_tokens=chunk_tokens, start=start, stop=stop):
         x = x.to(device)
         code = sae.encode(x)
         stats.update(x, sae.decode(code), code)

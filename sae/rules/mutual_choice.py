@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sae.code import SparseCode, code_from_mask
+from sae.kernels import batch_topk
 from sae.rules.base import SparsityRule
 
 
@@ -29,14 +30,24 @@ class MutualChoiceRule(SparsityRule):
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
 
     def forward(self, z: torch.Tensor) -> SparseCode:
-        acts = z.relu()
-        budget = min(self.k * z.shape[0], acts.numel())
-        flat = acts.detach().reshape(-1)
-        kept_values, kept_flat = torch.topk(flat, budget, sorted=False)
-        keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept_flat, True).view_as(acts)
-        if self.training:
+        """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its 4k
+        largest candidates first; if any row may hold more of the batch's winners than that
+        (its overflow count), the selection is redone exactly over the whole matrix."""
+        selected = batch_topk(z.detach(), self.k)
+        if int(selected.overflow) == 0:
+            keep = selected.values > 0
+            code = SparseCode(indices=selected.indices, values=z.gather(1, selected.indices) * keep)
+            kept_values = selected.values[keep]
+        else:
+            acts = z.relu()
+            budget = min(self.k * z.shape[0], acts.numel())
+            flat = acts.detach().reshape(-1)
+            kept_values, kept_flat = torch.topk(flat, budget, sorted=False)
+            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept_flat, True).view_as(acts)
+            code = code_from_mask(acts, keep)
+        if self.training and kept_values.numel():
             self._update_theta(kept_values)
-        return code_from_mask(acts, keep)
+        return code
 
     @torch.no_grad()
     def _update_theta(self, kept_values: torch.Tensor) -> None:
