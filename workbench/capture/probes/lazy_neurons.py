@@ -63,12 +63,19 @@ def dropped_output_norm(acts: torch.Tensor, w_out: torch.Tensor, threshold: floa
     return _dropped_norm(acts, w_out, cett_score(acts, w_out), full, threshold)
 
 
-def cett_threshold(acts: torch.Tensor, w_out: torch.Tensor, target: float, steps: int = 16) -> tuple[float, float]:
-    """Bisect the largest t whose dropped output norm stays <= target; returns (t, norm at t)."""
+def cett_threshold(acts: torch.Tensor, w_out: torch.Tensor, target: float, steps: int = 14) -> tuple[float, float]:
+    """Bisect the largest t whose dropped output norm stays <= target; returns (t, norm at t).
+
+    The bracket starts at [0, 99th percentile of the scores] (dropping 99% of the neurons
+    almost always removes more than the target), else [that percentile, max score].
+    """
     acts, w_out = acts.float(), w_out.float()
     score = cett_score(acts, w_out)
+    if not acts.numel():
+        return 0.0, 0.0
     full = (acts @ w_out).norm(dim=1).clamp_min(1e-12)
-    lo, hi = 0.0, float(score.max()) if acts.numel() else 0.0
+    q99 = float(torch.quantile(score.reshape(-1)[:: max(1, score.numel() // 100_000)], 0.99))
+    lo, hi = (0.0, q99) if _dropped_norm(acts, w_out, score, full, q99) > target else (q99, float(score.max()))
     for _ in range(steps):
         mid = (lo + hi) / 2
         if _dropped_norm(acts, w_out, score, full, mid) > target:
