@@ -116,7 +116,7 @@ class Ours(Method):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             values, indices = sparse_encode(
                 x, m.W_enc, m.b_enc, m.b_dec,
-                lambda z: topk_rows(z, self.k, force_triton=self.triton_path), force_triton=self.triton_path,
+                lambda z: topk_rows(z, self.k), force_triton=self.triton_path,
             )
         return sparse_decode(indices, values, m.W_dec, force_triton=self.triton_path) + m.b_dec
 

@@ -102,3 +102,15 @@ def test_feature_scatter_into_transposed_output():
     order, offsets = sort_pairs_by_feature(indices, F)
     feature_scatter(order, offsets, k, coef, src, buf.t())
     assert rel_err(buf.t(), dense_codes(indices, coef, F).t() @ src.double()) < 1e-5
+
+
+@pytest.mark.parametrize("block_d,block_p", [(128, 16), (64, 2)])
+def test_feature_scatter_over_several_d_blocks(block_d, block_p):
+    B, k, F, D = 9, 7, 12, 300  # 300 = 2 * 128 + 44: the last D block is partial
+    indices, coef, _, src = make_case(B, k, F, D, 11)
+    A = dense_codes(indices, coef, F)
+    out, coef_sum = torch.full((F, D), float("nan")), torch.full((F,), float("nan"))
+    order, offsets = sort_pairs_by_feature(indices, F)
+    feature_scatter(order, offsets, k, coef, src, out, coef_sum, block_d=block_d, block_p=block_p)
+    assert rel_err(out, A.t() @ src.double()) < 1e-5
+    assert rel_err(coef_sum, A.sum(0)) < 1e-5

@@ -2,8 +2,10 @@
 
 All follow sae.kernels.encode's contract: values are the activation of z at the kept
 indices (slope 1 where non-zero), padding entries have value 0, values are float32.
-- topk_rows: each row keeps its k largest (TopK over ReLU); on CUDA (or when forced) a
-  one-pass Triton bisection select (sae.kernels.triton_topk) for rows it can hold.
+- topk_rows: each row keeps its k largest (TopK over ReLU) with torch.topk. fused=True
+  uses the Triton bisection select (sae.kernels.triton_topk) instead, which avoids the
+  sort but measured slower on an H100 (bench/kernels_topk.py: 1.26 ms against 0.86 ms at
+  4096 x 24576 bf16), so it is not the default.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
   first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
   the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
@@ -19,8 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from sae.kernels.backend import use_triton
-
 
 class Selected(NamedTuple):
     values: torch.Tensor
@@ -29,13 +29,12 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(z: torch.Tensor, k: int, force_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row, through ReLU: (float32 values, int64 indices)."""
-    if use_triton(z.device, force_triton):
-        from sae.kernels.triton_topk import MAX_ROW, row_topk
+    if fused:
+        from sae.kernels.triton_topk import row_topk
 
-        if z.shape[1] <= MAX_ROW and z.stride(1) == 1:
-            return row_topk(z, k)
+        return row_topk(z.contiguous(), k, chunk=1024)
     values, indices = z.topk(k, dim=1, sorted=False)
     return values.float().relu(), indices
 
