@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from sae.code import SparseCode
 from sae.kernels import sparse_decode
 
 #: Zipf deficits below this are treated as none (see zipf_underuse).
@@ -16,25 +17,41 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
 
 
+def aux_candidates(z: torch.Tensor, weights: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Per row, the k_aux features of largest z among those with weight > 0: LongTensor[B, k].
+
+    k = min(k_aux, number of candidates); an empty [B, 0] when there are none."""
+    n_candidates = int((weights > 0).sum())
+    k = min(k_aux, n_candidates)
+    if k <= 0:
+        return torch.zeros(z.shape[0], 0, dtype=torch.long, device=z.device)
+    masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
+    return torch.topk(masked, k, dim=1, sorted=False).indices
+
+
+def aux_reconstruction_loss(
+    aux_code: SparseCode, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor
+) -> torch.Tensor:
+    """||sum_j w_j a_j W_dec[i_j] - e||^2 / ||e - mean(e)||^2 over the batch, for the aux
+    entries (i_j, a_j = ReLU(z)) chosen by aux_candidates; no b_dec (e already excludes it).
+
+    The gradient reaches W_dec through the decode and W_enc / b_enc through a_j."""
+    if aux_code.width == 0:
+        return residual.new_zeros(())
+    values = aux_code.values * weights[aux_code.indices].to(aux_code.values.dtype)
+    return fvu(residual, sparse_decode(aux_code.indices, values, W_dec))
+
+
 def weighted_aux_loss(
     z: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor, k_aux: int
 ) -> torch.Tensor:
-    """Reconstruct the residual from the top-k_aux candidate features, scaled by weight.
-
-    Candidates are features with weight > 0. Per token, take the k_aux candidates with the
-    largest pre-activations z, activate them as a_j = w_j * ReLU(z_j), and return
-    ||sum_j a_j W_dec[j] - e||^2 / ||e - mean(e)||^2 (sums over the batch). The gradient
-    reaches W_enc and b_enc through z and W_dec through the decode.
-    """
-    n_candidates = int((weights > 0).sum())
-    if n_candidates == 0 or k_aux <= 0:
-        return z.new_zeros(())
-    k = min(k_aux, n_candidates)
-    masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
-    _, indices = torch.topk(masked.detach(), k, dim=1, sorted=False)
-    values = z.gather(1, indices).relu() * weights[indices]
-    e_hat = sparse_decode(indices, values, W_dec)
-    return fvu(residual, e_hat)
+    """The auxiliary loss from a dense z (reference form; training selects the same entries
+    inside the fused encoder): candidates are features with weight > 0; per token take the
+    k_aux candidates with the largest z, activate them as a_j = w_j * ReLU(z_j), and return
+    ||sum_j a_j W_dec[j] - e||^2 / ||e - mean(e)||^2 (sums over the batch)."""
+    indices = aux_candidates(z.detach(), weights, k_aux)
+    code = SparseCode(indices=indices, values=z.gather(1, indices).relu())
+    return aux_reconstruction_loss(code, residual, weights, W_dec)
 
 
 def auxk_loss(

@@ -2,18 +2,23 @@
 x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
 
 Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
-not a transpose. The decode step is a gather-sum of the active rows of W_dec
-(sae.kernels.sparse_decode); when a rule keeps so many features per row that gathering
-would cost more than a dense product (GBA early in training), decode falls back to one.
+not a transpose. Training runs the encoder through sae.kernels.sparse_encode: one dense
+product, the rule's selection on the result, and a backward through the kept entries only
+(plus the auxiliary loss's entries, selected in the same pass). The decode step is a
+gather-sum of the active rows of W_dec (sae.kernels.sparse_decode); when a rule keeps so
+many features per row that gathering would cost more than a dense product (GBA early in
+training), decode falls back to one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from sae.code import SparseCode
-from sae.kernels import sparse_decode
+from sae.kernels import sparse_decode, sparse_encode
 from sae.rules.base import SparsityRule
 
 #: Gather rows while the code is at most this fraction of d_sae wide; else dense matmul.
@@ -57,11 +62,31 @@ class SparseAutoencoder(nn.Module):
             return code.to_dense(self.d_sae) @ self.W_dec
         return sparse_decode(code.indices, code.values, self.W_dec)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode, torch.Tensor]:
-        """Training pass: (x_hat, code, z) with the rule's training selection."""
-        z = self.pre_acts(x)
-        code = self.rule(z)
-        return self.decode(code), code, z
+    def forward(
+        self, x: torch.Tensor, aux: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, SparseCode, SparseCode | None]:
+        """Training pass: (x_hat, code, aux_code).
+
+        aux(z) -> LongTensor[B, k_aux], if given, names extra entries per row (AuxK's dead
+        features); they come back as aux_code with values ReLU(z) there, carrying gradient to
+        the encoder like the main code's, but they take no part in x_hat.
+        """
+        width = 0
+
+        def select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal width
+            code = self.rule.select(z)
+            width = code.width
+            if aux is None:
+                return code.values, code.indices
+            extra = aux(z)
+            values = torch.cat([code.values, z.gather(1, extra).relu().to(code.values.dtype)], dim=1)
+            return values, torch.cat([code.indices, extra], dim=1)
+
+        values, indices = sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, select)
+        code = SparseCode(indices=indices[:, :width], values=values[:, :width])
+        aux_code = SparseCode(indices=indices[:, width:], values=values[:, width:]) if aux is not None else None
+        return self.decode(code), code, aux_code
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Inference code: the rule's batch-free form (what the saved SAE computes)."""

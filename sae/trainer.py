@@ -21,7 +21,7 @@ import torch
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
 from sae.io import save_sae
-from sae.losses import aux_zipf_loss, auxk_loss, fvu
+from sae.losses import aux_candidates, aux_reconstruction_loss, fvu, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
 from workbench.errors import WorkbenchError
@@ -134,6 +134,15 @@ class Trainer:
         self.history = list(state["history"])
 
     # ---- one step ----------------------------------------------------------------------
+    def aux_weights(self) -> torch.Tensor | None:
+        """Per-feature weight in the auxiliary loss: 1 for dead features (AuxK), the Zipf
+        deficit (aux_zipf), or None when the run has no auxiliary loss."""
+        if self.config.aux == "auxk":
+            return (self.tokens_since_fired >= self.config.dead_tokens).float()
+        if self.config.aux == "aux-zipf":
+            return zipf_underuse(self.density)
+        return None
+
     def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         cfg, model = self.config, self.model
         _check_finite(batch, "the training data", self.step)
@@ -142,13 +151,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        x_hat, code, z = model(x)
+        weights = self.aux_weights()
+        select_aux = None if weights is None else (lambda z: aux_candidates(z, weights, cfg.aux_k))
+        x_hat, code, aux_code = model(x, select_aux)
         main = fvu(x, x_hat)
-        residual = (x - x_hat).detach()
-        if cfg.aux == "auxk":
-            aux = auxk_loss(z, residual, self.tokens_since_fired >= cfg.dead_tokens, model.W_dec, cfg.aux_k)
-        elif cfg.aux == "aux-zipf":
-            aux = aux_zipf_loss(z, residual, self.density, model.W_dec, cfg.aux_k)
+        if aux_code is not None and weights is not None:
+            aux = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.W_dec)
         else:
             aux = main.new_zeros(())
         loss = main + cfg.aux_alpha * aux
@@ -167,7 +175,7 @@ class Trainer:
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[fired > 0] = 0
             self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired.float() / len(x))
-            model.rule.after_step(model, z, code, self.step)
+            model.rule.after_step(model, self.step)
         self.step += 1
         return {
             "fvu": float(main.detach()),

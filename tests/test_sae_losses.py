@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sae.losses import aux_zipf_loss, auxk_loss, fvu, zipf_underuse
+from sae.losses import aux_candidates, aux_reconstruction_loss, aux_zipf_loss, auxk_loss, fvu, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 
@@ -33,14 +33,17 @@ def test_fvu_is_unexplained_over_total_variance():
 
 
 def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
+    """Through the fused encoder the trainer uses (sae.kernels.sparse_encode): the aux entries
+    are selected in the same pass and their gradient must reach W_enc and b_enc."""
     g = torch.Generator().manual_seed(1)
     model = SparseAutoencoder(16, 64, TopKRule(4))
     model.init_weights(g)
     x = torch.randn(128, 16, generator=g)
-    x_hat, code, z = model(x)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[40:] = True
-    loss = auxk_loss(z, (x - x_hat).detach(), dead, model.W_dec, k_aux=8)
+    dead = torch.zeros(64)
+    dead[40:] = 1.0
+    x_hat, code, aux_code = model(x, lambda z: aux_candidates(z, dead, 8))
+    assert aux_code.width == 8 and bool((aux_code.indices >= 40).all())
+    loss = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.W_dec)
     assert float(loss.detach()) > 0
     loss.backward()
     grad = model.W_enc.grad
@@ -48,13 +51,18 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     assert float(grad[:, :40].abs().sum()) == 0.0
     assert float(model.b_enc.grad[40:].abs().sum()) > 0
     assert float(model.W_dec.grad[40:].abs().sum()) > 0
+    # the same loss from a dense z (the reference form) agrees
+    z = model.pre_acts(x)
+    reference = auxk_loss(z, (x - x_hat).detach(), dead.bool(), model.W_dec, k_aux=8)
+    assert float(reference.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
 def test_auxk_is_zero_without_dead_features():
     model = SparseAutoencoder(8, 32, TopKRule(2))
     model.init_weights(torch.Generator().manual_seed(2))
     x = torch.randn(10, 8)
-    x_hat, _, z = model(x)
+    x_hat, _, _ = model(x)
+    z = model.pre_acts(x)
     assert float(auxk_loss(z, (x - x_hat).detach(), torch.zeros(32, dtype=torch.bool), model.W_dec, 4)) == 0.0
 
 

@@ -3,6 +3,9 @@ and how it is written in the SAELens format.
 
 z = (x - b_dec) W_enc + b_enc are the pre-activations [B, d_sae]. A rule turns them into a
 SparseCode. The rules differ only here; the decoder, losses, trainer and IO are shared.
+Selection runs inside the fused encoder (sae.kernels.sparse_encode) on a z that carries no
+gradient: a rule returns which entries to keep and their activations, and the encoder's
+backward sends the gradient through those kept entries only.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ class SparsityRule(nn.Module):
     #: False where b_enc is set by a feedback rule instead of gradients (GBA).
     trains_encoder_bias: bool = True
 
+    def select(self, z: torch.Tensor) -> SparseCode:
+        """Training-time selection on a detached z (may use the whole batch; in training mode
+        it may update rule state). Values are the activation at the kept entries, 0 = padding."""
+        return self.infer(z)
+
     def forward(self, z: torch.Tensor) -> SparseCode:
-        """Training-time selection (may depend on the whole batch and update rule state)."""
-        raise NotImplementedError
+        return self.select(z)
 
     def infer(self, z: torch.Tensor) -> SparseCode:
         """Inference selection: each row on its own, as the saved SAELens SAE computes it."""
@@ -41,5 +48,5 @@ class SparsityRule(nn.Module):
         """Extra weight tensors for the SAELens file (e.g. {"threshold": ...})."""
         return {}
 
-    def after_step(self, model: nn.Module, z: torch.Tensor, code: SparseCode, step: int) -> None:
+    def after_step(self, model: nn.Module, step: int) -> None:
         """Hook called after each optimiser step (GBA adapts its biases here)."""

@@ -71,11 +71,16 @@ class GBARule(ReLURule):
         return self.group_target[self.group]
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, z: torch.Tensor, code: SparseCode, step: int) -> None:
-        z = z.detach()
-        self.fire_count += (z > 0).sum(dim=0).to(self.fire_count.dtype)
-        self.peak.copy_(torch.maximum(self.peak, z.max(dim=0).values.clamp(min=0)))
-        self.buffer_tokens += z.shape[0]
+    def select(self, z: torch.Tensor) -> SparseCode:
+        """ReLU, and in training mode buffer each neuron's firing count and peak."""
+        if self.training:
+            self.fire_count += (z > 0).sum(dim=0).to(self.fire_count.dtype)
+            self.peak.copy_(torch.maximum(self.peak, z.max(dim=0).values.clamp(min=0).to(self.peak.dtype)))
+            self.buffer_tokens += z.shape[0]
+        return self.infer(z)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
         if (step + 1) % self.every == 0:
             self.adapt(model.b_enc.data)
 

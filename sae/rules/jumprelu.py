@@ -23,8 +23,6 @@ class JumpReLURule(SparsityRule):
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z.relu(), z > self.threshold)
 
-    def forward(self, z: torch.Tensor) -> SparseCode:
-        return self.infer(z)
 
     def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
         return {"threshold": self.threshold.detach().clone()}

@@ -29,22 +29,21 @@ class MutualChoiceRule(SparsityRule):
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
 
-    def forward(self, z: torch.Tensor) -> SparseCode:
+    def select(self, z: torch.Tensor) -> SparseCode:
         """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its 4k
         largest candidates first; if any row may hold more of the batch's winners than that
         (its overflow count), the selection is redone exactly over the whole matrix."""
-        selected = batch_topk(z.detach(), self.k)
+        z = z.detach()
+        selected = batch_topk(z, self.k)
         if int(selected.overflow) == 0:
-            keep = selected.values > 0
-            code = SparseCode(indices=selected.indices, values=z.gather(1, selected.indices) * keep)
-            kept_values = selected.values[keep]
+            code = SparseCode(indices=selected.indices, values=selected.values.to(z.dtype))
+            kept_values = selected.values[selected.values > 0]
         else:
             acts = z.relu()
             budget = min(self.k * z.shape[0], acts.numel())
-            flat = acts.detach().reshape(-1)
-            kept_values, kept_flat = torch.topk(flat, budget, sorted=False)
-            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept_flat, True).view_as(acts)
-            code = code_from_mask(acts, keep)
+            kept_values, kept_flat = torch.topk(acts.reshape(-1), budget, sorted=False)
+            keep = torch.zeros(acts.numel(), dtype=torch.bool, device=z.device).index_fill_(0, kept_flat, True)
+            code = code_from_mask(acts, keep.view_as(acts))
         if self.training and kept_values.numel():
             self._update_theta(kept_values)
         return code

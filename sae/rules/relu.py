@@ -18,5 +18,3 @@ class ReLURule(SparsityRule):
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z.relu(), z > 0)
 
-    def forward(self, z: torch.Tensor) -> SparseCode:
-        return self.infer(z)

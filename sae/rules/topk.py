@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from sae.code import SparseCode
+from sae.kernels import topk_rows
 from sae.rules.base import SparsityRule
 
 
@@ -24,12 +25,9 @@ class TopKRule(SparsityRule):
         super().__init__()
         self.k = int(k)
 
-    def forward(self, z: torch.Tensor) -> SparseCode:
-        values, indices = torch.topk(z, self.k, dim=1, sorted=False)
-        return SparseCode(indices=indices, values=values.relu())
-
     def infer(self, z: torch.Tensor) -> SparseCode:
-        return self.forward(z)
+        values, indices = topk_rows(z, self.k)
+        return SparseCode(indices=indices, values=values.to(z.dtype))
 
     def saelens_config(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
