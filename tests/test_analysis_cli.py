@@ -64,3 +64,18 @@ def test_analyze_all_on_a_store_without_probes_says_how_to_capture(tmp_path, mon
     assert err.strip() == f"error: store {store} has no probe rows: capture with --probes all (or lazy,experts,sinks,routing)"
     code, out, err = _cli(monkeypatch, capsys, "analyze", "--store", str(tmp_path / "nowhere"))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_zoo_moe_capture_with_all_probes_then_analyze_all(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "moe"
+    args = ["--data", "builtin", "--tokens", "512", "--ctx", "128", "--batch-size", "2"]
+    code, out, err = _cli(monkeypatch, capsys, "capture", "--model", "tiny-moe", *args, "--probes", "all", "--store", str(store))
+    assert code == 0, err
+    code, out, err = _cli(monkeypatch, capsys, "analyze", "all", "--store", str(store))
+    assert code == 0, err
+    for title in ("Experts:", "Massive activations", "Sink_1", "Routing:", "Simulated drops"):
+        assert title in out
+    assert "Lazy neurons" not in out  # MoE experts are not dense MLPs
+    code, out, err = _cli(monkeypatch, capsys, "capture", "--model", "tiny-relu", *args, "--probes", "experts", "--store", str(tmp_path / "relu"))
+    assert code == 2
+    assert err.strip() == "error: probe 'experts' cannot run: model tiny-relu has no mixture-of-experts layers"
