@@ -16,9 +16,12 @@ from workbench.store.reader import Store
 
 
 def _table(title: str, frame: pd.DataFrame, columns: list[str]) -> Table:
+    frame = frame.copy()
+    if "token" in frame:  # whitespace tokens (newlines, indents) stay visible as escapes
+        frame["token"] = frame["token"].map(lambda t: repr(t) if isinstance(t, str) else str(t))
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="left" if frame[column].dtype == object else "right")
+        table.add_column(column, justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
     for _, row in frame[columns].iterrows():
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     return table
