@@ -169,3 +169,22 @@ def test_nan_in_the_store_is_one_line(store, tmp_path, monkeypatch, capsys):
     code, err = cli(monkeypatch, capsys, "train", "--store", str(broken), "--hook", HOOK, "--d-sae", "64", "--k", "4",
                     "--tokens", "6144", "--batch-size", "256", "--out", str(tmp_path / "x"), "--no-progress")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "NaN or Inf" in err
+
+
+def test_live_model_source_yields_the_stored_activations_shuffled(store):
+    """The live source runs the same windows through the model: its first epoch is a
+    permutation of the activations the capture stored for those windows."""
+    from sae.data import LiveModelSource
+
+    handle = handle_for(dense_config())
+    windows = token_windows(store, 4)  # the first 4 windows = stored token_index [0, 192)
+    source = LiveModelSource(handle, HOOK, windows, windows_per_chunk=2, buffer_chunks=1, seed=3)
+    assert source.d_in == 32
+    epoch = torch.cat([b for _, b in zip(range(3), source.batches(64))])
+    stored = store.activations(HOOK, 0, 4 * 48)
+    assert epoch.shape == stored.shape
+    assert not torch.allclose(epoch, stored)  # shuffled
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    torch.testing.assert_close(order(epoch), order(stored), rtol=1e-3, atol=1e-3)
+    again = torch.cat([b for _, b in zip(range(3), LiveModelSource(handle, HOOK, windows, 2, 1, seed=3).batches(64))])
+    assert torch.equal(epoch, again)
