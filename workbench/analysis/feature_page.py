@@ -20,6 +20,11 @@ from workbench.errors import WorkbenchError
 from workbench.store.reader import Store
 
 
+def _quoted(path: str) -> str:
+    """A store-made file path inside a SQL string literal (paths come from the store, never from users)."""
+    return str(path).replace("'", "''")
+
+
 class TokenText:
     """token_index -> (sequence, token string), held as arrays: contexts are slices."""
 
@@ -77,10 +82,16 @@ class FeatureTables:
         if features_table(name) not in views:
             raise WorkbenchError(f"store {store.root} has no features for SAE '{name}'; run `workbench features SAE_DIR --store {store.root}`")
         self.store, self.name = store, name
-        self.rows_glob = views[features_table(name)]
-        self.corr_glob = views.get(corr_table(name))
         self.stats = store.df(f"SELECT * FROM {stats_table(name)} ORDER BY feature")
         self.info = store.df(f"SELECT * FROM {SAES_TABLE} WHERE name = ?", [name]).iloc[0].to_dict()
+        # One in-memory DuckDB for the object's life (opening one costs tens of ms); each query
+        # runs on its own cursor, so app threads never share one. The views point at files.
+        self._con = duckdb.connect(":memory:", config={"enable_object_cache": True})
+        self._con.execute(f"CREATE VIEW feature_rows AS SELECT * FROM read_parquet('{_quoted(views[features_table(name)])}')")
+        corr = views.get(corr_table(name))
+        self.has_correlations = corr is not None
+        if corr is not None:
+            self._con.execute(f"CREATE VIEW feature_corr AS SELECT * FROM read_parquet('{_quoted(corr)}')")
 
     @property
     def d_sae(self) -> int:
@@ -88,26 +99,18 @@ class FeatureTables:
 
     def rows(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
         """(token_index, value) of every token the feature fires on, largest value first."""
-        con = duckdb.connect()
-        try:
-            got = con.execute(
-                "SELECT token_index, value FROM read_parquet(?) WHERE feature = ? ORDER BY value DESC",
-                [self.rows_glob, feature],
+        with self._con.cursor() as cur:
+            got = cur.execute(
+                "SELECT token_index, value FROM feature_rows WHERE feature = ? ORDER BY value DESC", [feature]
             ).fetchnumpy()
-        finally:
-            con.close()
         return got["token_index"].astype(np.int64), got["value"].astype(np.float32)
 
     def correlated(self, feature: int) -> pd.DataFrame:
-        if self.corr_glob is None:
+        """The feature's co-firing partners (other, corr), strongest first."""
+        if not self.has_correlations:
             return pd.DataFrame(columns=["other", "corr"])
-        con = duckdb.connect()
-        try:
-            return con.execute(
-                "SELECT other, corr FROM read_parquet(?) WHERE feature = ? ORDER BY corr DESC", [self.corr_glob, feature]
-            ).df()
-        finally:
-            con.close()
+        with self._con.cursor() as cur:
+            return cur.execute("SELECT other, corr FROM feature_corr WHERE feature = ? ORDER BY corr DESC", [feature]).df()
 
     def page(
         self, feature: int, text: TokenText, n_top: int = 20, n_intervals: int = 5, per_interval: int = 4,
