@@ -44,8 +44,8 @@ def list_command() -> None:
 @zoo_app.command("train")
 def train_command(
     name: str = typer.Argument(..., help="zoo model to train (see `workbench zoo list`)"),
-    minutes: Optional[float] = typer.Option(None, help="time budget; the step count is set from the measured speed"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's; caps --minutes)"),
+    minutes: Optional[float] = typer.Option(None, help="time budget in minutes: fewer steps if the recipe would not fit, set from the measured speed"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's; --minutes can only lower it)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     out: Optional[Path] = typer.Option(None, help="folder to write (default: data/zoo/NAME, replaced only at the end)"),
 ) -> None:

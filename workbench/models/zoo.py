@@ -103,6 +103,8 @@ ZOO: dict[str, ZooSpec] = {
             act_fn="relu",
             normalization_type="LN",
             positional_embedding_type="standard",
+            steps=5000,
+            batch_size=128,
         ),
         ZooSpec(
             name="tiny-moe",
@@ -116,6 +118,9 @@ ZOO: dict[str, ZooSpec] = {
             positional_embedding_type="rotary",
             num_experts=8,
             experts_per_token=2,
+            steps=2500,
+            batch_size=256,
+            lr=3e-3,
         ),
     )
 }

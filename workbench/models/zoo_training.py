@@ -154,14 +154,18 @@ class RouterBalance:
 
         return hook
 
+    def clear(self) -> None:
+        """Forget router outputs of forward passes that are not training steps (evaluation)."""
+        self.probs.clear()
+        self.indices.clear()
+
     def pop_loss(self) -> torch.Tensor:
         """The loss of the last forward pass, averaged over layers; clears what it read."""
         losses = []
         for probs, indices in zip(self.probs, self.indices):
             slots = F.one_hot(indices.flatten(), self.n_experts).float().mean(0)
             losses.append(self.n_experts * (slots * probs.float().mean(0)).sum())
-        self.probs.clear()
-        self.indices.clear()
+        self.clear()
         return torch.stack(losses).mean()
 
 
@@ -264,9 +268,9 @@ def train_model(
 ) -> tuple[Any, dict[str, Any]]:
     """Train a fresh model; returns it and the record of the run (curve, tokens, losses).
 
-    steps: how many optimizer steps (default: the spec's). minutes: a time budget; the step
-    count is then fixed after the first steps from their measured speed, so the cosine
-    schedule still ends where training ends.
+    steps: how many optimizer steps (default: the spec's). minutes: a time budget that can
+    only lower that count; it is fixed after the first steps from their measured speed, so
+    the cosine schedule still ends where training ends.
     """
     from tqdm import tqdm
 
@@ -293,6 +297,8 @@ def train_model(
             group["lr"] = _learning_rate(spec, step, total)
         starts = torch.randint(0, len(stream) - body, (spec.batch_size, 1), device=device, generator=generator)
         tokens = torch.cat([bos, stream[starts + span]], dim=1)
+        if balance:
+            balance.clear()
         with _autocast(device):
             loss = next_token_nll(model, tokens).mean()
             aux = balance.pop_loss() if balance else torch.zeros((), device=device)
@@ -309,7 +315,7 @@ def train_model(
             _sync(device)
             per_step = (time.perf_counter() - timing_from) / 25
             budget = minutes * 60 - (time.perf_counter() - started)
-            total = max(step + 1, min(steps or 10**9, step + int(budget / per_step)))
+            total = max(step + 1, min(total, step + int(budget / per_step)))
             bar.reset(total=total)
             bar.update(step)
         if step == 1 or step % 200 == 0 or step == total:
@@ -374,7 +380,7 @@ def _readme(spec: ZooSpec, record: dict[str, Any]) -> str:
         + f", n_ctx {spec.n_ctx}, {record['parameters']:,} parameters stored as fp16.",
         "",
         "Trained by `workbench zoo train "
-        + f"{spec.name} --steps {record['steps']}"
+        + f"{spec.name} --steps {record['steps']}" + (" --device cuda" if record["device"].startswith("NVIDIA") else "")
         + f"` on {record['device']} ({record['train_seconds']} s, {record['tokens_seen']:,} tokens, "
         f"{record['epochs']} epochs of the builtin corpus: the Python {record['corpus']['python']} standard library's "
         "`.py` files, held-out files chosen by a hash of their path).",
