@@ -22,22 +22,27 @@ class MutualChoiceRule(SparsityRule):
     name = "mutual-choice"
     saelens_architecture = "jumprelu"
 
-    def __init__(self, k: int, theta_decay: float = 0.99) -> None:
+    def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8) -> None:
         super().__init__()
         self.k = int(k)
+        self.row_cap = self.k * int(row_cap_factor)
         self.theta_decay = float(theta_decay)
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
 
     def select(self, z: torch.Tensor) -> SparseCode:
-        """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its 4k
-        largest candidates first; if any row may hold more of the batch's winners than that
-        (its overflow count), the selection is redone exactly over the whole matrix."""
+        """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its
+        row_cap (8k) largest candidates first, and the code is trimmed to the widest row
+        actually kept; if any row may hold more of the batch's winners than row_cap (its
+        overflow count), the selection is redone exactly over the whole matrix."""
         z = z.detach()
-        selected = batch_topk(z, self.k)
+        selected = batch_topk(z, self.k, cap=self.row_cap)
         if int(selected.overflow) == 0:
-            code = SparseCode(indices=selected.indices, values=selected.values.to(z.dtype))
-            kept_values = selected.values[selected.values > 0]
+            kept = selected.values > 0
+            kept_values = selected.values[kept]
+            width = max(int(kept.sum(dim=1).max()), 1)
+            values, position = selected.values.topk(width, dim=1, sorted=False)
+            code = SparseCode(indices=selected.indices.gather(1, position), values=values.to(z.dtype))
         else:
             acts = z.relu()
             budget = min(self.k * z.shape[0], acts.numel())
