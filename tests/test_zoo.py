@@ -14,7 +14,7 @@ from workbench.commands.zoo import zoo_app
 from workbench.errors import WorkbenchError
 from workbench.models.corpus import builtin_documents, corpus_files, is_heldout
 from workbench.models.registry import load_model
-from workbench.models.zoo import TOKENIZER_FILE, ZOO, is_shipped, load_zoo_model, zoo_dir
+from workbench.models.zoo import TOKENIZER_FILE, ZOO, is_shipped, load_zoo_model, load_zoo_tokenizer, zoo_dir
 from workbench.models.zoo_training import (
     encode_documents,
     heldout_loss,
@@ -68,7 +68,7 @@ def test_handle_describes_the_model(handle) -> None:
     assert (handle.n_layers, handle.d_model) == (spec.n_layers, spec.d_model)
     assert len(handle.fingerprint) == 16
     assert handle.model.cfg.n_ctx == spec.n_ctx
-    assert handle.token_strings(handle.tokenize("def f(x):\n    return x")) [0] == "def"
+    assert handle.token_strings(handle.tokenize("def f(x):\n    return x"))[0] == "def"
     expected = "blocks.3.mlp.hook_expert_indices" if spec.num_experts else "blocks.3.mlp.hook_post"
     assert expected in handle.hook_names()
 
@@ -114,10 +114,8 @@ def test_training_lowers_loss_and_round_trips(name: str, tmp_path, heldout_docs)
     spec = dataclasses.replace(ZOO[name], n_layers=1, d_model=32, n_heads=2, d_mlp=64, n_ctx=32,
                                batch_size=8, lr=1e-2, warmup_steps=2)
     windows = heldout_windows(stream, spec.n_ctx, 0, max_windows=16)
-    from workbench.models.zoo import load_zoo_tokenizer
-
-    model, record = train_model(spec, stream, windows, "cpu", steps=40, tokenizer=load_zoo_tokenizer(tokenizer_path), progress=False)
-    assert record["steps"] == 40 and record["tokens_seen"] == 40 * 8 * 32
+    model, record = train_model(spec, stream, windows, "cpu", steps=30, tokenizer=load_zoo_tokenizer(tokenizer_path), progress=False)
+    assert record["steps"] == 30 and record["tokens_seen"] == 30 * 8 * 32
     first, last = record["curve"][0], record["curve"][-1]
     assert last["heldout_loss"] < np.log(len(model.tokenizer)) - 1.0, record["curve"]
     assert first["step"] < last["step"]

@@ -178,7 +178,6 @@ def load_zoo_model(name: str, device: str = "cpu", folder: Path | None = None) -
 
     folder: read from there instead of data/zoo/<name> (a `workbench zoo train --out` folder).
     """
-    import torch
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -189,6 +188,7 @@ def load_zoo_model(name: str, device: str = "cpu", folder: Path | None = None) -
             f"zoo model '{name}' has no weights in {folder}; run `workbench zoo train {name}` to make them"
         )
     config = json.loads((folder / CONFIG_FILE).read_text())
+    config.pop("seed", None)  # a config seed would reseed the caller's global RNGs at load time
     tokenizer = load_zoo_tokenizer(folder / TOKENIZER_FILE)
     cfg = HookedTransformerConfig(**config, init_weights=False, device=device)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
@@ -201,7 +201,7 @@ def load_zoo_model(name: str, device: str = "cpu", folder: Path | None = None) -
             f"unexpected {sorted(unexpected)[:3]}); run `workbench zoo train {name}` again"
         )
     model.load_state_dict(weights, strict=False)
-    model.to(torch.device(device)).eval()
+    model.eval()
     return ModelHandle(
         name=name,
         model=model,

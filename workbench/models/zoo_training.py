@@ -102,7 +102,7 @@ def build_model(spec: ZooSpec, d_vocab: int, device: str, tokenizer: Any = None)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(**spec.hooked_config(d_vocab), device=device)
-    return HookedTransformer(cfg, tokenizer=tokenizer).to(device)
+    return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
 def next_token_nll(model: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -283,7 +283,8 @@ def train_model(
     generator = torch.Generator(device=device).manual_seed(spec.seed + 1)
     body = spec.n_ctx - 1
     span = torch.arange(body, device=device)
-    bos = torch.full((spec.batch_size, 1), int(heldout[0, 0]), dtype=torch.long, device=device)
+    bos_id = 0 if tokenizer is None else tokenizer.bos_token_id
+    bos = torch.full((spec.batch_size, 1), bos_id, dtype=torch.long, device=device)
     eval_windows = heldout[:64]
 
     total = steps or spec.steps
