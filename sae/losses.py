@@ -3,6 +3,8 @@ aux_zipf (Ayonrinde 2024, our reconstruction of it; see aux_zipf_loss)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sae.code import SparseCode
@@ -30,16 +32,17 @@ def aux_candidates(z: torch.Tensor, weights: torch.Tensor, k_aux: int) -> torch.
 
 
 def aux_reconstruction_loss(
-    aux_code: SparseCode, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor
+    aux_code: SparseCode, residual: torch.Tensor, weights: torch.Tensor, decode: Callable[[SparseCode], torch.Tensor]
 ) -> torch.Tensor:
     """||sum_j w_j a_j W_dec[i_j] - e||^2 / ||e - mean(e)||^2 over the batch, for the aux
-    entries (i_j, a_j = ReLU(z)) chosen by aux_candidates; no b_dec (e already excludes it).
+    entries (i_j, a_j = ReLU(z)) chosen by aux_candidates; decode(code) = sum_j a_j W_dec[i_j]
+    without b_dec (e already excludes it): SparseAutoencoder.decode_directions.
 
     The gradient reaches W_dec through the decode and W_enc / b_enc through a_j."""
     if aux_code.width == 0:
         return residual.new_zeros(())
     values = aux_code.values * weights[aux_code.indices].to(aux_code.values.dtype)
-    return fvu(residual, sparse_decode(aux_code.indices, values, W_dec))
+    return fvu(residual, decode(SparseCode(indices=aux_code.indices, values=values)))
 
 
 def weighted_aux_loss(
@@ -51,7 +54,7 @@ def weighted_aux_loss(
     ||sum_j a_j W_dec[j] - e||^2 / ||e - mean(e)||^2 (sums over the batch)."""
     indices = aux_candidates(z.detach(), weights, k_aux)
     code = SparseCode(indices=indices, values=z.gather(1, indices).relu())
-    return aux_reconstruction_loss(code, residual, weights, W_dec)
+    return aux_reconstruction_loss(code, residual, weights, lambda c: sparse_decode(c.indices, c.values, W_dec))
 
 
 def auxk_loss(

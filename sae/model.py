@@ -2,9 +2,10 @@
 x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
 
 Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
-not a transpose. Training runs the encoder through sae.kernels.sparse_encode: one dense
-product, the rule's selection on the result, and a backward through the kept entries only
-(plus the auxiliary loss's entries, selected in the same pass). The decode step is a
+not a transpose. Training on CUDA runs the encoder through sae.kernels.sparse_encode: one
+dense product, the rule's selection on the result, and a backward through the kept entries
+only (plus the auxiliary loss's entries, selected in the same pass); on CPU the same
+selection feeds plain autograd. The decode step is a
 gather-sum of the active rows of W_dec (sae.kernels.sparse_decode); when a rule keeps so
 many features per row that gathering would cost more than a dense product (GBA early in
 training), decode falls back to one.
@@ -21,8 +22,10 @@ from sae.code import SparseCode
 from sae.kernels import sparse_decode, sparse_encode
 from sae.rules.base import SparsityRule
 
-#: Gather rows while the code is at most this fraction of d_sae wide; else dense matmul.
-SPARSE_DECODE_MAX_FRACTION = 1 / 8
+#: Gather rows while the code is at most this fraction of d_sae wide; else one dense matmul.
+#: On CPU the gather's torch backward loses to BLAS much sooner (measured here, B=1024,
+#: d_sae=768, d_in=192: equal at width 8, 15x slower at width 96).
+SPARSE_DECODE_MAX_FRACTION = {"cuda": 1 / 8, "cpu": 1 / 64}
 
 
 class SparseAutoencoder(nn.Module):
@@ -37,6 +40,10 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae), requires_grad=rule.trains_encoder_bias)
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        #: Train through kernels.sparse_encode (backward over the kept entries only)? None:
+        #: on CUDA yes; on CPU no, where one dense BLAS backward beats the scatter over
+        #: B x (k + k_aux) pairs at the widths this machine trains (see BENCHMARKS.md).
+        self.fused_encoder: bool | None = None
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
@@ -58,7 +65,8 @@ class SparseAutoencoder(nn.Module):
 
     def decode_directions(self, code: SparseCode) -> torch.Tensor:
         """sum_j a_j W_dec[i_j], without b_dec (what AuxK reconstructs the residual with)."""
-        if code.width > max(1, int(self.d_sae * SPARSE_DECODE_MAX_FRACTION)):
+        fraction = SPARSE_DECODE_MAX_FRACTION["cuda" if self.W_dec.is_cuda else "cpu"]
+        if code.width > max(1, int(self.d_sae * fraction)):
             return code.to_dense(self.d_sae) @ self.W_dec
         return sparse_decode(code.indices, code.values, self.W_dec)
 
@@ -83,7 +91,12 @@ class SparseAutoencoder(nn.Module):
             values = torch.cat([code.values, z.gather(1, extra).relu().to(code.values.dtype)], dim=1)
             return values, torch.cat([code.indices, extra], dim=1)
 
-        values, indices = sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, select)
+        if self.fused_encoder if self.fused_encoder is not None else x.device.type == "cuda":
+            values, indices = sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, select)
+        else:
+            z = self.pre_acts(x)
+            kept, indices = select(z.detach())
+            values = z.gather(1, indices) * (kept != 0)  # same contract: slope 1 where kept
         code = SparseCode(indices=indices[:, :width], values=values[:, :width])
         aux_code = SparseCode(indices=indices[:, width:], values=values[:, width:]) if aux is not None else None
         return self.decode(code), code, aux_code

@@ -156,7 +156,7 @@ class Trainer:
         x_hat, code, aux_code = model(x, select_aux)
         main = fvu(x, x_hat)
         if aux_code is not None and weights is not None:
-            aux = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.W_dec)
+            aux = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.decode_directions)
         else:
             aux = main.new_zeros(())
         loss = main + cfg.aux_alpha * aux

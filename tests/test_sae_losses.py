@@ -41,9 +41,10 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     x = torch.randn(128, 16, generator=g)
     dead = torch.zeros(64)
     dead[40:] = 1.0
+    model.fused_encoder = True  # the CUDA path, run here by its plain-torch backend
     x_hat, code, aux_code = model(x, lambda z: aux_candidates(z, dead, 8))
     assert aux_code.width == 8 and bool((aux_code.indices >= 40).all())
-    loss = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.W_dec)
+    loss = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.decode_directions)
     assert float(loss.detach()) > 0
     loss.backward()
     grad = model.W_enc.grad
@@ -51,10 +52,16 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     assert float(grad[:, :40].abs().sum()) == 0.0
     assert float(model.b_enc.grad[40:].abs().sum()) > 0
     assert float(model.W_dec.grad[40:].abs().sum()) > 0
-    # the same loss from a dense z (the reference form) agrees
+    # the same loss from a dense z (the reference form), and through the CPU path, agree
     z = model.pre_acts(x)
     reference = auxk_loss(z, (x - x_hat).detach(), dead.bool(), model.W_dec, k_aux=8)
     assert float(reference.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
+    fused_grad = grad.clone()
+    model.zero_grad()
+    model.fused_encoder = False
+    x_hat, _, aux_code = model(x, lambda z: aux_candidates(z, dead, 8))
+    aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.decode_directions).backward()
+    torch.testing.assert_close(model.W_enc.grad, fused_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_auxk_is_zero_without_dead_features():
