@@ -15,7 +15,7 @@ from tests.cli_process import REPO, run_workbench, start_workbench
 from workbench import Store
 from workbench.store.layout import committed_batches
 
-CTX, BATCH, TOKENS = 64, 2, 12_000  # 128 tokens a batch, ~94 batches: slow enough to interrupt
+CTX, BATCH, TOKENS = 64, 2, 6_000  # 128 tokens a batch, 47 batches: slow enough to interrupt
 CAPTURE_ARGS = (
     "capture", "--model", "tiny-relu", "--data", "builtin", "--hooks", "blocks.1.hook_resid_post,blocks.0.mlp.hook_post",
     "--tokens", str(TOKENS), "--ctx", str(CTX), "--batch-size", str(BATCH),
@@ -35,14 +35,14 @@ def _wait_for_batches(store: Path, at_least: int, proc: subprocess.Popen[bytes],
 def test_sigkill_leaves_whole_batches_and_rerun_resumes_exactly(tmp_path):
     store = tmp_path / "store"
     proc = start_workbench(*CAPTURE_ARGS, "--store", str(store), log=tmp_path / "first.log")
-    _wait_for_batches(store, 5, proc)
+    _wait_for_batches(store, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
     # the killed store opens and holds whole batches only
     batches = committed_batches(store)
-    assert 5 <= len(batches) < TOKENS // (CTX * BATCH)
+    assert 4 <= len(batches) < TOKENS // (CTX * BATCH)
     for folder in batches:
         names = sorted(p.name for p in folder.iterdir())
         assert names == ["act.blocks.0.mlp.hook_post.parquet", "act.blocks.1.hook_resid_post.parquet", "tokens.parquet"]
@@ -56,7 +56,7 @@ def test_sigkill_leaves_whole_batches_and_rerun_resumes_exactly(tmp_path):
     assert "resumed after" in rerun.stdout
     resumed = Store.open(store)
     for view in ("tokens", "act_blocks_1_hook_resid_post", "act_blocks_0_mlp_hook_post"):
-        n, distinct, lo, hi = resumed.sql(f"SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM {view}").fetchone()
+        n, distinct, lo, hi = resumed.sql(f"SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM {view}").fetchall()[0]
         assert (n, distinct, lo, hi) == (TOKENS, TOKENS, 0, TOKENS - 1), view
     assert not list((store / "capture").glob(".tmp-*"))
 
@@ -76,6 +76,7 @@ READER = textwrap.dedent(
     """
     import sys, time
     from workbench import Store
+    TOKENS = int(sys.argv[2])
     seen = []
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -84,12 +85,17 @@ READER = textwrap.dedent(
         except Exception:
             time.sleep(0.05)
             continue
-        n = store.sql("SELECT count(*) FROM tokens").fetchone()[0] if store.info()["batches"] else 0
-        m = store.sql("SELECT count(*) FROM act_blocks_1_hook_resid_post").fetchone()[0] if n else 0
+        if not store.info()["batches"]:
+            time.sleep(0.05)
+            continue
+        con = store.connect()  # one snapshot: every table sees the same batches
+        n = con.sql("SELECT count(*) FROM tokens").fetchall()[0][0]
+        m = con.sql("SELECT count(*) FROM act_blocks_1_hook_resid_post").fetchall()[0][0]
+        con.close()
         assert n == m, (n, m)
-        assert n % 128 == 0 or n == 12000, n
+        assert n % 128 == 0 or n == TOKENS, n
         seen.append(n)
-        if n == 12000:
+        if n == TOKENS:
             break
         time.sleep(0.02)
     print(len(seen), len(set(seen)), seen[-1])
@@ -102,7 +108,7 @@ def test_a_reader_process_queries_while_a_capture_writes(tmp_path):
     store = tmp_path / "store"
     writer = start_workbench(*CAPTURE_ARGS, "--store", str(store), log=tmp_path / "writer.log")
     reader = subprocess.run(
-        [sys.executable, "-c", READER, str(store)], capture_output=True, text=True, timeout=180, cwd=REPO
+        [sys.executable, "-c", READER, str(store), str(TOKENS)], capture_output=True, text=True, timeout=180, cwd=REPO
     )
     writer.wait(timeout=180)
     assert writer.returncode == 0, (tmp_path / "writer.log").read_text()[-2000:]

@@ -22,7 +22,7 @@ def test_capture_records_exact_tokens_and_matching_activations(tmp_path, tiny_re
     info = store.info()
     assert info["tokens"] == 1000
     assert info["hooks"]["blocks.1.mlp.hook_post"]["shape"] == [tiny_relu.model.cfg.d_mlp]
-    counts = store.sql("SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM tokens").fetchone()
+    counts = store.sql("SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM tokens").fetchall()[0]
     assert counts == (1000, 1000, 0, 999)
     # every window starts with the model's BOS, recorded like any token
     first = store.df("SELECT DISTINCT token_id FROM tokens WHERE pos = 0")

@@ -17,12 +17,7 @@ import pandas as pd
 
 from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
 from workbench.errors import WorkbenchError
-from workbench.store.reader import Store
-
-
-def _quoted(path: str) -> str:
-    """A store-made file path inside a SQL string literal (paths come from the store, never from users)."""
-    return str(path).replace("'", "''")
+from workbench.store.reader import Store, parquet_source
 
 
 class TokenText:
@@ -87,11 +82,11 @@ class FeatureTables:
         # One in-memory DuckDB for the object's life (opening one costs tens of ms); each query
         # runs on its own cursor, so app threads never share one. The views point at files.
         self._con = duckdb.connect(":memory:", config={"enable_object_cache": True})
-        self._con.execute(f"CREATE VIEW feature_rows AS SELECT * FROM read_parquet('{_quoted(views[features_table(name)])}')")
+        self._con.execute(f"CREATE VIEW feature_rows AS SELECT * FROM {parquet_source(views[features_table(name)])}")
         corr = views.get(corr_table(name))
         self.has_correlations = corr is not None
         if corr is not None:
-            self._con.execute(f"CREATE VIEW feature_corr AS SELECT * FROM read_parquet('{_quoted(corr)}')")
+            self._con.execute(f"CREATE VIEW feature_corr AS SELECT * FROM {parquet_source(corr)}")
 
     @property
     def d_sae(self) -> int:

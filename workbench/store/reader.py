@@ -32,8 +32,10 @@ from workbench.store.layout import (
 from workbench.store.writer import write_table
 
 
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+def parquet_source(files: list[str]) -> str:
+    """SQL for reading exactly these Parquet files (paths quoted, never user text)."""
+    quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    return f"read_parquet([{quoted}])"
 
 
 class Store:
@@ -66,11 +68,9 @@ class Store:
         return committed_batches(self.root)
 
     def _batch_tables(self) -> list[str]:
-        """Table names found in batch folders (tokens, act.<hook>, probe tables)."""
-        names: set[str] = set()
-        for batch in self._batches()[:1] + self._batches()[-1:]:
-            names.update(p.stem for p in batch.glob("*.parquet"))
-        return sorted(names)
+        """Table names in the batch folders (tokens, act.<hook>, probe tables); all batches hold the same."""
+        batches = self._batches()
+        return sorted(p.stem for p in batches[0].glob("*.parquet")) if batches else []
 
     def _derived_tables(self) -> list[str]:
         folder = tables_dir(self.root)
@@ -97,27 +97,32 @@ class Store:
             "probes": capture.get("probes", []),
             "probe_tables": probe_tables,
             "tables": self._derived_tables(),
-            "views": self.views(),
+            "views": sorted(self.views()),
         }
 
     # ---- SQL ---------------------------------------------------------------------------
-    def views(self) -> dict[str, str]:
-        """View name -> Parquet glob, for every table that has data now."""
-        views: dict[str, str] = {}
-        if self._batches():
-            glob = self.root / "capture" / "batch-*"
-            for table in self._batch_tables():
+    def views(self) -> dict[str, list[str]]:
+        """View name -> the Parquet files behind it, all from one listing of the store.
+
+        Every table of the capture is listed from the same set of finished batches, so a
+        connection built from this is a consistent snapshot: tokens and activations always
+        count the same rows, even while a capture keeps adding batches.
+        """
+        views: dict[str, list[str]] = {}
+        batches = self._batches()
+        if batches:
+            for table in sorted(p.stem for p in batches[0].glob("*.parquet")):
                 name = activation_view(table[len(ACT_PREFIX):]) if table.startswith(ACT_PREFIX) else table
-                views[name] = f"{glob}/{table}.parquet"
+                views[name] = [str(b / f"{table}.parquet") for b in batches]
         for table in self._derived_tables():
-            views[table] = str(tables_dir(self.root) / table / "*.parquet")
+            views[table] = [str(p) for p in sorted((tables_dir(self.root) / table).glob("*.parquet"))]
         return views
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A fresh in-memory DuckDB with one view per table; close it when done."""
+        """A fresh in-memory DuckDB with one view per table (a snapshot); close it when done."""
         con = duckdb.connect(":memory:")
-        for name, glob in self.views().items():
-            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet(\'{_sql_path(Path(glob))}\')')
+        for name, files in self.views().items():
+            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {parquet_source(files)}')
         return con
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
