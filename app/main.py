@@ -17,7 +17,11 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on the path, not the 
 
 PAGES = Path(__file__).parent / "views"  # not pages/: that name turns on streamlit's legacy auto-navigation
 
+from app.store_access import store_paths  # noqa: E402  (needs the repository on sys.path)
+
 st.set_page_config(page_title="Sparse-feature workbench", layout="wide")
+if len(store_paths()) > 1:  # one store per model: the demo serves several
+    st.sidebar.selectbox("Store", store_paths(), key="store", format_func=lambda p: Path(p).name)
 navigation = st.navigation(
     [
         st.Page(PAGES / "overview.py", title="Overview", default=True),

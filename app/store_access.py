@@ -24,8 +24,16 @@ SAES_ENV = "WORKBENCH_SAES"
 T = TypeVar("T")
 
 
+def store_paths() -> list[str]:
+    """Stores given with `workbench app --store PATH [--store PATH ...]` (os.pathsep-separated in the env)."""
+    return [p for p in os.environ.get(STORE_ENV, "").split(os.pathsep) if p]
+
+
 def store_path() -> str:
-    return os.environ.get(STORE_ENV, "")
+    """The store chosen in the sidebar (app/main.py), else the first one given."""
+    paths = store_paths()
+    chosen = st.session_state.get("store")
+    return chosen if chosen in paths else (paths[0] if paths else "")
 
 
 def sae_dirs() -> list[Path]:

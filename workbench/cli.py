@@ -28,6 +28,7 @@ def _register() -> None:
     from workbench.commands.train import train_command; app.command("train")(train_command)  # noqa: E702
     from workbench.commands.train import eval_command; app.command("eval")(eval_command)  # noqa: E702
     from workbench.commands.zoo import zoo_app; app.add_typer(zoo_app, name="zoo")  # noqa: E702
+    from workbench.commands.demo import demo_command; app.command("demo")(demo_command)  # noqa: E702
 
 
 def main() -> None:

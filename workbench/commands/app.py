@@ -24,29 +24,30 @@ def app_argv(port: int, headless: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def app_env(store: str, saes: list[str]) -> dict[str, str]:
-    """Environment carrying the store and SAE folders to the app (see app/store_access.py)."""
+def app_env(stores: list[str], saes: list[str]) -> dict[str, str]:
+    """Environment carrying the stores and SAE folders to the app (see app/store_access.py)."""
     return {
         **os.environ,
-        "WORKBENCH_STORE": str(Path(store).expanduser().resolve()),
+        "WORKBENCH_STORE": os.pathsep.join(str(Path(s).expanduser().resolve()) for s in stores),
         "WORKBENCH_SAES": os.pathsep.join(str(Path(s).expanduser().resolve()) for s in saes),
     }
 
 
 def app_command(
-    store: str = typer.Option(..., "--store", help="store folder to browse (may still be capturing)"),
+    store: list[str] = typer.Option(..., "--store", help="store folder to browse (may still be capturing); repeat for several"),
     port: int = typer.Option(8501, "--port", help="port of the app on localhost"),
     sae: list[str] = typer.Option([], "--sae", help="SAE folder(s) to show; each needs `workbench features DIR --store ...`"),
     headless: bool = typer.Option(True, "--headless/--open-browser", help="do not open a browser window"),
 ) -> None:
     """Browse phenomena and SAE features of a store in the Streamlit app."""
-    Store.open(store)  # a missing store fails here, with the command that makes one
+    for folder in store:
+        Store.open(folder)  # a missing store fails here, with the command that makes one
     for folder in sae:
         if not (Path(folder) / "cfg.json").is_file():
             raise WorkbenchError(f"--sae {folder} is not an SAE folder (no cfg.json)")
     if not 0 < port < 65536:
         raise WorkbenchError(f"--port {port} is not a port number")
-    print(f"workbench app on http://localhost:{port} (store {store}); Ctrl-C stops it", flush=True)
+    print(f"workbench app on http://localhost:{port} (stores: {', '.join(store)}); Ctrl-C stops it", flush=True)
     try:
         done = subprocess.run(app_argv(port, headless), env=app_env(store, sae))
     except KeyboardInterrupt:

@@ -1,0 +1,71 @@
+"""`workbench demo`: the main job end to end on the built-in models, ending in the app.
+
+The demo is a list of ordinary `workbench` commands, printed before each runs, so a user can
+copy any step and change it. Every step resumes or is skipped when its output is already
+there, so a second `workbench demo` goes straight to the app.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from workbench.errors import WorkbenchError
+
+
+SAE_RULES = ("topk", "mutual-choice", "gba")
+SAE_HOOK = "blocks.2.hook_resid_post"
+
+
+def capture_steps(root: Path, tokens: int) -> list[list[str]]:
+    """Captures of the three built-in models, each with every probe that applies, then their analyses."""
+    plan = [("tiny-relu", tokens, 32), ("tiny-moe", tokens // 2, 32), ("all-MiniLM-L6-v2", tokens // 16, 16)]
+    steps = []
+    for model, n, batch in plan:
+        store = str(root / model)
+        hook = "blocks.3.hook_resid_post" if model.startswith("all-MiniLM") else SAE_HOOK
+        steps.append(["capture", "--model", model, "--data", "builtin", "--hooks", hook, "--probes", "all",
+                      "--tokens", str(n), "--ctx", "128", "--batch-size", str(batch), "--store", store])
+        steps.append(["analyze", "all", "--store", store])
+    return steps
+
+
+def sae_steps(root: Path, train_tokens: int) -> list[list[str]]:
+    """TopK, Mutual Choice and GBA SAEs on one hook of tiny-relu, then their feature passes."""
+    store = str(root / "tiny-relu")
+    steps = []
+    for rule in SAE_RULES:
+        out = root / "saes" / rule
+        if not (out / "cfg.json").is_file():
+            steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", "--k", "16",
+                          "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)])
+        steps.append(["features", str(out), "--store", store, "--name", rule.replace("-", "_")])
+    return steps
+
+
+def _run(args: list[str]) -> None:
+    print(f"\n$ workbench {shlex.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "workbench.cli", *args])
+    if done.returncode != 0:
+        raise WorkbenchError(f"demo step failed (exit {done.returncode}): workbench {shlex.join(args)}")
+
+
+def demo_command(
+    root: str = typer.Option("stores/demo", "--root", help="folder for the demo's stores and SAEs"),
+    tokens: int = typer.Option(200_000, "--tokens", help="tokens captured from tiny-relu (the others take fewer)"),
+    train_tokens: int = typer.Option(2_000_000, "--train-tokens", help="tokens each SAE trains on (the store is cycled)"),
+    app: bool = typer.Option(True, "--app/--no-app", help="start the app at the end"),
+    port: int = typer.Option(8501, "--port", help="port of the app"),
+) -> None:
+    """Capture the zoo models and MiniLM, analyse, train SAEs, then open the app."""
+    folder = Path(root)
+    for step in capture_steps(folder, tokens) + sae_steps(folder, train_tokens):
+        _run(step)
+    if app:
+        stores = [arg for model in ("tiny-relu", "tiny-moe", "all-MiniLM-L6-v2") for arg in ("--store", str(folder / model))]
+        saes = [arg for rule in SAE_RULES for arg in ("--sae", str(folder / "saes" / rule))]
+        _run(["app", *stores, *saes, "--port", str(port)])
