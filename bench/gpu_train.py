@@ -85,10 +85,11 @@ class Method:
 class Ours(Method):
     """The project's SparseAutoencoder trained through sae.kernels."""
 
-    def __init__(self, d_in, d_sae, k, x0, *, triton_path: bool, feature_major: bool, graph: bool, bf16: bool):
-        self.name = "ours (" + ("triton" if triton_path else "plain torch") + (
+    def __init__(self, d_in, d_sae, k, x0, *, triton_path: bool, feature_major: bool, graph: bool, bf16: bool, fused_topk: bool = False):
+        self.name = "ours (" + ("triton" if triton_path else "plain torch") + (", fused top-k" if fused_topk else "") + (
             "" if feature_major else ", row-major W_enc") + (", graph" if graph else (", no graph" if triton_path else "")) + ")"
-        self.k, self.triton_path, self.bf16 = k, triton_path, bf16
+        self.k, self.triton_path, self.bf16, self.fused_topk = k, triton_path, bf16, fused_topk
+        self.guess = torch.full((1,), float("-inf"), device="cuda")
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         model = model.cuda()
@@ -116,7 +117,7 @@ class Ours(Method):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             values, indices = sparse_encode(
                 x, m.W_enc, m.b_enc, m.b_dec,
-                lambda z: topk_rows(z, self.k), force_triton=self.triton_path,
+                lambda z: topk_rows(z, self.k, fused=self.fused_topk, guess=self.guess), force_triton=self.triton_path,
             )
         return sparse_decode(indices, values, m.W_dec, force_triton=self.triton_path) + m.b_dec
 
@@ -138,6 +139,30 @@ class Ours(Method):
     @torch.no_grad()
     def reconstruct(self, x):
         return self._forward(x)
+
+
+class ProjectTrainer(Method):
+    """The project's own sae.trainer.Trainer.train_step (TopK, aux none, constant lr): what
+    `workbench train` runs, host syncs for its metrics and NaN guard included."""
+
+    name = "ours (project Trainer.train_step)"
+
+    def __init__(self, d_in, d_sae, k, x0):
+        from sae.config import TrainConfig
+        from sae.data import TensorSource
+        from sae.trainer import Trainer
+
+        config = TrainConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, tokens=10**9, batch_size=len(x0), lr=LR,
+                             device="cuda", aux="none", warmup_steps=0, decay_fraction=0.0, init_tokens=len(x0))
+        self.trainer = Trainer(config, TensorSource(x0.cpu()), None, [])
+        self.trainer._initialise()
+
+    def step(self, x):
+        self.trainer.train_step(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.trainer.model(x * self.trainer.input_scale)[0] / self.trainer.input_scale
 
 
 class SaeLens(Method):
@@ -243,6 +268,8 @@ def main() -> None:
         floor = encoder_floor_ms(d_in, d_sae, B)
         makers: list[tuple[str, Callable[[], Method]]] = [
             ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
+            ("ours (triton, fused top-k, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)),
+            ("ours (project Trainer.train_step)", lambda: ProjectTrainer(d_in, d_sae, k, pool[0])),
             ("ours (triton, no graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=False, bf16=True)),
             ("ours (triton, row-major W_enc, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=False, graph=True, bf16=True)),
             ("ours (plain torch)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=False, feature_major=False, graph=False, bf16=False)),

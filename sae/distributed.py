@@ -75,7 +75,7 @@ class DataParallelTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        x_hat, code, z = self.ddp(x)
+        x_hat, code, _ = self.ddp(x)
         total_variance = (x_all - x_all.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
         local_sq = (x - x_hat).pow(2).sum()
         loss = local_sq * self.world / total_variance
@@ -94,7 +94,7 @@ class DataParallelTrainer(Trainer):
             self.tokens_since_fired += n
             self.tokens_since_fired[fired > 0] = 0
             self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired / n)
-            model.rule.after_step(model, z, code, self.step)
+            model.rule.after_step(model, self.step)
         self.step += 1
         return {
             "fvu": float(sq_sum / total_variance),

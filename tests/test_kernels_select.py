@@ -15,28 +15,46 @@ def dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tens
     return torch.zeros(values.shape[0], d_sae, dtype=torch.float64).scatter_add(1, indices, values.double())
 
 
-@pytest.mark.parametrize("chunk", [None, 64], ids=["row-in-registers", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,k", [(5, 37, 1), (4, 300, 9), (3, 50, 50), (2, 1100, 64)])
-def test_triton_row_topk_keeps_the_k_largest(chunk, dtype, B, N, k):
+def test_triton_row_topk_keeps_the_k_largest(dtype, B, N, k):
     gen = torch.Generator().manual_seed(N + k)
     z = torch.randn(B, N, generator=gen).to(dtype)
     z[0] = z[0, 3]  # a row of ties: any k of them, each once
     z[1, : N // 2] = -1.0  # negatives and ties below the k-th
-    values = torch.full((B, k), float("nan"))
-    indices = torch.full((B, k), -1)
-    v, i = row_topk(z, k, chunk=chunk)
-    values.copy_(v), indices.copy_(i)
+    check_row_topk(z, k, *row_topk(z, k, chunk=64))
+
+
+def check_row_topk(z, k, v, i, kth):
+    values, indices, kths = torch.full(v.shape, float("nan")), torch.full(i.shape, -1), torch.full(kth.shape, float("nan"))
+    values.copy_(v), indices.copy_(i), kths.copy_(kth)
     ref = z.double().topk(k, dim=1).values
-    assert not values.isnan().any() and (indices >= 0).all()
+    assert not values.isnan().any() and (indices >= 0).all() and not kths.isnan().any()
     assert torch.equal(z.double().gather(1, indices).sort(1).values, ref.sort(1).values)
     assert torch.equal(values.double().sort(1).values, ref.relu().sort(1).values)
+    assert torch.equal(kths.double(), ref[:, -1])
     assert all(len(set(row.tolist())) == k for row in indices)
 
 
-def test_topk_rows_fused_agrees_with_torch():
-    z = torch.randn(6, 2000)
-    assert torch.equal(dense(*topk_rows(z, 8, fused=True), 2000), dense(*topk_rows(z, 8), 2000))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_topk_guess_path_is_exact_either_way(dtype):
+    B, N, k, cmax = 8, 150, 3, 8
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(B, N, generator=gen) * torch.linspace(0.5, 2.0, B)[:, None]).to(dtype)
+    z[2] = 0.25  # all ties
+    guess = torch.tensor([2.5])
+    above = (z.float() > guess.to(dtype).float()).sum(1)
+    fast = (above >= k) & (above <= cmax)
+    assert fast.any() and (~fast).any()  # both the one-pass and the fallback rows run
+    check_row_topk(z, k, *row_topk(z, k, guess=guess, chunk=64, cmax=cmax))
+
+
+def test_topk_rows_fused_agrees_with_torch_and_moves_its_guess():
+    guess = torch.tensor([float("-inf")])
+    for seed in range(2):
+        z = torch.randn(8, 300, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(dense(*topk_rows(z, 4, fused=True, guess=guess), 300), dense(*topk_rows(z, 4), 300))
+        assert torch.isfinite(guess).all()
 
 
 @pytest.mark.parametrize("cap", [None, 1000])

@@ -2,10 +2,10 @@
 
 All follow sae.kernels.encode's contract: values are the activation of z at the kept
 indices (slope 1 where non-zero), padding entries have value 0, values are float32.
-- topk_rows: each row keeps its k largest (TopK over ReLU) with torch.topk. fused=True
-  uses the Triton bisection select (sae.kernels.triton_topk) instead, which avoids the
-  sort but measured slower on an H100 (bench/kernels_topk.py: 1.26 ms against 0.86 ms at
-  4096 x 24576 bf16), so it is not the default.
+- topk_rows: each row keeps its k largest (TopK over ReLU): torch.topk, or with fused=True
+  the Triton bisection select of sae.kernels.triton_topk (no sort; with a device-side
+  guess of the threshold, one pass over z for most rows). bench/kernels_topk.py measures
+  both.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
   first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
   the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
@@ -29,12 +29,22 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(z: torch.Tensor, k: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row, through ReLU: (float32 values, int64 indices)."""
+def topk_rows(
+    z: torch.Tensor, k: int, fused: bool = False, guess: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, through ReLU: (float32 values, int64 indices).
+
+    fused=True runs the Triton bisection select (sae.kernels.triton_topk); with `guess`
+    (a 1-element float32 device tensor, start it at -inf) it runs guess-and-verify and
+    then moves the guess in place to a low quantile (1/32) of this batch's k-th values,
+    so the next batch mostly takes the one-pass path. Exact either way."""
     if fused:
         from sae.kernels.triton_topk import row_topk
 
-        return row_topk(z.contiguous(), k, chunk=1024)
+        values, indices, kth = row_topk(z.contiguous(), k, guess=guess)
+        if guess is not None:
+            guess.copy_(kth.kthvalue(max(1, len(kth) // 32)).values)
+        return values, indices
     values, indices = z.topk(k, dim=1, sorted=False)
     return values.float().relu(), indices
 

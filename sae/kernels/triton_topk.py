@@ -1,12 +1,22 @@
-"""Per-row top-k in one pass over z: a bisection on the float's bit pattern, in registers.
+"""Per-row top-k without a sort: bisection on the float's bit pattern, in Triton.
 
-Each program holds one row of z (up to MAX_ROW columns) in registers, maps every value to
-an integer key with the same order (sign-magnitude -> two's complement), and bisects the
-key range for the k-th largest key t: 16 rounds of "count keys >= mid" for bf16/fp16,
-32 for fp32, each a register compare and a block reduction. It then writes the entries
-with key > t and the first (k - count(key > t)) entries with key == t to positions given
-by prefix sums: exactly k per row, no sort, and z is read from memory once (torch.topk
-reads and partially sorts it). Values are ReLU(z) (the TopK contract of sae.kernels.encode).
+Every value maps to an integer key with the same order (sign-magnitude -> two's
+complement). One program owns one row and finds the k-th largest key t by bisection:
+16 rounds of "count keys >= mid" for bf16/fp16, 32 for fp32. It then writes the entries
+with key > t and the first (k - count(key > t)) entries with key == t, at positions
+given by prefix sums: exactly k per row. Values are ReLU(z) (the TopK contract of
+sae.kernels.encode); the k-th largest pre-activation of each row is also returned.
+
+Two kernels:
+- row_topk(z, k): streams the row in CHUNK-wide pieces for every bisection round (the row
+  stays in L1/L2 between rounds): 17 passes over a row, exact for any input.
+- row_topk(z, k, guess=g): guess and verify. One pass over the row counts the entries
+  above a guessed threshold g (a 1-element device tensor) and writes their columns to a
+  per-row candidate buffer of width CMAX. If the count lies in [k, CMAX] the bisection
+  runs on those candidates only, in registers; any other row falls back to the full
+  bisection inside the same kernel, so the result is exact whatever the guess. The
+  caller keeps the guess on the device (e.g. a low quantile of the last batch's k-th
+  values): no host sync.
 """
 
 from __future__ import annotations
@@ -15,51 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-#: Longest row held in registers; longer rows use torch.topk.
-MAX_ROW = 65536
-
-
-@triton.jit
-def _row_topk_kernel(
-    z_ptr, val_ptr, idx_ptr, N, stride_z, K,
-    KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    z = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=mask, other=float("-inf"))
-    if KEY_BITS == 16:
-        bits = z.to(tl.int16, bitcast=True).to(tl.int32)
-        key = tl.where(bits < 0, bits ^ 0x7FFF, bits)
-        lo = tl.full([], -32768, tl.int32)
-        hi = tl.full([], 32767, tl.int32)
-    else:
-        bits = z.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        lo = tl.full([], -2147483648, tl.int64)
-        hi = tl.full([], 2147483647, tl.int64)
-    key = tl.where(mask, key, -2147483647 - 1)
-    # invariant: count(key >= lo) >= K and count(key > hi) < K
-    for _ in range(KEY_BITS):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.sum((key >= mid).to(tl.int32), axis=0)
-        take = cnt >= K
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    above = key > lo
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie = (key == lo) & mask
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
-    keep_tie = tie & (tie_rank <= K - n_above)
-    pos = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + tie_rank - 1)
-    keep = above | keep_tie
-    out = row.to(tl.int64) * K + pos
-    tl.store(val_ptr + out, tl.maximum(z.to(tl.float32), 0.0), mask=keep)
-    tl.store(idx_ptr + out, cols.to(tl.int64), mask=keep)
-
 
 @triton.jit
 def _keys(z, mask, KEY_BITS: tl.constexpr):
+    """Order-preserving integer keys; masked entries get the smallest key."""
     if KEY_BITS == 16:
         bits = z.to(tl.int16, bitcast=True).to(tl.int32)
         key = tl.where(bits < 0, bits ^ 0x7FFF, bits)
@@ -70,20 +39,16 @@ def _keys(z, mask, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _row_topk_chunked_kernel(
-    z_ptr, val_ptr, idx_ptr, N, stride_z, K,
-    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """The same bisection, streaming the row in CHUNK-wide pieces (the row stays in L1/L2
-    between passes), so any row length fits and blocks stay small."""
-    row = tl.program_id(0)
-    base = z_ptr + row.to(tl.int64) * stride_z
+def _key_range(KEY_BITS: tl.constexpr):
     if KEY_BITS == 16:
-        lo = tl.full([], -32768, tl.int32)
-        hi = tl.full([], 32767, tl.int32)
-    else:
-        lo = tl.full([], -2147483648, tl.int64)
-        hi = tl.full([], 2147483647, tl.int64)
+        return tl.full([], -32768, tl.int32), tl.full([], 32767, tl.int32)
+    return tl.full([], -2147483648, tl.int64), tl.full([], 2147483647, tl.int64)
+
+
+@triton.jit
+def _bisect_chunked(base, N, K, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """The k-th largest key of the row at base (invariant: count(key >= lo) >= K)."""
+    lo, hi = _key_range(KEY_BITS)
     for _ in range(KEY_BITS):
         mid = (lo + hi + 1) >> 1
         cnt = tl.zeros([], tl.int32)
@@ -95,13 +60,18 @@ def _row_topk_chunked_kernel(
         take = cnt >= K
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _emit_chunked(base, N, K, lo, val_ptr, idx_ptr, out_row, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """Write the entries above lo, then ties at lo up to K in all, to out_row."""
     n_above = tl.zeros([], tl.int32)
     for c0 in range(0, N, CHUNK):
         cols = c0 + tl.arange(0, CHUNK)
         mask = cols < N
         key = _keys(tl.load(base + cols, mask=mask, other=0.0), mask, KEY_BITS)
         n_above += tl.sum((key > lo).to(tl.int32), axis=0)
-    out_row = row.to(tl.int64) * K
     seen_above = tl.zeros([], tl.int32)
     seen_tie = tl.zeros([], tl.int32)
     for c0 in range(0, N, CHUNK):
@@ -113,31 +83,111 @@ def _row_topk_chunked_kernel(
         tie = (key == lo) & mask
         a_rank = seen_above + tl.cumsum(above.to(tl.int32), axis=0)
         t_rank = seen_tie + tl.cumsum(tie.to(tl.int32), axis=0)
-        keep_tie = tie & (t_rank <= K - n_above)
+        keep = above | (tie & (t_rank <= K - n_above))
         pos = tl.where(above, a_rank - 1, n_above + t_rank - 1)
-        keep = above | keep_tie
         tl.store(val_ptr + out_row + pos, tl.maximum(z.to(tl.float32), 0.0), mask=keep)
         tl.store(idx_ptr + out_row + pos, cols.to(tl.int64), mask=keep)
         seen_above += tl.sum(above.to(tl.int32), axis=0)
         seen_tie += tl.sum(tie.to(tl.int32), axis=0)
 
 
-def row_topk(z: torch.Tensor, k: int, chunk: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ReLU values float32 [B, k], indices int64 [B, k]) of the k largest entries per row of
-    z (bf16, fp16 or fp32). Ties at the k-th value keep the lowest columns. Order within a
-    row is by column among the larger entries, then ties. chunk=None holds the whole row
-    in registers (rows up to MAX_ROW); a chunk width streams the row instead."""
+@triton.jit
+def _key_to_float(key, KEY_BITS: tl.constexpr):
+    if KEY_BITS == 16:
+        k32 = key.to(tl.int32)
+        bits = tl.where(k32 < 0, k32 ^ 0x7FFF, k32).to(tl.int16)
+        return bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    k32 = key.to(tl.int32)
+    bits = tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_topk_kernel(
+    z_ptr, val_ptr, idx_ptr, kth_ptr, N, stride_z, K,
+    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = z_ptr + row.to(tl.int64) * stride_z
+    lo = _bisect_chunked(base, N, K, KEY_BITS, CHUNK)
+    _emit_chunked(base, N, K, lo, val_ptr, idx_ptr, row.to(tl.int64) * K, KEY_BITS, CHUNK)
+    tl.store(kth_ptr + row, _key_to_float(lo, KEY_BITS))
+
+
+@triton.jit
+def _row_topk_guess_kernel(
+    z_ptr, guess_ptr, val_ptr, idx_ptr, kth_ptr, cand_ptr, N, stride_z, K,
+    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, CMAX: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = z_ptr + row.to(tl.int64) * stride_z
+    cand_row = cand_ptr + row.to(tl.int64) * CMAX
+    out_row = row.to(tl.int64) * K
+    g_mask = tl.full([1], 1, tl.int1)
+    g = tl.load(guess_ptr + tl.arange(0, 1)).to(z_ptr.dtype.element_ty)
+    g_key = tl.max(_keys(g, g_mask, KEY_BITS), axis=0)
+    count = tl.zeros([], tl.int32)
+    for c0 in range(0, N, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        mask = cols < N
+        key = _keys(tl.load(base + cols, mask=mask, other=0.0), mask, KEY_BITS)
+        hit = key > g_key
+        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(cand_row + pos, cols, mask=hit & (pos < CMAX))
+        count += tl.sum(hit.to(tl.int32), axis=0)
+    if (count >= K) & (count <= CMAX):
+        slots = tl.arange(0, CMAX)
+        valid = slots < count
+        c_cols = tl.load(cand_row + slots, mask=valid, other=0)
+        c_z = tl.load(base + c_cols, mask=valid, other=0.0)
+        c_key = _keys(c_z, valid, KEY_BITS)
+        lo, hi = _key_range(KEY_BITS)
+        for _ in range(KEY_BITS):
+            mid = (lo + hi + 1) >> 1
+            take = tl.sum((c_key >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+        above = c_key > lo
+        tie = (c_key == lo) & valid
+        n_above = tl.sum(above.to(tl.int32), axis=0)
+        t_rank = tl.cumsum(tie.to(tl.int32), axis=0)
+        keep = above | (tie & (t_rank <= K - n_above))
+        pos = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + t_rank - 1)
+        tl.store(val_ptr + out_row + pos, tl.maximum(c_z.to(tl.float32), 0.0), mask=keep)
+        tl.store(idx_ptr + out_row + pos, c_cols.to(tl.int64), mask=keep)
+    else:
+        lo = _bisect_chunked(base, N, K, KEY_BITS, CHUNK)
+        _emit_chunked(base, N, K, lo, val_ptr, idx_ptr, out_row, KEY_BITS, CHUNK)
+    tl.store(kth_ptr + row, _key_to_float(lo, KEY_BITS))
+
+
+def row_topk(
+    z: torch.Tensor,
+    k: int,
+    guess: torch.Tensor | None = None,
+    chunk: int = 1024,
+    cmax: int | None = None,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ReLU values float32 [B, k], indices int64 [B, k], k-th largest z per row float32 [B])
+    of z (bf16, fp16 or fp32, rows contiguous). Ties at the k-th value keep the lowest
+    columns. With `guess` (a 1-element float tensor on z's device) the guess-and-verify
+    kernel runs with a candidate buffer of width cmax (default the power of two >= 8k)."""
     B, N = z.shape
-    assert z.stride(1) == 1 and 0 < k <= N and (chunk is not None or N <= MAX_ROW)
+    assert z.stride(1) == 1 and 0 < k <= N
     values = torch.empty(B, k, device=z.device, dtype=torch.float32)
     indices = torch.empty(B, k, device=z.device, dtype=torch.int64)
+    kth = torch.empty(B, device=z.device, dtype=torch.float32)
     if B == 0:
-        return values, indices
+        return values, indices, kth
     key_bits = 32 if z.dtype == torch.float32 else 16
-    if chunk is not None:
-        _row_topk_chunked_kernel[(B,)](z, values, indices, N, z.stride(0), k, KEY_BITS=key_bits, CHUNK=chunk, num_warps=num_warps)
-        return values, indices
-    block_n = triton.next_power_of_2(N)
-    num_warps = max(4, min(32, block_n // 1024))
-    _row_topk_kernel[(B,)](z, values, indices, N, z.stride(0), k, KEY_BITS=key_bits, BLOCK_N=block_n, num_warps=num_warps)
-    return values, indices
+    if guess is None:
+        _row_topk_kernel[(B,)](z, values, indices, kth, N, z.stride(0), k, KEY_BITS=key_bits, CHUNK=chunk, num_warps=num_warps)
+        return values, indices, kth
+    cmax = cmax or triton.next_power_of_2(8 * k)
+    candidates = torch.empty(B, cmax, device=z.device, dtype=torch.int32)
+    _row_topk_guess_kernel[(B,)](
+        z, guess, values, indices, kth, candidates, N, z.stride(0), k,
+        KEY_BITS=key_bits, CHUNK=chunk, CMAX=cmax, num_warps=num_warps,
+    )
+    return values, indices, kth
