@@ -68,7 +68,7 @@ def test_analyze_all_on_a_store_without_probes_says_how_to_capture(tmp_path, mon
 
 def test_zoo_moe_capture_with_all_probes_then_analyze_all(tmp_path, monkeypatch, capsys):
     store = tmp_path / "moe"
-    args = ["--data", "builtin", "--tokens", "512", "--ctx", "128", "--batch-size", "2"]
+    args = ["--data", "builtin", "--tokens", "256", "--ctx", "128", "--batch-size", "2"]
     code, out, err = _cli(monkeypatch, capsys, "capture", "--model", "tiny-moe", *args, "--probes", "all", "--store", str(store))
     assert code == 0, err
     code, out, err = _cli(monkeypatch, capsys, "analyze", "all", "--store", str(store))

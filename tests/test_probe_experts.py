@@ -67,7 +67,7 @@ def test_planted_expert_emitting_outliers_on_one_token_is_the_only_super_expert(
         planted.W_in.weight[0, 0] = 5.0
         planted.W_gate.weight[0, 0] = 5.0
         planted.W_out.weight[7, 0] = 20.0  # hidden unit 0 -> output channel 7; zero for every other token
-    store = capture(handle, tmp_path, ["experts"], tokens=600)
+    store = capture(handle, tmp_path, ["experts"], tokens=288)
     result = analyze_experts(store)
     assert list(zip(result["super"]["layer"], result["super"]["expert"])) == [(layer, expert)]
     assert result["super"]["token"].tolist() == ["e"]
