@@ -91,6 +91,8 @@ def massive_activations(store: Store) -> pd.DataFrame:
         FROM massive_activations GROUP BY layer, rank
         """
     )
+    if means.empty:  # the model exposes no blocks.L.hook_resid_post
+        return pd.DataFrame(columns=["layer", "top1", "top2", "top3", "median", "samples", "ratio", "is_massive"])
     summary = means.pivot(index="layer", columns="rank", values="value")
     summary.columns = [f"top{r}" for r in summary.columns]
     summary = summary.join(means[means["rank"] == 1].set_index("layer")[["median", "samples"]]).reset_index()

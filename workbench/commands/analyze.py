@@ -44,6 +44,9 @@ def _experts(store: Store, console: Console) -> None:
                          ["layer", "expert", "a", "ratio_to_median", "is_super", "token", "pos", "channel"]))  # fmt: skip
     if result["super"].empty:
         console.print("super experts: none")
+    if result["massive"].empty:
+        console.print("massive activations: the model exposes no blocks.L.hook_resid_post")
+        return
     console.print(_table("Massive activations: residual |h| per layer (mean over samples)", result["massive"],
                          ["layer", "top1", "top2", "top3", "median", "ratio", "top1_channel", "top1_channel_share", "is_massive"]))  # fmt: skip
 
