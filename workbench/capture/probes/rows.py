@@ -24,6 +24,8 @@ class Rows:
         n = lengths.pop()
         for name, value in columns.items():
             if isinstance(value, torch.Tensor):
+                if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+                    value = value.float()  # numpy has no bfloat16
                 self.parts[name].append(value.detach().reshape(-1).cpu().numpy())
             else:
                 self.parts[name].append(np.full(n, value, dtype=object if isinstance(value, str) else None))
