@@ -35,12 +35,14 @@ def runs(case: dict) -> list[tuple[str, dict]]:
     s = int(case["mean_active"])
     p = SyntheticFeatures.make(case["n"], case["d"], case["mean_active"], case["kind"]).p
     gba = dict(arch="gba", gba_groups=10, gba_p_max=min(0.1, float(p.max())), gba_p_min=float(p.min()) / 2, gba_every=10, gba_gamma=0.02)
+    gba_fast = {**gba, "gba_every": 2, "gba_gamma": 0.05}
     return [
         (f"TopK k={s}", dict(arch="topk", k=s)),
         (f"TopK k={2 * s}", dict(arch="topk", k=2 * s)),
         (f"Mutual Choice k={s}", dict(arch="mutual-choice", k=s)),
         (f"Mutual Choice k={s}, no aux", dict(arch="mutual-choice", k=s, aux="none")),
         ("GBA", gba),
+        ("GBA, every=2, gamma=0.05", gba_fast),
     ]
 
 
@@ -67,12 +69,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these sizes)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only", default=None, help="run only the rules whose label starts with this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for case_name, case in CASES.items():
         features = SyntheticFeatures.make(case["n"], case["d"], case["mean_active"], case["kind"], seed=args.seed + 1000)  # never the SAE init seed
         for label, overrides in runs(case):
+            if args.only and not label.startswith(args.only):
+                continue
             config = TrainConfig(
                 d_in=case["d"], d_sae=case["d_sae"], tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
                 device=args.device, seed=args.seed, dead_tokens=200_000, **overrides,
