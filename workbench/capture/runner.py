@@ -31,12 +31,13 @@ from workbench.store.layout import (
     FORMAT_VERSION,
     TOKENS_TABLE,
     activation_file,
-    batch_dir_name,
     committed_batches,
     read_manifest,
     write_manifest,
 )
 from workbench.store.writer import BatchWriter, remove_partial_batches
+
+WRITER_THREADS_ON_ACCELERATOR = 6
 
 
 @dataclass
@@ -206,10 +207,8 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
         write_manifest(root, manifest)
 
     remove_partial_batches(root)
-    done = committed_batches(root)
-    if [p.name for p in done] != [batch_dir_name(i) for i in range(len(done))]:
-        raise WorkbenchError(f"store {root} has gaps between its batches; it was not written by one capture")
-    stored_tokens = sum(_rows(p) for p in done)
+    done = {int(p.name.removeprefix("batch-")): p for p in committed_batches(root)}
+    stored_tokens = sum(_rows(p) for p in done.values())
 
     ctx, batch_size = settings.ctx, settings.batch_size
     n_windows = math.ceil(settings.tokens / ctx)
@@ -217,7 +216,8 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
     forward_hooks = list(dict.fromkeys(settings.hooks + [h for p in probes for h in p.hook_names(handle)]))
     stop_at = handle.stop_layer_for(forward_hooks)
     strings = _TokenStrings(handle)
-    writer = BatchWriter(root)
+    # On a GPU the host is idle while the model runs, so several threads encode and write.
+    writer = BatchWriter(root, threads=1 if handle.device.type == "cpu" else WRITER_THREADS_ON_ACCELERATOR)
     started = time.perf_counter()
     new_tokens = 0
     bar = tqdm(total=settings.tokens, initial=stored_tokens, unit="tok", unit_scale=True, desc="capture", disable=not progress)
@@ -225,7 +225,7 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
         with ExitStack() as stack:
             for probe in probes:
                 stack.enter_context(probe.attach(handle))
-            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip_batches=len(done))
+            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set(done))
             for number, ids, docs in batches:
                 if number >= n_batches:
                     break

@@ -50,16 +50,16 @@ def iter_windows(handle: ModelHandle, documents: list[str], ctx: int) -> Iterato
             del ids[:start], docs[:start]
 
 
-def iter_batches(windows: Iterator[Window], batch_size: int, skip_batches: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Group windows into (batch number, token ids [B, ctx], docs [B, ctx]); skips stored batches."""
+def iter_batches(windows: Iterator[Window], batch_size: int, skip: set[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Group windows into (batch number, token ids [B, ctx], docs [B, ctx]), leaving out stored batches."""
     batch: list[Window] = []
     number = 0
     for window in windows:
         batch.append(window)
         if len(batch) == batch_size:
-            if number >= skip_batches:
+            if number not in skip:
                 yield number, torch.tensor([w.token_ids for w in batch]), torch.tensor([w.docs for w in batch])
             number += 1
             batch = []
-    if batch and number >= skip_batches:
+    if batch and number not in skip:
         yield number, torch.tensor([w.token_ids for w in batch]), torch.tensor([w.docs for w in batch])

@@ -23,8 +23,12 @@ from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, tabl
 
 
 def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int | None = None) -> None:
-    # Activations are float bits that barely compress; skipping compression doubles ingest.
-    pq.write_table(table, path, compression="none" if dense else "zstd", row_group_size=row_group_size)
+    if dense:
+        # Activation bits barely compress and never repeat: no compression, no dictionary and
+        # no min/max statistics for the vectors (1.4x the ingest rate of the defaults).
+        pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=["token_index"])
+    else:
+        pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,15 +81,21 @@ def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | No
 
 
 class BatchWriter:
-    """Commits batches on a background thread; errors surface on the next submit or close."""
+    """Commits batches on background threads; errors surface on the next submit or close.
 
-    def __init__(self, root: Path, depth: int = 2) -> None:
+    With several threads, batches can land out of order; a killed capture may then leave a
+    gap, which the resumed capture fills (every batch is identified by its number).
+    """
+
+    def __init__(self, root: Path, threads: int = 1) -> None:
         self.root = root
-        self._queue: queue.Queue[tuple[int, dict[str, pa.Table]] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[int, dict[str, pa.Table]] | None] = queue.Queue(maxsize=2 * threads)
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
         self.bytes_written = 0
-        self._thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._drain, name=f"store-writer-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _drain(self) -> None:
         while True:
@@ -97,7 +107,9 @@ class BatchWriter:
             batch, tables = item
             try:
                 folder = commit_batch(self.root, batch, tables)
-                self.bytes_written += sum(f.stat().st_size for f in folder.iterdir())
+                size = sum(f.stat().st_size for f in folder.iterdir())
+                with self._lock:
+                    self.bytes_written += size
             except BaseException as err:  # handed to the main thread
                 self._error = err
 
@@ -114,6 +126,8 @@ class BatchWriter:
 
     def close(self) -> None:
         """Wait until every submitted batch is on disk."""
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise_pending()
