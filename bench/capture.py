@@ -84,7 +84,7 @@ def ingest_rate(d: int, rows: int, batches: int) -> float:
     return rate
 
 
-def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, hooks: list[str]) -> dict[str, object]:
+def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, hooks: list[str], dtype: str) -> dict[str, object]:
     handle = gpt2_small_shaped(device) if name == "gpt2-small-shaped" else load_model(name, device=device)
     hooks = handle.resolve_hooks(hooks)
     corpus = load_corpus("builtin")
@@ -98,14 +98,14 @@ def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, 
     bare = bare_forward_rate(handle, batches, stop_at, device)
     store = Path(tempfile.mkdtemp()) / "store"
     settings = CaptureSettings(model=name, data="builtin", hooks=hooks, tokens=n_batches * ctx * batch_size, ctx=ctx,
-                               batch_size=batch_size, store=str(store), device=device)
+                               batch_size=batch_size, store=str(store), device=device, dtype=dtype)
     report = run_capture(settings, handle=handle, progress=False)
     stored_mb = sum(f.stat().st_size for f in store.rglob("*.parquet")) / 1e6
     shutil.rmtree(store.parent)
     capture = report.new_tokens / report.seconds
     d = sum(int(torch.tensor(handle.hook_shapes([h])[h]).prod()) for h in hooks)
     return {
-        "model": name, "device": device, "hooks": ",".join(hooks), "floats/token": d, "tokens": report.new_tokens,
+        "model": name, "device": device, "dtype": dtype, "hooks": ",".join(hooks), "floats/token": d, "tokens": report.new_tokens,
         "ctx x batch": f"{ctx} x {batch_size}", "bare forward tok/s": bare, "capture tok/s": capture,
         "capture/bare": capture / bare, "store MB": stored_mb, "store MB/s during capture": stored_mb / report.seconds,
     }
@@ -119,14 +119,15 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hooks", default="blocks.*.hook_resid_post")
+    parser.add_argument("--dtype", default="float32", help="stored precision")
     args = parser.parse_args()
-    rows = [bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(",")) for m in args.models.split(",")]
+    rows = [bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(","), args.dtype) for m in args.models.split(",")]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nmachine: {where}; torch {torch.__version__}")
-    print("| model | device | hooks | floats/token | tokens | ctx x batch | bare forward tok/s | capture tok/s | capture/bare | store MB/s during capture |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | device | stored dtype | hooks | floats/token | tokens | ctx x batch | bare forward tok/s | capture tok/s | capture/bare | store MB/s during capture |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['device']} | {r['hooks']} | {r['floats/token']} | {r['tokens']} | {r['ctx x batch']} | "
+        print(f"| {r['model']} | {r['device']} | {r['dtype']} | {r['hooks']} | {r['floats/token']} | {r['tokens']} | {r['ctx x batch']} | "
               f"{r['bare forward tok/s']:,.0f} | {r['capture tok/s']:,.0f} | {r['capture/bare']:.2f} | {r['store MB/s during capture']:.0f} |")
     print(f"\nstore ingest alone (encode + write + publish, float32, 768 floats x 16384 rows x 8 batches): {ingest_rate(768, 16384, 8):,.0f} MB/s")
 
