@@ -40,9 +40,14 @@ def _keys(z, mask, KEY_BITS: tl.constexpr):
 
 @triton.jit
 def _key_range(KEY_BITS: tl.constexpr):
+    """Bounds of the key range, as int64 scalars (mid = lo + hi + 1 must not overflow)."""
     if KEY_BITS == 16:
-        return tl.full([], -32768, tl.int32), tl.full([], 32767, tl.int32)
-    return tl.full([], -2147483648, tl.int64), tl.full([], 2147483647, tl.int64)
+        lo = tl.full([], -32768, tl.int64)
+        hi = tl.full([], 32767, tl.int64)
+    else:
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+    return lo, hi
 
 
 @triton.jit
