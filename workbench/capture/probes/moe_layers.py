@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.models.handle import ModelHandle
 
 
 @dataclass
@@ -96,6 +97,13 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
             continue
         layers.setdefault(layer.layer, layer)  # a wrapper may expose the same block twice
     return [layers[k] for k in sorted(layers)]
+
+
+def no_moe_reason(handle: ModelHandle) -> str | None:
+    """Why the MoE probes cannot run on this model, or None when they can."""
+    if not find_moe_layers(handle.model):
+        return f"model {handle.name} has no mixture-of-experts layers"
+    return None
 
 
 @contextmanager

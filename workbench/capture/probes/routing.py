@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from workbench.capture.probe import BatchContext, Probe
-from workbench.capture.probes.moe_layers import RoutedBatch, find_moe_layers, record_routing
+from workbench.capture.probes.moe_layers import RoutedBatch, find_moe_layers, no_moe_reason, record_routing
 from workbench.capture.probes.rows import Rows
 from workbench.models.handle import ModelHandle
 
@@ -41,11 +41,7 @@ class RoutingProbe(Probe):
         self.hooks = [last] if last in names else []
         self.routed: dict[int, RoutedBatch] = {}
 
-    @staticmethod
-    def unavailable(handle: ModelHandle) -> str | None:
-        if not find_moe_layers(handle.model):
-            return f"model {handle.name} has no mixture-of-experts layers"
-        return None
+    unavailable = staticmethod(no_moe_reason)
 
     def hook_names(self, handle: ModelHandle) -> list[str]:
         return list(self.hooks)

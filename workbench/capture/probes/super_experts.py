@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from workbench.capture.probe import BatchContext, Probe
-from workbench.capture.probes.moe_layers import ExpertOutputs, find_moe_layers, record_expert_outputs
+from workbench.capture.probes.moe_layers import ExpertOutputs, find_moe_layers, no_moe_reason, record_expert_outputs
 from workbench.capture.probes.rows import Rows
 from workbench.models.handle import ModelHandle
 
@@ -42,11 +42,7 @@ class SuperExpertProbe(Probe):
         self.top = top
         self.outputs: dict[int, ExpertOutputs] = {}
 
-    @staticmethod
-    def unavailable(handle: ModelHandle) -> str | None:
-        if not find_moe_layers(handle.model):
-            return f"model {handle.name} has no mixture-of-experts layers"
-        return None
+    unavailable = staticmethod(no_moe_reason)
 
     def hook_names(self, handle: ModelHandle) -> list[str]:
         return list(self.hooks)
