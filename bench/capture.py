@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def ingest_rate(d: int, rows: int, batches: int) -> float:
     return rate
 
 
-def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, hooks: list[str], dtype: str) -> dict[str, object]:
+def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, hooks: list[str], dtype: str, repeats: int) -> dict[str, object]:
     handle = gpt2_small_shaped(device) if name == "gpt2-small-shaped" else load_model(name, device=device)
     hooks = handle.resolve_hooks(hooks)
     corpus = load_corpus("builtin")
@@ -95,19 +96,23 @@ def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, 
         if len(batches) == n_batches:
             break
     stop_at = handle.stop_layer_for(hooks)
-    bare = bare_forward_rate(handle, batches, stop_at, device)
-    store = Path(tempfile.mkdtemp()) / "store"
-    settings = CaptureSettings(model=name, data="builtin", hooks=hooks, tokens=n_batches * ctx * batch_size, ctx=ctx,
-                               batch_size=batch_size, store=str(store), device=device, dtype=dtype)
-    report = run_capture(settings, handle=handle, progress=False)
-    stored_mb = sum(f.stat().st_size for f in store.rglob("*.parquet")) / 1e6
-    shutil.rmtree(store.parent)
-    capture = report.new_tokens / report.seconds
+    bares, captures, mb_rates = [], [], []
+    for _ in range(repeats):  # alternated, so load on a shared machine hits both alike; medians reported
+        bares.append(bare_forward_rate(handle, batches, stop_at, device))
+        store = Path(tempfile.mkdtemp()) / "store"
+        settings = CaptureSettings(model=name, data="builtin", hooks=hooks, tokens=n_batches * ctx * batch_size, ctx=ctx,
+                                   batch_size=batch_size, store=str(store), device=device, dtype=dtype)
+        report = run_capture(settings, handle=handle, progress=False)
+        stored_mb = sum(f.stat().st_size for f in store.rglob("*.parquet")) / 1e6
+        shutil.rmtree(store.parent)
+        captures.append(report.new_tokens / report.seconds)
+        mb_rates.append(stored_mb / report.seconds)
+    bare, capture = statistics.median(bares), statistics.median(captures)
     d = sum(int(torch.tensor(handle.hook_shapes([h])[h]).prod()) for h in hooks)
     return {
-        "model": name, "device": device, "dtype": dtype, "hooks": ",".join(hooks), "floats/token": d, "tokens": report.new_tokens,
-        "ctx x batch": f"{ctx} x {batch_size}", "bare forward tok/s": bare, "capture tok/s": capture,
-        "capture/bare": capture / bare, "store MB": stored_mb, "store MB/s during capture": stored_mb / report.seconds,
+        "model": name, "device": device, "dtype": dtype, "hooks": ",".join(hooks), "floats/token": d,
+        "ctx x batch": f"{ctx} x {batch_size}", "tokens": n_batches * ctx * batch_size, "bare forward tok/s": bare, "capture tok/s": capture,
+        "capture/bare": capture / bare, "store MB/s during capture": statistics.median(mb_rates),
     }
 
 
@@ -120,8 +125,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hooks", default="blocks.*.hook_resid_post")
     parser.add_argument("--dtype", default="float32", help="stored precision")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated bare/capture runs; medians reported")
     args = parser.parse_args()
-    rows = [bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(","), args.dtype) for m in args.models.split(",")]
+    rows = [bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(","), args.dtype, args.repeats) for m in args.models.split(",")]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nmachine: {where}; torch {torch.__version__}")
     print("| model | device | stored dtype | hooks | floats/token | tokens | ctx x batch | bare forward tok/s | capture tok/s | capture/bare | store MB/s during capture |")
