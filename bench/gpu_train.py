@@ -89,7 +89,6 @@ class Ours(Method):
         self.name = "ours (" + ("triton" if triton_path else "plain torch") + (", fused top-k" if fused_topk else "") + (
             "" if feature_major else ", row-major W_enc") + (", graph" if graph else (", no graph" if triton_path else "")) + ")"
         self.k, self.triton_path, self.bf16, self.fused_topk = k, triton_path, bf16, fused_topk
-        self.guess = torch.full((1,), float("-inf"), device="cuda")
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         model = model.cuda()
@@ -117,7 +116,7 @@ class Ours(Method):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             values, indices = sparse_encode(
                 x, m.W_enc, m.b_enc, m.b_dec,
-                lambda z: topk_rows(z, self.k, fused=self.fused_topk, guess=self.guess), force_triton=self.triton_path,
+                lambda z: topk_rows(z, self.k, fused=self.fused_topk), force_triton=self.triton_path,
             )
         return sparse_decode(indices, values, m.W_dec, force_triton=self.triton_path) + m.b_dec
 

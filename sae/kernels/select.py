@@ -3,9 +3,9 @@
 All follow sae.kernels.encode's contract: values are the activation of z at the kept
 indices (slope 1 where non-zero), padding entries have value 0, values are float32.
 - topk_rows: each row keeps its k largest (TopK over ReLU): torch.topk, or with fused=True
-  the Triton bisection select of sae.kernels.triton_topk (no sort; with a device-side
-  guess of the threshold, one pass over z for most rows). bench/kernels_topk.py measures
-  both.
+  the Triton bisection select of sae.kernels.triton_topk (no sort; each row guesses its
+  threshold from a sample, then one pass over z for most rows). bench/kernels_topk.py
+  measures both.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
   first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
   the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
@@ -29,21 +29,13 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(
-    z: torch.Tensor, k: int, fused: bool = False, guess: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row, through ReLU: (float32 values, int64 indices).
-
-    fused=True runs the Triton bisection select (sae.kernels.triton_topk); with `guess`
-    (a 1-element float32 device tensor, start it at -inf) it runs guess-and-verify and
-    then moves the guess in place to a low quantile (1/32) of this batch's k-th values,
-    so the next batch mostly takes the one-pass path. Exact either way."""
+    fused=True runs the Triton guess-and-verify select (sae.kernels.triton_topk)."""
     if fused:
         from sae.kernels.triton_topk import row_topk
 
-        values, indices, kth = row_topk(z.contiguous(), k, guess=guess)
-        if guess is not None:
-            guess.copy_(kth.kthvalue(max(1, len(kth) // 32)).values)
+        values, indices, _ = row_topk(z.contiguous(), k, sampled=True)
         return values, indices
     values, indices = z.topk(k, dim=1, sorted=False)
     return values.float().relu(), indices

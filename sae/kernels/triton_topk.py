@@ -10,13 +10,14 @@ sae.kernels.encode); the k-th largest pre-activation of each row is also returne
 Two kernels:
 - row_topk(z, k): streams the row in CHUNK-wide pieces for every bisection round (the row
   stays in L1/L2 between rounds): 17 passes over a row, exact for any input.
-- row_topk(z, k, guess=g): guess and verify. One pass over the row counts the entries
-  above a guessed threshold g (a 1-element device tensor) and writes their columns to a
-  per-row candidate buffer of width CMAX. If the count lies in [k, CMAX] the bisection
-  runs on those candidates only, in registers; any other row falls back to the full
-  bisection inside the same kernel, so the result is exact whatever the guess. The
-  caller keeps the guess on the device (e.g. a low quantile of the last batch's k-th
-  values): no host sync.
+- row_topk(z, k, sampled=True): guess and verify. Each row guesses its threshold from a
+  sample (its first columns: feature order is arbitrary), then one pass over the row
+  counts the entries above the guess and writes their columns to a per-row candidate
+  buffer of width CMAX = 8k. If the count lies in [k, CMAX] the bisection runs on those
+  candidates only, in registers; any other row falls back to the full bisection inside
+  the same kernel, so the result is exact whatever the guess. (A first version took one
+  global guess from the previous batch: 1.6x faster than torch.topk on iid rows, slower
+  in training, where row scales differ.)
 """
 
 from __future__ import annotations
@@ -120,17 +121,26 @@ def _row_topk_kernel(
 
 
 @triton.jit
-def _row_topk_guess_kernel(
-    z_ptr, guess_ptr, val_ptr, idx_ptr, kth_ptr, cand_ptr, N, stride_z, K,
-    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, CMAX: tl.constexpr,
+def _row_topk_sampled_kernel(
+    z_ptr, val_ptr, idx_ptr, kth_ptr, cand_ptr, N, stride_z, K, T,
+    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, CMAX: tl.constexpr, SAMPLE: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride_z
     cand_row = cand_ptr + row.to(tl.int64) * CMAX
     out_row = row.to(tl.int64) * K
-    g_mask = tl.full([1], 1, tl.int1)
-    g = tl.load(guess_ptr + tl.arange(0, 1)).to(z_ptr.dtype.element_ty)
-    g_key = tl.max(_keys(g, g_mask, KEY_BITS), axis=0)
+    # the row's own guess: the T-th largest of its first SAMPLE columns (feature order is
+    # arbitrary, so they are a fair sample), T chosen so about 3k entries lie above it
+    s_cols = tl.arange(0, SAMPLE)
+    s_mask = s_cols < N
+    s_key = _keys(tl.load(base + s_cols, mask=s_mask, other=0.0), s_mask, KEY_BITS)
+    g_key, g_hi = _key_range(KEY_BITS)
+    for _ in range(KEY_BITS):
+        mid = (g_key + g_hi + 1) >> 1
+        take = tl.sum((s_key >= mid).to(tl.int32), axis=0) >= T
+        g_key = tl.where(take, mid, g_key)
+        g_hi = tl.where(take, g_hi, mid - 1)
+    g_key = g_key - 1  # count the sample's T-th entry itself
     count = tl.zeros([], tl.int32)
     for c0 in range(0, N, CHUNK):
         cols = c0 + tl.arange(0, CHUNK)
@@ -169,15 +179,15 @@ def _row_topk_guess_kernel(
 def row_topk(
     z: torch.Tensor,
     k: int,
-    guess: torch.Tensor | None = None,
+    sampled: bool = False,
     chunk: int = 1024,
-    cmax: int | None = None,
     num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ReLU values float32 [B, k], indices int64 [B, k], k-th largest z per row float32 [B])
     of z (bf16, fp16 or fp32, rows contiguous). Ties at the k-th value keep the lowest
-    columns. With `guess` (a 1-element float tensor on z's device) the guess-and-verify
-    kernel runs with a candidate buffer of width cmax (default the power of two >= 8k)."""
+    columns. sampled=True: each row guesses its threshold from its first columns, then one
+    pass collects the candidates above it (buffer 8k wide); rows whose count misses
+    [k, 8k] run the full bisection. Exact either way."""
     B, N = z.shape
     assert z.stride(1) == 1 and 0 < k <= N
     values = torch.empty(B, k, device=z.device, dtype=torch.float32)
@@ -186,13 +196,15 @@ def row_topk(
     if B == 0:
         return values, indices, kth
     key_bits = 32 if z.dtype == torch.float32 else 16
-    if guess is None:
+    if not sampled:
         _row_topk_kernel[(B,)](z, values, indices, kth, N, z.stride(0), k, KEY_BITS=key_bits, CHUNK=chunk, num_warps=num_warps)
         return values, indices, kth
-    cmax = cmax or triton.next_power_of_2(8 * k)
+    cmax = triton.next_power_of_2(8 * k)
+    sample = min(triton.next_power_of_2(N), 4096)
+    rank = max(1, min(sample, -(-3 * k * min(sample, N) // N)))
     candidates = torch.empty(B, cmax, device=z.device, dtype=torch.int32)
-    _row_topk_guess_kernel[(B,)](
-        z, guess, values, indices, kth, candidates, N, z.stride(0), k,
-        KEY_BITS=key_bits, CHUNK=chunk, CMAX=cmax, num_warps=num_warps,
+    _row_topk_sampled_kernel[(B,)](
+        z, values, indices, kth, candidates, N, z.stride(0), k, rank,
+        KEY_BITS=key_bits, CHUNK=chunk, CMAX=cmax, SAMPLE=sample, num_warps=num_warps,
     )
     return values, indices, kth
