@@ -67,7 +67,7 @@ def train_saelens(args, source, d_in, out: Path) -> float:
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=args.expansion * d_in, k=args.k,
                                                 normalize_activations="expected_average_only_in"))  # fmt: skip
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=args.tokens, train_batch_size_samples=args.batch_size, lr=args.lr, device="cpu",
+        total_training_samples=args.tokens, train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr, device="cpu",
         dead_feature_window=1000, feature_sampling_window=2000, n_batches_for_norm_estimate=16,
         logger=LoggingConfig(log_to_wandb=False),
     )  # fmt: skip
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "sae-bench-runs"))
+    parser.add_argument("--only", default=None, help="run only the runs whose name starts with this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     store = ensure_store(args)
@@ -115,6 +116,8 @@ def main() -> None:
     }
     rows = []
     for name, train in runs.items():
+        if args.only and not name.startswith(args.only):
+            continue
         folder = out / name.split()[0].lower().strip(",") / ("const" if "constant" in name else "default")
         seconds = train(folder)
         sae, _ = load_sae(folder)
