@@ -143,9 +143,10 @@ class Trainer:
             return zipf_underuse(self.density)
         return None
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """One optimiser step. Metrics come back as device tensors (read them only when
+        logging: each read is a host-device sync); one sync a step checks the loss is finite."""
         cfg, model = self.config, self.model
-        _check_finite(batch, "the training data", self.step)
         x = batch.to(self.device, torch.float32) * self.input_scale
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -161,6 +162,7 @@ class Trainer:
             aux = main.new_zeros(())
         loss = main + cfg.aux_alpha * aux
         if not torch.isfinite(loss):
+            _check_finite(batch, "the training data", self.step)
             raise WorkbenchError(
                 f"training diverged: loss is {loss.item()} at step {self.step}; lower --lr "
                 "(the last checkpoint in --out is intact)"
@@ -178,10 +180,10 @@ class Trainer:
             model.rule.after_step(model, self.step)
         self.step += 1
         return {
-            "fvu": float(main.detach()),
-            "aux": float(aux.detach()),
-            "l0": float(code.l0().float().mean()),
-            "dead_fraction": float((self.tokens_since_fired >= cfg.dead_tokens).float().mean()),
+            "fvu": main.detach(),
+            "aux": aux.detach(),
+            "l0": code.l0().float().mean(),
+            "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean(),
             "lr": lr,
         }
 
@@ -198,9 +200,10 @@ class Trainer:
             for batch in self.source.batches(cfg.batch_size, self.step):
                 if self.step >= stop:
                     break
-                metrics = self.train_step(batch)
-                tokens_per_s = (self.step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
+                step_metrics = self.train_step(batch)
                 if self.step % cfg.log_interval == 0 or self.step == stop:
+                    metrics = {k: float(v) for k, v in step_metrics.items()}
+                    tokens_per_s = (self.step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
                     self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tokens_per_s, **metrics})
                     bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
                 bar.update(1)
