@@ -12,25 +12,24 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from workbench.capture.batch_tables import HostCopy, PendingBatch, TokenVocabulary
 from workbench.capture.probe import BatchContext, Probe
 from workbench.capture.texts import load_corpus
 from workbench.capture.windows import iter_batches, iter_windows
 from workbench.errors import WorkbenchError
 from workbench.models.handle import ModelHandle
-from workbench.store.encoding import STORAGE_DTYPES, encode_activations
+from workbench.store.encoding import STORAGE_DTYPES
 from workbench.store.layout import (
     FORMAT_VERSION,
     TOKENS_TABLE,
-    activation_file,
     committed_batches,
     read_manifest,
     write_manifest,
@@ -147,35 +146,6 @@ def _check_compatible(root: Path, old: dict[str, Any], new: dict[str, Any]) -> N
         )
 
 
-def _tokens_table(token_index: torch.Tensor, ids: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor, ctx: int, strings: list[str]) -> pa.Table:
-    flat_index = token_index[keep].numpy()
-    flat_ids = ids[keep].numpy()
-    return pa.table(
-        {
-            "token_index": pa.array(flat_index, pa.int64()),
-            "seq": pa.array(flat_index // ctx, pa.int64()),
-            "pos": pa.array((flat_index % ctx).astype(np.int32), pa.int32()),
-            "doc": pa.array(docs[keep].numpy(), pa.int64()),
-            "token_id": pa.array(flat_ids.astype(np.int32), pa.int32()),
-            "token": pa.array([strings[i] for i in flat_ids], pa.string()),
-        }
-    )
-
-
-class _TokenStrings:
-    """Readable token strings, decoded once per vocabulary id."""
-
-    def __init__(self, handle: ModelHandle) -> None:
-        self.handle = handle
-        self.cache: dict[int, str] = {}
-
-    def __getitem__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.handle.token_strings([int(token_id)])[0]
-        return text
-
-
 def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, progress: bool = True) -> CaptureReport:
     """Capture `settings.tokens` tokens into the store, resuming whatever is already there."""
     check_settings(settings)
@@ -215,7 +185,7 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
     n_batches = math.ceil(n_windows / batch_size)
     forward_hooks = list(dict.fromkeys(settings.hooks + [h for p in probes for h in p.hook_names(handle)]))
     stop_at = handle.stop_layer_for(forward_hooks)
-    strings = _TokenStrings(handle)
+    vocabulary = TokenVocabulary(handle)
     # On a GPU the host is idle while the model runs, so several threads encode and write.
     writer = BatchWriter(root, threads=1 if handle.device.type == "cpu" else WRITER_THREADS_ON_ACCELERATOR)
     started = time.perf_counter()
@@ -232,17 +202,13 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
                 token_index = number * batch_size * ctx + torch.arange(ids.numel()).view(ids.shape)
                 keep = token_index < settings.tokens
                 cache = handle.run(ids, forward_hooks, stop_at_layer=stop_at)
-                tables = {TOKENS_TABLE: _tokens_table(token_index, ids, docs, keep, ctx, strings)}
-                keep_dev = keep.to(handle.device)
-                for hook in settings.hooks:
-                    acts = cache[hook][keep_dev].reshape(int(keep.sum()), -1)
-                    tables[activation_file(hook)] = pa.table(
-                        {"token_index": pa.array(token_index[keep].numpy(), pa.int64()), "act": encode_activations(acts, settings.dtype)}
-                    )
-                batch_ctx = BatchContext(tokens=ids.to(handle.device), token_index=token_index.to(handle.device), keep=keep_dev, batch=number)
-                for probe in probes:
-                    tables.update(probe.reduce(batch_ctx, cache))
-                writer.submit(number, tables)
+                batch_ctx = BatchContext(tokens=ids.to(handle.device), token_index=token_index.to(handle.device), keep=keep.to(handle.device), batch=number)
+                pending = PendingBatch(
+                    ids=ids, docs=docs, token_index=token_index, keep=keep,
+                    activations=HostCopy.start({hook: cache[hook] for hook in settings.hooks}),
+                    probe_tables={name: table for probe in probes for name, table in probe.reduce(batch_ctx, cache).items()},
+                )  # fmt: skip
+                writer.submit(number, partial(pending.tables, vocabulary, ctx, settings.dtype))
                 kept = int(keep.sum())
                 new_tokens += kept
                 bar.update(kept)

@@ -13,6 +13,7 @@ import queue
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,7 +90,7 @@ class BatchWriter:
 
     def __init__(self, root: Path, threads: int = 1) -> None:
         self.root = root
-        self._queue: queue.Queue[tuple[int, dict[str, pa.Table]] | None] = queue.Queue(maxsize=2 * threads)
+        self._queue: queue.Queue[tuple[int, Callable[[], dict[str, pa.Table]]] | None] = queue.Queue(maxsize=2 * threads)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self.bytes_written = 0
@@ -104,9 +105,9 @@ class BatchWriter:
                 return
             if self._error is not None:
                 continue
-            batch, tables = item
+            batch, make_tables = item
             try:
-                folder = commit_batch(self.root, batch, tables)
+                folder = commit_batch(self.root, batch, make_tables())
                 size = sum(f.stat().st_size for f in folder.iterdir())
                 with self._lock:
                     self.bytes_written += size
@@ -120,9 +121,10 @@ class BatchWriter:
                 raise err
             raise WorkbenchError(f"writing to store {self.root} failed: {err}") from err
 
-    def submit(self, batch: int, tables: dict[str, pa.Table]) -> None:
+    def submit(self, batch: int, make_tables: Callable[[], dict[str, pa.Table]]) -> None:
+        """Queue a batch; its tables are built on a writer thread (encoding runs off the main thread)."""
         self._raise_pending()
-        self._queue.put((batch, tables))
+        self._queue.put((batch, make_tables))
 
     def close(self) -> None:
         """Wait until every submitted batch is on disk."""
