@@ -2,10 +2,9 @@
 
 All follow sae.kernels.encode's contract: values are the activation of z at the kept
 indices (slope 1 where non-zero), padding entries have value 0, values are float32.
-- topk_rows: each row keeps its k largest (TopK over ReLU): torch.topk, or with fused=True
-  the Triton bisection select of sae.kernels.triton_topk (no sort; each row guesses its
-  threshold from a sample, then one pass over z for most rows). bench/kernels_topk.py
-  measures both.
+- topk_rows: each row keeps its k largest (TopK over ReLU): on CUDA the Triton select of
+  sae.kernels.triton_topk (no sort; each row guesses its threshold from a sample, then
+  one pass over z for most rows), on CPU torch.topk.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
   first cut to their `cap` largest entries (cap >= k; default 4k), then one top-(k*B) over
   the B*cap candidates sets the batch threshold: no sort of all B x d_sae values. Exact
@@ -21,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from sae.kernels.backend import use_triton
+
 
 class Selected(NamedTuple):
     values: torch.Tensor
@@ -29,10 +30,12 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(z: torch.Tensor, k: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row, through ReLU: (float32 values, int64 indices).
-    fused=True runs the Triton guess-and-verify select (sae.kernels.triton_topk)."""
-    if fused:
+    fused (default: on CUDA) runs the Triton guess-and-verify select of
+    sae.kernels.triton_topk, else torch.topk. Both are exact; on an H100 the Triton one
+    took 0.40 ms against torch.topk's 0.86 ms at 4096 x 24576 bf16 (bench/kernels_topk.py)."""
+    if fused if fused is not None else use_triton(z.device):
         from sae.kernels.triton_topk import row_topk
 
         values, indices, _ = row_topk(z.contiguous(), k, sampled=True)
