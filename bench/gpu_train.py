@@ -22,8 +22,19 @@ term; no dead mask is passed, the trainer's dead tracking is not part of the ste
 bf16 autocast; sparsify SparseCoder.forward (its own bf16 autocast, fused encoder, Triton
 decoder) with its decoder renorm and parallel-gradient removal.
 
-Run on the device (peers as wheels in .whl, see bench/README note in BENCHMARKS.md):
-    python bench/gpu_train.py [--configs 0,1,2] [--steps 150] [--json out.json]
+Run on the device. The peers travel as wheels (the device has no registry): in the repo
+root, `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux_2_28_x86_64 ... -d .whl` for sae-lens==6.54.12 eai-sparsify==1.3.3 and what the
+device lacks (datasets dill multiprocess simple-parsing docstring-parser better-abc
+transformer-lens fancy-einsum beartype typeguard natsort schedulefree wandb click
+platformdirs pydantic pydantic-core annotated-types typing-inspection protobuf cwevals
+googleapis-common-protos opentelemetry-{api,sdk,proto,semantic-conventions,
+exporter-otlp-proto-http,exporter-otlp-proto-common,exporter-otlp-common,
+exporter-http-transport}); then, carrying .whl:
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:. python bench/gpu_train.py [--configs 0,1,2] [--only PREFIXES] [--json out.json]
+The "project Trainer" row also needs duckdb (workbench imports it); .whl plus duckdb is
+over the 64 MiB a call may carry, so that row ran in a separate call without the peers.
 """
 
 from __future__ import annotations
