@@ -90,7 +90,7 @@ def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, 
     corpus = load_corpus("builtin")
     n_batches = max(tokens // (ctx * batch_size), 1)
     batches: list[torch.Tensor] = []
-    for _, ids, _ in iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set()):
+    for _, ids, _ in iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set(), last=n_batches - 1):
         batches.append(ids)
         if len(batches) == n_batches:
             break

@@ -195,10 +195,8 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
         with ExitStack() as stack:
             for probe in probes:
                 stack.enter_context(probe.attach(handle))
-            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set(done))
+            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set(done), last=n_batches - 1)
             for number, ids, docs in batches:
-                if number >= n_batches:
-                    break
                 token_index = number * batch_size * ctx + torch.arange(ids.numel()).view(ids.shape)
                 keep = token_index < settings.tokens
                 cache = handle.run(ids, forward_hooks, stop_at_layer=stop_at)
