@@ -93,3 +93,9 @@ def test_unwritable_store_path(tmp_path):
 def test_info_on_a_folder_that_is_not_a_store(tmp_path):
     result = run_workbench("info", str(tmp_path))
     assert result.returncode == 2 and "not a workbench store" in result.stderr
+
+
+def test_hooks_lists_what_the_unknown_hook_message_points_to():
+    result = run_workbench("hooks", "--model", "tiny-relu", "blocks.0.hook_resid_*")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_post", "blocks.0.hook_resid_pre"]

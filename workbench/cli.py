@@ -17,18 +17,25 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    """Attach every command module's verbs to the app (one line per module)."""
-    from workbench.commands.capture import capture_command, info_command
+    """Attach every command module's verbs to the app (imported here, when the command runs)."""
+    from workbench.commands.analyze import analyze_command
+    from workbench.commands.app import app_command
+    from workbench.commands.capture import capture_command, hooks_command, info_command
+    from workbench.commands.demo import demo_command
+    from workbench.commands.features import features_command
+    from workbench.commands.train import eval_command, train_command
+    from workbench.commands.zoo import zoo_app
 
+    app.command("demo")(demo_command)
+    app.add_typer(zoo_app, name="zoo")
     app.command("capture")(capture_command)
     app.command("info")(info_command)
-    from workbench.commands.features import features_command; app.command("features")(features_command)  # noqa: E702
-    from workbench.commands.app import app_command; app.command("app")(app_command)  # noqa: E702
-    from workbench.commands.analyze import analyze_command; app.command("analyze")(analyze_command)  # noqa: E702
-    from workbench.commands.train import train_command; app.command("train")(train_command)  # noqa: E702
-    from workbench.commands.train import eval_command; app.command("eval")(eval_command)  # noqa: E702
-    from workbench.commands.zoo import zoo_app; app.add_typer(zoo_app, name="zoo")  # noqa: E702
-    from workbench.commands.demo import demo_command; app.command("demo")(demo_command)  # noqa: E702
+    app.command("hooks")(hooks_command)
+    app.command("analyze")(analyze_command)
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
+    app.command("features")(features_command)
+    app.command("app")(app_command)
 
 
 def main() -> None:

@@ -58,3 +58,17 @@ def info_command(store: str = typer.Argument(..., help="store folder")) -> None:
     for name in info["tables"]:
         table.add_row(name, "derived table")
     console.print(table)
+
+
+def hooks_command(
+    model: str = typer.Option(..., "--model", help="any model `capture` takes"),
+    pattern: str = typer.Argument("*", help="glob to filter hook names, e.g. 'blocks.0.*'"),
+) -> None:
+    """List a model's TransformerLens hook names (what --hooks takes)."""
+    import fnmatch
+
+    from workbench.models.registry import load_model
+
+    for name in load_model(model).hook_names():
+        if fnmatch.fnmatchcase(name, pattern):
+            print(name)

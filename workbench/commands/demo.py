@@ -56,8 +56,8 @@ def _run(args: list[str]) -> None:
 
 def demo_command(
     root: str = typer.Option("stores/demo", "--root", help="folder for the demo's stores and SAEs"),
-    tokens: int = typer.Option(200_000, "--tokens", help="tokens captured from tiny-relu (the others take fewer)"),
-    train_tokens: int = typer.Option(2_000_000, "--train-tokens", help="tokens each SAE trains on (the store is cycled)"),
+    tokens: int = typer.Option(100_000, "--tokens", help="tokens captured from tiny-relu (the others take fewer)"),
+    train_tokens: int = typer.Option(400_000, "--train-tokens", help="tokens each SAE trains on (the store is cycled)"),
     app: bool = typer.Option(True, "--app/--no-app", help="start the app at the end"),
     port: int = typer.Option(8501, "--port", help="port of the app"),
 ) -> None:
