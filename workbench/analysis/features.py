@@ -44,6 +44,7 @@ SAES_TABLE = "saes"
 FEATURE_ROW_GROUP = 65536
 #: Co-firing correlations need a d_sae x d_sae accumulator; above this width they are skipped.
 MAX_CORR_WIDTH = 16384
+PAIR_PRODUCTS_PER_STEP = 2**24  # co-firing products materialised at once (64 MB of float32)
 CORRELATED_PER_FEATURE = 10
 
 
@@ -160,8 +161,15 @@ class _Accumulator:
         take = min(len(x), self.corr_tokens - self.corr_seen)
         if self.cross is not None and take > 0:
             idx, val = indices[:take], values[:take]
-            keys = (idx[:, :, None] * self.d_sae + idx[:, None, :]).reshape(-1)
-            self.cross.index_add_(0, keys, (val[:, :, None] * val[:, None, :]).reshape(-1))
+            width = max(int((val > 0).sum(1).max()), 1)
+            if width < idx.shape[1]:  # dense-width codes (JumpReLU, ReLU): keep each row's active entries
+                val, order = val.topk(width, dim=1)
+                idx = idx.gather(1, order)
+            step = max(1, PAIR_PRODUCTS_PER_STEP // (width * width))  # bounds the [rows, width, width] products
+            for lo in range(0, take, step):
+                i, v = idx[lo : lo + step], val[lo : lo + step]
+                keys = (i[:, :, None] * self.d_sae + i[:, None, :]).reshape(-1)
+                self.cross.index_add_(0, keys, (v[:, :, None] * v[:, None, :]).reshape(-1))
             self.corr_sum.index_add_(0, idx.reshape(-1), val.reshape(-1).double())
             self.corr_sq.index_add_(0, idx.reshape(-1), val.reshape(-1).double().pow(2))
             self.corr_seen += take

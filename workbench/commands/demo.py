@@ -41,7 +41,8 @@ def sae_steps(root: Path, train_tokens: int) -> list[list[str]]:
     for rule in SAE_RULES:
         out = root / "saes" / rule
         if not (out / "cfg.json").is_file():
-            steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", "--k", "16",
+            sparsity = [] if rule == "gba" else ["--k", "16"]  # GBA holds sparsity with its group targets
+            steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", *sparsity,
                           "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)])
         steps.append(["features", str(out), "--store", store, "--name", rule.replace("-", "_")])
     return steps
