@@ -7,6 +7,7 @@ any kernel module is imported (a kernel decorated without it cannot be interpret
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -14,6 +15,17 @@ import pytest  # noqa: E402
 
 from workbench.models.handle import ModelHandle  # noqa: E402
 from workbench.models.registry import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matrices: intra-op threads only add overhead (a lot on a shared 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

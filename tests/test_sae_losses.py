@@ -13,12 +13,7 @@ from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fvu_is_unexplained_over_total_variance():

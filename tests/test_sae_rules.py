@@ -13,13 +13,7 @@ from sae.synthetic import SyntheticFeatures, SyntheticSource
 from sae.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add overhead (a lot on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_topk_keeps_at_most_k_per_row_and_they_are_the_largest():

@@ -13,12 +13,7 @@ from sae.trainer import Trainer
 from workbench.errors import WorkbenchError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FEATS = SyntheticFeatures.make(n=64, d=16, mean_active=3, kind="zipf", seed=0)
