@@ -20,7 +20,7 @@ from workbench.errors import WorkbenchError
 from workbench.models.handle import ModelHandle
 
 SPECIAL_DOC = -1  # doc id recorded for the special tokens capture adds
-TOKENIZE_GROUP = 64  # documents tokenized per call
+TOKENIZE_GROUP = 16  # documents tokenized per call (a batch rarely needs more)
 PREFETCH_BATCHES = 4
 
 
