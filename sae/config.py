@@ -12,6 +12,9 @@ from workbench.errors import WorkbenchError
 ARCHS = ("topk", "mutual-choice", "gba")
 AUX_LOSSES = ("auxk", "aux-zipf", "none")
 DEFAULT_AUX = {"topk": "auxk", "mutual-choice": "aux-zipf", "gba": "none"}
+#: Tokens behind each GBA bias update when --gba-every is not given: the paper's 50 steps
+#: of 512 tokens, so the statistics cover the same data at any batch size.
+GBA_BUFFER_TOKENS = 50 * 512
 #: Settings a resumed run must share with its checkpoint.
 SHAPE_KEYS = ("arch", "d_in", "d_sae", "k", "batch_size", "seed")
 
@@ -44,7 +47,7 @@ class TrainConfig:
     gba_groups: int = 10
     gba_p_max: float = 0.1
     gba_p_min: float = 1e-3
-    gba_every: int = 50
+    gba_every: int | None = None
     gba_gamma: float = 0.01
     gba_eps: float = 1e-6
     log_every: int | None = None
@@ -72,6 +75,10 @@ class TrainConfig:
             raise WorkbenchError(f"unknown aux loss '{self.aux}': choose one of {', '.join(AUX_LOSSES)}")
         if self.arch == "gba" and not 0 < self.gba_p_min <= self.gba_p_max <= 1:
             raise WorkbenchError("GBA targets need 0 < p_min <= p_max <= 1")
+        if self.gba_every is None:
+            self.gba_every = max(1, round(GBA_BUFFER_TOKENS / self.batch_size))
+        if self.gba_every <= 0:
+            raise WorkbenchError("--gba-every must be a positive number of steps")
 
     # ---- derived settings --------------------------------------------------------------
     @property

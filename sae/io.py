@@ -2,7 +2,7 @@
 
 Writing folds the training-time input scale into the weights (the saved SAE takes raw
 activations) and saves each rule in its SAELens inference form: TopK as "topk", Mutual
-Choice as "jumprelu" with its threshold, GBA as "standard" (ReLU) with its adapted biases.
+Choice and GBA as "jumprelu" with their thresholds (GBA's is minus its adapted bias).
 Reading takes any SAELens folder of those three architectures (ours or a peer's), so
 `workbench eval` and the browser work on both.
 """
@@ -53,7 +53,7 @@ def save_sae(folder: str | Path, model: SparseAutoencoder, input_scale: float = 
     folder.mkdir(parents=True, exist_ok=True)
     s = float(input_scale)
     tensors = {
-        "W_enc": (model.W_enc * s).contiguous(),
+        "W_enc": (model.encoder_matrix() * s).contiguous(),
         "b_enc": model.b_enc.detach().clone(),
         "W_dec": (model.W_dec / s).contiguous(),
         "b_dec": (model.b_dec / s).contiguous(),

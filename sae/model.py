@@ -36,10 +36,13 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.d_in, self.d_sae = int(d_in), int(d_sae)
         self.rule = rule
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        #: Tied weights (GBA, as in its paper): no W_enc parameter; the encoder is the unit
+        #: direction of each decoder row, and the row's norm is the neuron's output scale.
+        self.tied = rule.tied_weights
+        self.W_enc = None if self.tied else nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae), requires_grad=rule.trains_encoder_bias)
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=rule.trains_decoder_bias)
         #: Train through kernels.sparse_encode (backward over the kept entries only)? None:
         #: on CUDA yes; on CPU no, where one dense BLAS backward beats the scatter over
         #: B x (k + k_aux) pairs at the widths this machine trains (see BENCHMARKS.md).
@@ -50,14 +53,22 @@ class SparseAutoencoder(nn.Module):
         """Unit-norm random decoder rows, W_enc = W_dec^T, b_enc = 0, b_dec from data."""
         w = torch.randn(self.d_sae, self.d_in, generator=generator)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec.T)
+        if not self.tied:
+            self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
         if b_dec is not None:
             self.b_dec.copy_(b_dec)
 
+    def encoder_matrix(self) -> torch.Tensor:
+        """W_enc [d_in, d_sae]: the parameter, or with tied weights the unit decoder
+        directions (a feature-major view, the layout sae.kernels.sparse_encode prefers)."""
+        if self.tied:
+            return nn.functional.normalize(self.W_dec, dim=1).t()
+        return self.W_enc
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """z [B, d_sae]."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x - self.b_dec) @ self.encoder_matrix() + self.b_enc
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """x_hat [B, d_in] from a sparse code."""
@@ -92,7 +103,7 @@ class SparseAutoencoder(nn.Module):
             return values, torch.cat([code.indices, extra], dim=1)
 
         if self.fused_encoder if self.fused_encoder is not None else x.device.type == "cuda":
-            values, indices = sparse_encode(x, self.W_enc, self.b_enc, self.b_dec, select)
+            values, indices = sparse_encode(x, self.encoder_matrix(), self.b_enc, self.b_dec, select)
         else:
             z = self.pre_acts(x)
             kept, indices = select(z.detach())
@@ -115,13 +126,16 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Put every decoder row back on the unit sphere (after each optimiser step)."""
+        """Put every decoder row back on the unit sphere (after each optimiser step); tied
+        weights keep each neuron's output scale in its row norm instead."""
+        if self.tied:
+            return
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Drop the part of dW_dec along each (unit) row, so the step moves along the sphere."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or self.tied:
             return
         parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
         self.W_dec.grad.sub_(parallel * self.W_dec)

@@ -2,8 +2,10 @@
 
 Data model (as in the GBA paper's statistical framework): n unit-norm features V [n, d] with
 n > d, sparse non-negative codes H [tokens, n] where feature i is on with probability p_i
-(balanced: all equal; Zipf: p_i proportional to i^-a, the imbalanced case), values uniform
-on [0.5, 1.5] or exponential with mean 1, data X = H V plus optional Gaussian noise.
+(balanced: all equal; Zipf: p_i proportional to i^-a), values uniform on [0.5, 1.5] or
+exponential with mean 1, data X = H V plus optional Gaussian noise. The GBA paper's
+imbalanced case is imbalanced per token instead: each token draws its number of active
+features s from a list (half s=3, half s=20), then s features uniformly (`sparsities`).
 Recovery: match decoder rows to true features by |cosine| with the Hungarian algorithm
 (scipy linear_sum_assignment) and report the Feature Recovery Rate above 0.9 and 0.8 and
 the mean matched cosine.
@@ -42,6 +44,9 @@ class SyntheticFeatures:
     p: torch.Tensor
     values: str = "uniform"
     noise: float = 0.0
+    #: If set, each token has exactly s active features, s drawn uniformly from this tuple
+    #: (features uniform; p is then mean(s)/n for every feature).
+    sparsities: tuple[int, ...] | None = None
 
     @classmethod
     def make(
@@ -53,10 +58,30 @@ class SyntheticFeatures:
         V = V / V.norm(dim=1, keepdim=True)
         return cls(V=V, p=feature_frequencies(n, mean_active, kind, zipf_exponent), values=values, noise=noise)
 
+    @classmethod
+    def mixed_sparsity(cls, n: int, d: int, sparsities: tuple[int, ...], values: str = "uniform", seed: int = 0) -> SyntheticFeatures:
+        """The GBA paper's imbalanced case (n=128, d=42, sparsities (3, 20))."""
+        if not sparsities or not all(0 < s <= n for s in sparsities):
+            raise WorkbenchError(f"each sparsity must be between 1 and n={n}, got {sparsities}")
+        base = cls.make(n, d, 1.0, values=values, seed=seed)
+        mean = sum(sparsities) / len(sparsities)
+        return cls(V=base.V, p=torch.full((n,), mean / n), values=values, sparsities=tuple(int(s) for s in sparsities))
+
+    def _on(self, tokens: int, generator: torch.Generator) -> torch.Tensor:
+        """Bool [tokens, n]: which features each token has."""
+        n = self.V.shape[0]
+        draw = torch.rand(tokens, n, generator=generator)
+        if self.sparsities is None:
+            return draw < self.p
+        choice = torch.randint(len(self.sparsities), (tokens,), generator=generator)
+        s = torch.tensor(self.sparsities)[choice]
+        cutoff = draw.sort(dim=1).values.gather(1, (s - 1)[:, None])
+        return draw <= cutoff
+
     def sample(self, tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(X [tokens, d], H [tokens, n])."""
         n, d = self.V.shape
-        on = torch.rand(tokens, n, generator=generator) < self.p
+        on = self._on(tokens, generator)
         if self.values == "uniform":
             mags = 0.5 + torch.rand(tokens, n, generator=generator)
         elif self.values == "exponential":

@@ -27,6 +27,10 @@ class SparsityRule(nn.Module):
     saelens_architecture: str = ""
     #: False where b_enc is set by a feedback rule instead of gradients (GBA).
     trains_encoder_bias: bool = True
+    #: False where b_dec stays at its data initialisation (GBA; see sae/rules/gba.py).
+    trains_decoder_bias: bool = True
+    #: True where the encoder is the decoder's directions (GBA; see SparseAutoencoder.tied).
+    tied_weights: bool = False
 
     def select(self, z: torch.Tensor) -> SparseCode:
         """Training-time selection on a detached z (may use the whole batch; in training mode

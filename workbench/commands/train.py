@@ -35,7 +35,7 @@ def train_command(
     gba_groups: int = typer.Option(10, help="GBA: neuron groups."),
     gba_p_max: float = typer.Option(0.1, help="GBA: highest group target frequency."),
     gba_p_min: float = typer.Option(1e-3, help="GBA: lowest group target frequency."),
-    gba_every: int = typer.Option(50, help="GBA: steps between bias updates."),
+    gba_every: Optional[int] = typer.Option(None, help="GBA: steps between bias updates (default: every 25,600 tokens, the paper's 50 steps of 512)."),
     gba_gamma: float = typer.Option(0.01, help="GBA: bias step size."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
