@@ -11,20 +11,22 @@ per-neuron biases that get no gradient and are set by a feedback rule:
   elif q_m < eps:    b_m <- min(b_m + gamma * mean_{m' in g} r_m', 0)
   so biases stay in [-1, 0] (in units of the normalised input).
 
-Two choices the reference note leaves open, and what this code does:
-- f is JumpReLU, as in the paper's LLM runs: the bias gates a neuron but does not shrink
-  its value. We hold it as threshold = -b (in [0, 1]) with b_enc fixed at 0, so
-  f(u) = u * [u > threshold] on u = (x - b_dec) W_enc, which is exactly SAELens's
-  "jumprelu" architecture (saved with this threshold). With a plain ReLU the adapted
-  biases shrink every activation and FVU stays high (0.35 on the imbalanced synthetic case).
-- b_dec stays at its data initialisation (the geometric median). Trained by the
-  reconstruction loss alone it drifted to twice the data's norm, and neurons aligned with
-  -b_dec then fired on every token however low the bias floor (L0 43 where the targets
-  imply 17, measured on bench/sae_synthetic.py's imbalanced case).
-
-The paper's full text could not be opened from this sandbox (only its abstract and
-summaries), so the rule follows the project's reference note (sae-methods.md); every knob
-(groups, p_max, p_min, every, gamma, eps) is a setting.
+What the paper adds to the reference note, and what this code does (the paper's full text
+was not reachable from this sandbox; these details come from a published summary of it,
+which also gives its settings: gamma+ = gamma- = 0.01, an update every 50 steps of 512
+tokens, 10 groups, top target 0.5, bottom 1e-3 to 1e-4):
+- tied weights: f(x) = sum_m a_m w_m phi(w_m . (x - b_pre) + b_m) + b_pre. Here the encoder
+  is the unit direction of each decoder row and the row's norm is a_m
+  (SparseAutoencoder.tied), so the bias range [-1, 0] keeps its meaning while training
+  (with a free W_enc the encoder norms drifted and the frequencies with them);
+- phi is JumpReLU: the bias gates a neuron but does not shrink its value. We hold it as
+  threshold = -b in [0, 1] with b_enc fixed at 0, f(u) = u * [u > threshold], which is
+  SAELens's "jumprelu" architecture (saved with this threshold);
+- only w and a get gradients: b_pre (our b_dec) stays at its data initialisation, the
+  geometric median. Trained by the reconstruction loss it drifted to twice the data's
+  norm, and neurons aligned with -b_dec then fired on every token whatever their bias.
+The statistics period is counted in tokens (sae.config.GBA_BUFFER_TOKENS) unless
+--gba-every is given.
 """
 
 from __future__ import annotations
