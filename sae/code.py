@@ -38,9 +38,10 @@ class SparseCode:
         return dense.scatter_add(1, self.indices, self.values)
 
     def fired(self, d_sae: int) -> torch.Tensor:
-        """Per-feature count of rows in which it fired, [d_sae] (no gradient)."""
+        """Per-feature count of rows in which it fired, [d_sae] (no gradient, no host sync)."""
         counts = torch.zeros(d_sae, dtype=torch.long, device=self.indices.device)
-        return counts.index_add_(0, self.indices[self.active()], torch.ones_like(self.indices[self.active()]))
+        # every entry adds its 0/1 activity: no boolean-mask gather, so no host-device sync
+        return counts.index_add_(0, self.indices.reshape(-1), self.active().reshape(-1).long())
 
 
 def code_from_mask(acts: torch.Tensor, keep: torch.Tensor) -> SparseCode:

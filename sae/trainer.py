@@ -5,10 +5,24 @@ The trainer owns everything a resumed run needs (model and rule buffers, optimis
 input scale, per-feature counters) and writes it to OUT/checkpoint.pt; the data stream is
 restarted at the batch number the checkpoint reached, so an interrupted run continued from
 its checkpoint ends in the same state as an uninterrupted one.
+
+On CUDA the encoder product runs in bf16 (autocast; fp32 master weights, the decode and
+the loss stay fp32), Adam is the fused kernel, batches are copied from pinned memory
+without blocking, and the NaN/Inf guard is a pair of device-side flags that fit() reads at
+each log step and before anything is written (checkpoint, SAE), naming the steps since
+the last check: a TopK step with aux "none" never waits for the GPU. (The auxiliary
+losses read the dead-feature count once a step, sae.losses.aux_candidates, and Mutual
+Choice reads its overflow count.) On CPU the same code checks the flags every step, and
+results are bit for bit those of the per-step guard it replaced.
+
+DataParallelTrainer (sae.distributed) reuses train_step and overrides only its hooks:
+shard (this process's part of the global batch), forward_model (through DDP),
+loss_scale (undo DDP's gradient mean) and reduce (sum batch statistics over processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,10 +32,11 @@ from typing import Any
 
 import torch
 
+from sae.code import SparseCode
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
 from sae.io import save_sae
-from sae.losses import aux_candidates, aux_reconstruction_loss, fvu, zipf_underuse
+from sae.losses import aux_candidates, aux_reconstruction_loss, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
 from workbench.errors import WorkbenchError
@@ -56,6 +71,20 @@ def _check_finite(x: torch.Tensor, what: str, step: int) -> None:
         raise WorkbenchError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower --lr) and rerun")
 
 
+def _steps(first: int, last: int) -> str:
+    return f"at step {first}" if first >= last else f"between steps {first} and {last}"
+
+
+class _Autoencoder(SparseAutoencoder):
+    """The trainer's model: SparseAutoencoder with the decode kept out of any autocast, so
+    that bf16 autocast around the forward pass reaches the encoder product only (the
+    Triton decode ignores autocast anyway; this keeps the dense fallback for wide codes fp32)."""
+
+    def decode_directions(self, code: SparseCode) -> torch.Tensor:
+        with torch.autocast(self.W_dec.device.type, enabled=False):
+            return super().decode_directions(code)
+
+
 class Trainer:
     """Build with Trainer.start (fresh) or Trainer.resume (from OUT/checkpoint.pt), then fit()."""
 
@@ -66,13 +95,21 @@ class Trainer:
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate)
+        self.model = _Autoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
+        self.on_cuda = self.device.type == "cuda"
+        #: fused Adam (one kernel over all parameters) on CUDA; the CPU keeps torch's default
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                          fused=True if self.on_cuda else None)
         self.step = 0
         self.input_scale = 1.0
         self.tokens_since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=self.device)
         self.density = torch.zeros(config.d_sae, device=self.device)
         self.history: list[dict[str, float]] = []
+        # the NaN/Inf guard: device flags and-ed every step, read by check_finite()
+        self._data_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self._loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self._unchecked_from: int | None = None  # first step not yet covered by a check
+        self._last_loss = torch.zeros((), device=self.device)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -127,6 +164,14 @@ class Trainer:
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        fused = True if self.on_cuda else None
+        for group in self.optimizer.param_groups:  # the checkpoint may come from another device
+            if group.get("fused") != fused:
+                group["fused"] = fused
+                for p in group["params"]:
+                    st = self.optimizer.state.get(p, {})
+                    if "step" in st and torch.is_tensor(st["step"]):
+                        st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
@@ -143,49 +188,121 @@ class Trainer:
             return zipf_underuse(self.density)
         return None
 
+    # The hooks DataParallelTrainer overrides (identity / one process here).
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's part of the (scaled, on-device) global batch."""
+        return x
+
+    def forward_model(self, x: torch.Tensor, select_aux: Any) -> tuple[torch.Tensor, SparseCode, SparseCode | None]:
+        """The training forward pass (x_hat, code, aux_code)."""
+        return self.model(x, select_aux)
+
+    @property
+    def loss_scale(self) -> int:
+        """Multiplies this process's summed squared error in the loss (1 here; the world
+        size under DDP, whose gradient mean would otherwise divide it)."""
+        return 1
+
+    def reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum a float vector of batch statistics over processes (nothing to do here)."""
+        return stats
+
+    # ---- one step ----------------------------------------------------------------------
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.on_cuda and batch.device.type == "cpu":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)  # no wait on the GPU
+        return batch.to(self.device, torch.float32) * self.input_scale
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.on_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if group["lr"] != lr:
+                group["lr"] = lr
+
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimiser step. Metrics come back as device tensors (read them only when
-        logging: each read is a host-device sync); one sync a step checks the loss is finite."""
+        logging: each read is a host-device sync). Non-finite data or loss only sets a device
+        flag here; check_finite() (called by fit) turns it into an error. On CPU, where
+        reading it costs nothing, every step checks it."""
         cfg, model = self.config, self.model
-        x = batch.to(self.device, torch.float32) * self.input_scale
+        x_all = self._to_device(batch)
+        x = self.shard(x_all)
         lr = cfg.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         model.train()
         weights = self.aux_weights()
         select_aux = None if weights is None else (lambda z: aux_candidates(z, weights, cfg.aux_k))
-        x_hat, code, aux_code = model(x, select_aux)
-        main = fvu(x, x_hat)
+        with self._autocast():
+            x_hat, code, aux_code = self.forward_model(x, select_aux)
+        # FVU with the global batch's variance: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+        variance = (x_all - x_all.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+        sq = (x - x_hat).pow(2).sum()
+        scale = self.loss_scale
+        main = (sq * scale if scale != 1 else sq) / variance
         if aux_code is not None and weights is not None:
             aux = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.decode_directions)
         else:
             aux = main.new_zeros(())
         loss = main + cfg.aux_alpha * aux
-        if not torch.isfinite(loss):
-            _check_finite(batch, "the training data", self.step)
-            raise WorkbenchError(
-                f"training diverged: loss is {loss.item()} at step {self.step}; lower --lr "
-                "(the last checkpoint in --out is intact)"
-            )
+        self._note_finite(x_all)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         model.remove_parallel_decoder_grad()
         self.optimizer.step()
         model.normalize_decoder()
         with torch.no_grad():
-            fired = code.fired(cfg.d_sae)
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[fired > 0] = 0
-            self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired.float() / len(x))
+            n = len(x_all)
+            local = torch.cat([code.fired(cfg.d_sae).float(), sq.detach().reshape(1),
+                               code.l0().sum().float().reshape(1), loss.detach().reshape(1)])
+            stats = self.reduce(local)
+            fired, sq_sum, l0_sum, loss_sum = stats[:-3], stats[-3], stats[-2], stats[-1]
+            self._loss_ok &= torch.isfinite(loss_sum)
+            self._last_loss = loss_sum
+            self.tokens_since_fired += n
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
+            self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired / n)
             model.rule.after_step(model, self.step)
+        if self._unchecked_from is None:
+            self._unchecked_from = self.step
         self.step += 1
+        if not self.on_cuda:
+            self.check_finite()
         return {
-            "fvu": main.detach(),
+            "fvu": sq_sum / variance,
             "aux": aux.detach(),
-            "l0": code.l0().float().mean(),
+            "l0": l0_sum / n,
             "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean(),
             "lr": lr,
         }
+
+    def _note_finite(self, x: torch.Tensor) -> None:
+        self._data_ok &= torch.isfinite(x).all()
+
+    def check_finite(self) -> None:
+        """Raise if a step since the last check saw NaN/Inf data or a non-finite loss: one
+        host-device sync. fit() calls it at every log step and before every write."""
+        if self._unchecked_from is None:
+            return
+        first, last = self._unchecked_from, self.step - 1
+        data_ok, loss_ok = bool(self._data_ok), bool(self._loss_ok)
+        if data_ok and loss_ok:
+            self._unchecked_from = None
+            return
+        # the flags stay down: this trainer's state is diverged and every later check fails
+        if not data_ok:
+            raise WorkbenchError(
+                f"non-finite values (NaN or Inf) in the training data {_steps(first, last)}; "
+                "check the activations (or lower --lr) and rerun"
+            )
+        if not loss_ok:
+            raise WorkbenchError(
+                f"training diverged: the loss became {float(self._last_loss)} {_steps(first, last)}; lower --lr "
+                "(the last checkpoint in --out is intact)"
+            )
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, until_step: int | None = None, progress: bool = True) -> SparseAutoencoder:
@@ -201,7 +318,10 @@ class Trainer:
                 if self.step >= stop:
                     break
                 step_metrics = self.train_step(batch)
-                if self.step % cfg.log_interval == 0 or self.step == stop:
+                log_now = self.step % cfg.log_interval == 0 or self.step == stop
+                if log_now or (self.step % cfg.checkpoint_interval == 0 and self.step < stop):
+                    self.check_finite()  # the step's only host sync, and only on these steps
+                if log_now:
                     metrics = {k: float(v) for k, v in step_metrics.items()}
                     tokens_per_s = (self.step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
                     self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tokens_per_s, **metrics})
@@ -231,8 +351,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """OUT/checkpoint.pt and OUT/training.json, each replaced atomically."""
+        """OUT/checkpoint.pt and OUT/training.json, each replaced atomically (never from a
+        diverged state: raises first if a step since the last check went non-finite)."""
         assert self.out is not None
+        self.check_finite()
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / f".{CHECKPOINT_FILE}.tmp"
         torch.save(self.state(), tmp)
@@ -265,4 +387,5 @@ class Trainer:
 
     def save_sae(self, folder: str | Path) -> Path:
         """The trained SAE as a SAELens folder (input scale folded into the weights)."""
+        self.check_finite()
         return save_sae(folder, self.model, self.input_scale, self.saelens_metadata())
