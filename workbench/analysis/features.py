@@ -71,7 +71,7 @@ def corr_table(name: str) -> str:
 def training_rule(folder: str | Path, cfg: dict[str, Any]) -> str:
     """The rule an SAE was trained with (topk / mutual-choice / gba), as the workbench trainer
     records it in cfg metadata or training.json; else the SAELens architecture (a Mutual
-    Choice SAE is saved as jumprelu, a GBA one as standard)."""
+    Choice or GBA SAE is saved as jumprelu)."""
     recorded = ((cfg.get("metadata") or {}).get("workbench") or {}).get("arch")
     record_path = Path(folder) / "training.json"
     if not recorded and record_path.is_file():
