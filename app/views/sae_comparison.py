@@ -34,6 +34,7 @@ labels = [f"{n} ({r})" for n, r in zip(rows["name"], rows["rule"])]
 bars = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "L0 (active features per token)", "dead fraction"))
 for col, metric in enumerate(("fvu", "l0", "dead_fraction"), start=1):
     bars.add_bar(x=labels, y=rows[metric], showlegend=False, row=1, col=col)
+bars.update_yaxes(range=[0, 1], row=1, col=3)  # a fraction: all-zero bars still read as 0, not as an empty axis
 bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens", height=420)
 st.plotly_chart(bars)
 
