@@ -75,16 +75,6 @@ def _steps(first: int, last: int) -> str:
     return f"at step {first}" if first >= last else f"between steps {first} and {last}"
 
 
-class _Autoencoder(SparseAutoencoder):
-    """The trainer's model: SparseAutoencoder with the decode kept out of any autocast, so
-    that bf16 autocast around the forward pass reaches the encoder product only (the
-    Triton decode ignores autocast anyway; this keeps the dense fallback for wide codes fp32)."""
-
-    def decode_directions(self, code: SparseCode) -> torch.Tensor:
-        with torch.autocast(self.W_dec.device.type, enabled=False):
-            return super().decode_directions(code)
-
-
 class Trainer:
     """Build with Trainer.start (fresh) or Trainer.resume (from OUT/checkpoint.pt), then fit()."""
 
@@ -95,7 +85,7 @@ class Trainer:
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        self.model = _Autoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
+        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
         self.on_cuda = self.device.type == "cuda"
         #: fused Adam (one kernel over all parameters) on CUDA; the CPU keeps torch's default
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
