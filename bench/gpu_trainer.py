@@ -62,6 +62,7 @@ LR = 4e-4
 WARM = 20
 LOG_EVERY = 50
 REL_TOL = 1e-3
+PRECISION = "bf16"  # --precision
 FVU_TOL = 0.01
 # NVLink multicast stays off (the device's rule); torchrun's children inherit these
 for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
@@ -71,7 +72,7 @@ for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_D
 def config_for(d_in: int, d_sae: int, k: int, B: int, steps: int, device: str, **kw) -> TrainConfig:
     base = {"arch": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "tokens": steps * B, "batch_size": B, "lr": LR,
             "device": device, "aux": "none", "warmup_steps": 0, "decay_fraction": 0.0, "init_tokens": B,
-            "log_every": LOG_EVERY, "seed": 0}
+            "log_every": LOG_EVERY, "seed": 0, "precision": PRECISION}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -450,7 +451,10 @@ def main() -> None:
     ap.add_argument("--ddp-batches", type=int, default=8, help="distinct batches in the data-parallel run's data")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks the script; numbers mean nothing)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="the trainer's --precision for every run")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False

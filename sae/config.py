@@ -10,6 +10,7 @@ from typing import Any
 from workbench.errors import WorkbenchError
 
 ARCHS = ("topk", "mutual-choice", "gba")
+PRECISIONS = ("bf16", "fp32")
 AUX_LOSSES = ("auxk", "aux-zipf", "none")
 DEFAULT_AUX = {"topk": "auxk", "mutual-choice": "aux-zipf", "gba": "none"}
 #: Tokens behind each GBA bias update when --gba-every is not given: the paper's 50 steps
@@ -35,6 +36,9 @@ class TrainConfig:
     lr: float | None = None
     seed: int = 0
     device: str = "cpu"
+    #: "bf16": on CUDA the encoder product runs under bf16 autocast (fp32 master weights);
+    #: "fp32": no autocast. CPU training is fp32 either way.
+    precision: str = "bf16"
     aux: str | None = None
     aux_alpha: float = 1 / 32
     k_aux: int | None = None
@@ -63,6 +67,8 @@ class TrainConfig:
                 raise WorkbenchError(f"--arch {self.arch} needs --k (active features per token)")
             if not 0 < self.k <= self.d_sae:
                 raise WorkbenchError(f"--k {self.k} must be between 1 and d_sae={self.d_sae}; lower --k or widen the SAE")
+        if self.precision not in PRECISIONS:
+            raise WorkbenchError(f"unknown --precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
         if self.batch_size <= 0:
             raise WorkbenchError("--batch-size must be positive")
         if self.tokens < self.batch_size:

@@ -204,7 +204,7 @@ class Trainer:
         return batch.to(self.device, torch.float32) * self.input_scale
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.on_cuda:
+        if self.on_cuda and self.config.precision == "bf16":
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 

@@ -26,6 +26,7 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14))."),
     out: Path = typer.Option(..., help="Output folder: SAELens cfg.json + sae_weights.safetensors, training.json, checkpoint.pt."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
+    precision: str = typer.Option("bf16", help="bf16 | fp32: the encoder product's precision on CUDA (CPU is always fp32)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
@@ -57,7 +58,7 @@ def train_command(
         raise WorkbenchError("--k does not apply to --arch gba (its sparsity comes from the group target frequencies)")
     config = TrainConfig(
         arch=arch, d_in=source.d_in, d_sae=width, k=k, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-        device=device, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
+        device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
         gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma,
     )
     command = ["workbench", *sys.argv[1:]]
