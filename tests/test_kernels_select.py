@@ -22,7 +22,7 @@ def test_triton_row_topk_keeps_the_k_largest(dtype, B, N, k):
     z = torch.randn(B, N, generator=gen).to(dtype)
     z[0] = z[0, 3]  # a row of ties: any k of them, each once
     z[1, : N // 2] = -1.0  # negatives and ties below the k-th
-    check_row_topk(z, k, *row_topk(z, k, chunk=64))
+    check_row_topk(z, k, *row_topk(z, k, method="stream", chunk=64))
 
 
 def check_row_topk(z, k, v, i, kth):
@@ -43,7 +43,7 @@ def test_triton_row_topk_sampled_path_is_exact_either_way(dtype):
     z = torch.randn(B, N, generator=gen)
     z[2] = 0.25  # all ties: the count above the guess overflows, the row falls back
     z[6, :50] = -5.0
-    check_row_topk(z.to(dtype), k, *row_topk(z.to(dtype), k, sampled=True, chunk=256))
+    check_row_topk(z.to(dtype), k, *row_topk(z.to(dtype), k, method="sampled", chunk=256))
 
 
 def test_topk_rows_fused_agrees_with_torch():

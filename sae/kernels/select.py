@@ -38,7 +38,7 @@ def topk_rows(z: torch.Tensor, k: int, fused: bool | None = None) -> tuple[torch
     if fused if fused is not None else use_triton(z.device):
         from sae.kernels.triton_topk import row_topk
 
-        values, indices, _ = row_topk(z.contiguous(), k, sampled=True)
+        values, indices, _ = row_topk(z.contiguous(), k)
         return values, indices
     values, indices = z.topk(k, dim=1, sorted=False)
     return values.float().relu(), indices
