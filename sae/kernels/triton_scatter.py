@@ -50,8 +50,9 @@ def _feature_scatter_kernel(
 
 def sort_pairs_by_feature(indices: torch.Tensor, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, offsets): flat pair ids sorted by feature, and offsets[f]:offsets[f+1] the
-    slice of order holding feature f. searchsorted instead of bincount: no host sync."""
-    flat = indices.reshape(-1)
+    slice of order holding feature f. searchsorted instead of bincount: no host sync.
+    int32 keys: the radix sort makes half the passes it makes over int64."""
+    flat = indices.reshape(-1).to(torch.int32) if n_features < 2**31 else indices.reshape(-1)
     sorted_feat, order = torch.sort(flat)
     bounds = torch.arange(n_features + 1, device=indices.device, dtype=sorted_feat.dtype)
     offsets = torch.searchsorted(sorted_feat, bounds)

@@ -1,0 +1,146 @@
+"""The fused TopK step's kernels against float64 references (Triton under TRITON_INTERPRET=1),
+and the whole step against the trainer's sequence of torch ops in float64."""
+
+import copy
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from sae.fused_step import FusedTopKStep
+from sae.kernels.triton_decode_residual import decode_residual
+from sae.kernels.triton_feature_adam import feature_adam, feature_sums
+from sae.kernels.triton_scatter import sort_pairs_by_feature
+from sae.model import SparseAutoencoder
+from sae.rules import TopKRule
+from sae.rules.gba import GBARule
+
+
+@pytest.fixture
+def poisoned():
+    """torch.empty returns NaN (floats) or the largest integer: unwritten outputs show."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def pairs(B, F, k, gen):
+    """Indices with a repeated index in row 0, values with an all-zero row 1 and ReLU zeros."""
+    indices = torch.randint(0, F, (B, k), generator=gen)
+    indices[0] = indices[0, 0]
+    values = torch.randn(B, k, generator=gen).relu()
+    values[min(1, B - 1)] = 0.0
+    return indices, values
+
+
+@pytest.mark.parametrize("B,F,D,k", [(5, 11, 37, 1), (4, 40, 300, 7), (3, 9, 20, 9), (6, 50, 130, 33)])
+def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
+    gen = torch.Generator().manual_seed(B * D + k)
+    W, b_dec, x = torch.randn(F, D, generator=gen), torch.randn(D, generator=gen), torch.randn(B, D, generator=gen)
+    indices, values = pairs(B, F, k, gen)
+    scale = torch.tensor([0.37])
+    grad_out, grad_val, sq_err = decode_residual(indices, values, W, b_dec, x, scale)
+
+    v64 = values.double().requires_grad_()
+    x_hat = (v64[:, :, None] * W.double()[indices]).sum(1) + b_dec.double()
+    x_hat.retain_grad()
+    sq = (x_hat - x.double()).pow(2).sum(1)
+    (0.37 * sq.sum()).backward()
+    torch.testing.assert_close(grad_out.double(), x_hat.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_val.double(), torch.where(values > 0, v64.grad, 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq_err.double(), sq.detach(), rtol=1e-5, atol=1e-5)
+    # a bf16 grad_out is the float32 one rounded; grad_val and sq_err do not change
+    grad_bf16, grad_val_2, sq_err_2 = decode_residual(indices, values, W, b_dec, x, scale, torch.bfloat16)
+    assert grad_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_bf16.float(), grad_out, rtol=2**-7, atol=1e-6)
+    assert torch.equal(grad_val_2, grad_val) and torch.equal(sq_err_2, sq_err)
+
+
+def reference_adam_step(params64, grads64, opt):
+    """The trainer's order of torch ops in float64: tangent decoder gradient, Adam, unit rows."""
+    W_dec = params64["W_dec"]
+    for name, g in grads64.items():
+        params64[name].grad = g.clone()
+    W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    opt.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("B,F,D,k,xc_dtype", [(6, 13, 37, 3, torch.float32), (4, 30, 260, 8, torch.bfloat16), (3, 5, 20, 5, torch.float32)])
+def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, poisoned):
+    gen = torch.Generator().manual_seed(F * D)
+    W_dec = torch.randn(F, D, generator=gen)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    params = {"W_dec": W_dec, "W_enc_t": torch.randn(F, D, generator=gen), "b_enc": torch.randn(F, generator=gen)}
+    params["W_enc_lp"] = params["W_enc_t"].to(torch.bfloat16)
+    moments = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in params.items() if n != "W_enc_lp"}
+    params64 = {n: params[n].double().clone().requires_grad_() for n in ("W_dec", "W_enc_t", "b_enc")}
+    opt = torch.optim.Adam(list(params64.values()), lr=3e-2, foreach=False)
+    lr, step = torch.tensor([3e-2]), torch.zeros(1)
+    for _ in range(2):
+        indices, values = pairs(B, F, k, gen)
+        grad_val = torch.where(values > 0, torch.randn(B, k, generator=gen), 0.0)
+        grad_out, xc = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen).to(xc_dtype)
+        order, offsets = sort_pairs_by_feature(indices, F)
+        db_enc = feature_sums(order, offsets, grad_val)
+        step += 1
+        fired = feature_adam(order, offsets, values, grad_val, grad_out, xc, params, moments, db_enc, lr, step)
+
+        flat = indices.reshape(-1)
+        rows = torch.arange(B).repeat_interleave(k)
+        zeros = torch.zeros(F, D, dtype=torch.float64)
+        grads64 = {
+            "W_dec": zeros.index_add(0, flat, values.double().reshape(-1, 1) * grad_out.double()[rows]),
+            "W_enc_t": zeros.index_add(0, flat, grad_val.double().reshape(-1, 1) * xc.double()[rows]),
+            "b_enc": torch.zeros(F, dtype=torch.float64).index_add(0, flat, grad_val.double().reshape(-1)),
+        }
+        torch.testing.assert_close(db_enc.double(), grads64["b_enc"], rtol=1e-6, atol=1e-6)
+        reference_adam_step(params64, grads64, opt)
+        for name, ref in params64.items():
+            torch.testing.assert_close(params[name].double(), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        # within one bf16 step: the GPU rounds to nearest even, TRITON_INTERPRET (triton 3.x)
+        # truncates; bench/gpu_fused_step.py checks equality with torch's cast on the GPU
+        lp_error = (params["W_enc_lp"].float() - params["W_enc_t"]).abs()
+        assert (lp_error <= params["W_enc_t"].abs() * 2**-7).all()
+        assert torch.equal(fired, torch.zeros(F).index_add(0, flat, (values > 0).float().reshape(-1)))
+
+
+def reference_train_step(model64, opt, x):
+    """sae.trainer.Trainer.train_step's sequence for TopK, aux none, in float64."""
+    x_hat, _, _ = model64(x)
+    loss = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    model64.remove_parallel_decoder_grad()
+    opt.step()
+    model64.normalize_decoder()
+    return loss
+
+
+@pytest.mark.parametrize("d_in,d_sae,k,B", [(24, 40, 4, 16), (37, 19, 19, 7)])
+def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B):
+    gen = torch.Generator().manual_seed(d_sae)
+    model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
+    model.init_weights(gen, b_dec=torch.randn(d_in, generator=gen) * 0.1)
+    model64 = copy.deepcopy(model).double()
+    opt = torch.optim.Adam(model64.parameters(), lr=1e-2, foreach=False)
+    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", force_triton=True)
+    for _ in range(3):
+        x = torch.randn(B, d_in, generator=gen)
+        stats = fused.step(x)
+        loss = reference_train_step(model64, opt, x.double())
+        torch.testing.assert_close(stats.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), getattr(model64, name).detach(), rtol=1e-4, atol=1e-5, msg=name)
+    assert model.W_enc.t().is_contiguous()  # the model shares the step's feature-major storage
+
+
+def test_fused_step_refuses_what_it_cannot_train():
+    with pytest.raises(ValueError, match="TopK"):
+        FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, force_triton=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3, force_triton=False)
