@@ -1,8 +1,10 @@
-"""Where one of our training steps spends its GPU time (device GPU; not a test).
+"""Where one fused TopK training step spends its GPU time (device GPU; not a test).
 
-Builds the "ours (triton, no graph)" method of bench/gpu_train.py at each config, runs a
-few steps under torch.profiler and prints the kernels by total CUDA time; also times the
-fused row top-k against torch.topk on the same bf16 pre-activations.
+Builds the "ours (fused step, no graph)" method of bench/gpu_train.py at each config, runs
+a few steps under torch.profiler and prints the kernels by total CUDA time, the pairs per
+feature (the per-feature kernel's load balance), then the host time to issue one step
+against the step's time synced (a host-bound step issues slower
+than the GPU runs it).
 
 Run: python bench/gpu_profile.py [--configs 0,1,2]
 """
@@ -10,17 +12,16 @@ Run: python bench/gpu_profile.py [--configs 0,1,2]
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
-import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from sae.kernels.triton_topk import MAX_ROW, row_topk
-
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_train import CONFIGS, Ours, synthetic_pool  # noqa: E402
+from gpu_train import CONFIGS, OursFusedStep, synthetic_pool  # noqa: E402
 
 
 def main() -> None:
@@ -31,16 +32,8 @@ def main() -> None:
     for ci in (int(c) for c in args.configs.split(",")):
         d_in, d_sae, k, B = CONFIGS[ci]
         print(f"\n=== {d_in}x{d_sae} k{k} B{B}", flush=True)
-        z = torch.randn(B, d_sae, device="cuda", dtype=torch.bfloat16)
-        t_torch = triton.testing.do_bench(lambda: z.topk(k, dim=1, sorted=False), warmup=25, rep=100, return_mode="median")
-        line = f"torch.topk bf16: {t_torch:.3f} ms"
-        if d_sae <= MAX_ROW:
-            t_ours = triton.testing.do_bench(lambda: row_topk(z, k), warmup=25, rep=100, return_mode="median")
-            line += f"; row_topk (triton): {t_ours:.3f} ms"
-        print(line, flush=True)
-        del z
         pool = synthetic_pool(d_in, k, B, 2, seed=ci)
-        method = Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=False, bf16=True)
+        method = OursFusedStep(d_in, d_sae, k, pool[0], graph=False)
         for _ in range(3):
             method.step(pool[0])
         torch.cuda.synchronize()
@@ -49,6 +42,20 @@ def main() -> None:
                 method.step(pool[i % 2])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70), flush=True)
+        host, synced = [], []
+        for i in range(20):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            method.step(pool[i % 2])
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host.append(t1 - t0)
+            synced.append(time.perf_counter() - t0)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            counts = torch.bincount(method.model(pool[0])[1].indices.reshape(-1), minlength=d_sae)
+        print(f"pairs per feature after {3 + 5 + 20} steps: max {int(counts.max())}, mean {counts.float().mean():.1f}, "
+              f"features with none {int((counts == 0).sum())}, pairs in features over 64 pairs {int(counts[counts > 64].sum())}")
+        print(f"host issue {statistics.median(host) * 1e3:.3f} ms, step synced {statistics.median(synced) * 1e3:.3f} ms (medians of 20)")
         del method, pool
         torch.cuda.empty_cache()
 

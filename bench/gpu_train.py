@@ -8,8 +8,11 @@ events; the first WARMUP steps excluded), the fraction of the encoder-matmul flo
 (the time of the bf16 product x @ W_enc alone), peak GPU memory above the shared data,
 and FVU on a held-out batch after the same number of tokens.
 
-Our methods use the project's SparseAutoencoder (sae.model) parameters with
-sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
+Our methods use the project's SparseAutoencoder (sae.model) parameters.
+- "ours (fused step, graph / no graph)": sae.fused_step.FusedTopKStep, the step as kernels
+  with no autograd (register-resident row top-k, decode + loss gradient in one gather,
+  per-feature backward with Adam, renorm and the bf16 encoder copy fused), one CUDA graph.
+The earlier rows train through autograd with sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
 sparse_decode (gather-sum; per-feature backward), unit-norm decoder rows after each step.
 - "ours (triton, graph)": W_enc stored feature-major, bf16 autocast, the whole step
   (forward, backward, fused Adam, decoder renorm) captured once as a CUDA graph.
@@ -151,6 +154,48 @@ class Ours(Method):
         return self._forward(x)
 
 
+class OursFusedStep(Method):
+    """sae.fused_step.FusedTopKStep: the TopK step as five kernels and no autograd. With a
+    graph, the warm-up steps that capture needs are undone (state restored in place), so the
+    run trains the same number of steps as every other method."""
+
+    def __init__(self, d_in, d_sae, k, x0, *, graph: bool, bf16_grad: bool = False):
+        from sae.fused_step import FusedTopKStep
+
+        self.name = "ours (fused step, " + ("bf16 grad_out, " if bf16_grad else "") + ("graph" if graph else "no graph") + ")"
+        model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
+        model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
+        self.model = model.cuda()
+        self.fused = FusedTopKStep(self.model, lr=LR, grad_out_dtype=torch.bfloat16 if bf16_grad else torch.float32)
+        self.graph = None
+        if graph:
+            saved = [t.clone() for t in self.fused.state_tensors()]
+            self.static_x = x0.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.fused.step(self.static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.fused.step(self.static_x)
+            for t, s in zip(self.fused.state_tensors(), saved):
+                t.copy_(s)
+
+    def step(self, x):
+        if self.graph is None:
+            self.fused.step(x)
+            return
+        self.static_x.copy_(x)
+        self.graph.replay()
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the bf16 product, as for "ours" above
+            return self.model(x)[0]
+
+
 class ProjectTrainer(Method):
     """The project's own sae.trainer.Trainer.train_step (TopK, aux none, constant lr): what
     `workbench train` runs, host syncs for its metrics and NaN guard included."""
@@ -277,6 +322,9 @@ def main() -> None:
         x_eval = pool.pop()
         floor = encoder_floor_ms(d_in, d_sae, B)
         makers: list[tuple[str, Callable[[], Method]]] = [
+            ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
+            ("ours (fused step, bf16 grad_out, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_grad=True)),
+            ("ours (fused step, no graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=False)),
             ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
             ("ours (triton, fused top-k, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)),
             ("ours (project Trainer.train_step)", lambda: ProjectTrainer(d_in, d_sae, k, pool[0])),
