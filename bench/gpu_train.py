@@ -169,7 +169,7 @@ class OursFusedStep(Method):
         self.fused = FusedTopKStep(self.model, lr=LR, grad_out_dtype=torch.bfloat16 if bf16_grad else torch.float32)
         self.graph = None
         if graph:
-            saved = [t.clone() for t in self.fused.state_tensors()]
+            saved = [t.cpu() for t in self.fused.state_tensors()]  # on the host: not in the peak
             self.static_x = x0.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
