@@ -14,9 +14,14 @@ from sae.kernels import sparse_decode
 UNDERUSE_FLOOR = 1e-3
 
 
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum ||x - mean(x)||^2 over the batch (kept above 0): the FVU's denominator."""
+    return (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+    return (x - x_hat).pow(2).sum() / batch_variance(x)
 
 
 def aux_candidates(z: torch.Tensor, weights: torch.Tensor, k_aux: int) -> torch.Tensor:

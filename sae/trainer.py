@@ -36,7 +36,7 @@ from sae.code import SparseCode
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
 from sae.io import save_sae
-from sae.losses import aux_candidates, aux_reconstruction_loss, zipf_underuse
+from sae.losses import aux_candidates, aux_reconstruction_loss, batch_variance, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
 from workbench.errors import WorkbenchError
@@ -229,7 +229,7 @@ class Trainer:
         with self._autocast():
             x_hat, code, aux_code = self.forward_model(x, select_aux)
         # FVU with the global batch's variance: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-        variance = (x_all - x_all.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
+        variance = batch_variance(x_all)
         sq = (x - x_hat).pow(2).sum()
         scale = self.loss_scale
         main = (sq * scale if scale != 1 else sq) / variance
@@ -245,17 +245,25 @@ class Trainer:
         self.optimizer.step()
         model.normalize_decoder()
         with torch.no_grad():
-            n = len(x_all)
             local = torch.cat([code.fired(cfg.d_sae).float(), sq.detach().reshape(1),
                                code.l0().sum().float().reshape(1), loss.detach().reshape(1)])
             stats = self.reduce(local)
-            fired, sq_sum, l0_sum, loss_sum = stats[:-3], stats[-3], stats[-2], stats[-1]
-            self._loss_ok &= torch.isfinite(loss_sum)
-            self._last_loss = loss_sum
-            self.tokens_since_fired += n
-            self.tokens_since_fired.masked_fill_(fired > 0, 0)
-            self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired / n)
-            model.rule.after_step(model, self.step)
+        return self.end_step(stats[:-3], stats[-3], stats[-2], stats[-1], len(x_all), variance, aux.detach(), lr)
+
+    @torch.no_grad()
+    def end_step(self, fired: torch.Tensor, sq_sum: torch.Tensor, l0_sum: torch.Tensor, loss_sum: torch.Tensor, n: int,
+                 variance: torch.Tensor, aux: torch.Tensor, lr: float) -> dict[str, torch.Tensor | float]:
+        """Everything after the weights moved, shared by every step implementation: the
+        loss's NaN/Inf flag, dead-feature counters, densities, the rule's hook, the step
+        count; returns the step's metrics. fired [d_sae] float counts, sq_sum / l0_sum /
+        loss_sum device scalars summed over the n tokens of the (global) batch."""
+        cfg, model = self.config, self.model
+        self._loss_ok &= torch.isfinite(loss_sum)
+        self._last_loss = loss_sum
+        self.tokens_since_fired += n
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired / n)
+        model.rule.after_step(model, self.step)
         if self._unchecked_from is None:
             self._unchecked_from = self.step
         self.step += 1
@@ -263,7 +271,7 @@ class Trainer:
             self.check_finite()
         return {
             "fvu": sq_sum / variance,
-            "aux": aux.detach(),
+            "aux": aux,
             "l0": l0_sum / n,
             "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean(),
             "lr": lr,
