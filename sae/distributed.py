@@ -15,6 +15,8 @@ the firing counts, squared error, L0 and loss, which also makes the NaN/Inf guar
 Supported now: per-row selection (arch topk) with aux "none". Batch-level rules (Mutual
 Choice's top k*B, GBA's statistics) and the auxiliary losses need the same global
 treatment of their own batch statistics and are refused with a clear message.
+The step stays autograd: the fused TopK step (sae.fused_trainer) applies Adam inside the
+kernel that sums each feature's gradient, so there is no gradient to all-reduce.
 
 Launch: torchrun --nproc_per_node N your_script.py, where the script builds a TrainConfig
 and a source and calls `train_data_parallel(config, source, out)`.

@@ -81,6 +81,13 @@ class FusedTopKStep:
         moments = [t for pair in (*self.moments.values(), self.b_dec_moments) for t in pair]
         return [*self.params.values(), self.b_dec, *moments, self.step_count]
 
+    def reload_weights(self) -> None:
+        """Call after the model's weights were written from outside step() (initialised,
+        loaded from a checkpoint): refreshes the low-precision encoder copy step() reads."""
+        lp = self.params["W_enc_lp"]
+        if lp.data_ptr() != self.params["W_enc_t"].data_ptr():
+            lp.copy_(self.params["W_enc_t"])
+
     def set_lr(self, lr: float) -> None:
         """A device write, no sync: safe between graph replays."""
         self.lr.fill_(float(lr))

@@ -18,6 +18,8 @@ results are bit for bit those of the per-step guard it replaced.
 DataParallelTrainer (sae.distributed) reuses train_step and overrides only its hooks:
 shard (this process's part of the global batch), forward_model (through DDP),
 loss_scale (undo DDP's gradient mean) and reduce (sum batch statistics over processes).
+FusedTopKTrainer (sae.fused_trainer) replaces the whole step with FusedTopKStep's kernels
+and shares the rest, the bookkeeping after the update included (end_step).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def _steps(first: int, last: int) -> str:
 
 class Trainer:
     """Build with Trainer.start (fresh) or Trainer.resume (from OUT/checkpoint.pt), then fit()."""
+
+    #: Which step implementation trains (training.json's "step_kind"): autograd + torch Adam
+    #: here, "fused" in sae.fused_trainer.FusedTopKTrainer.
+    step_kind = "autograd"
 
     def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
         if source.d_in != config.d_in:
@@ -360,6 +366,7 @@ class Trainer:
         record = {
             "command": self.command,
             "config": self.config.to_dict(),
+            "step_kind": self.step_kind,
             "data": self.source.describe(),
             "input_scale": self.input_scale,
             "step": self.step,

@@ -14,10 +14,16 @@ def workbench_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "workbench.cli", *args]
 
 
-def run_workbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `workbench ARGS` to completion, capturing its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(workbench_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+def run_workbench(*args: str, timeout: float = 300, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `workbench ARGS` to completion, capturing its output. env: variables to set in
+    the command's environment (None removes one), e.g. {"TRITON_INTERPRET": None}."""
+    full = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    return subprocess.run(workbench_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full)
 
 
 def start_workbench(*args: str, log: Path) -> subprocess.Popen[bytes]:

@@ -62,6 +62,7 @@ def test_train_writes_a_saelens_folder_with_our_record(store, trained):
     assert {"cfg.json", "sae_weights.safetensors", "training.json", "checkpoint.pt"} <= {p.name for p in trained.iterdir()}
     record = json.loads((trained / "training.json").read_text())
     assert record["finished"] and record["step"] == 48 and record["command"][:2] == ["workbench", "train"]
+    assert record["step_kind"] == "autograd"  # --step auto on the CPU
     assert record["data"]["hook"] == HOOK and record["config"]["k"] == 4 and len(record["history"]) > 5
     assert record["history"][-1]["fvu"] < record["history"][0]["fvu"]
     cfg = json.loads((trained / "cfg.json").read_text())
@@ -149,6 +150,26 @@ def test_width_mismatch_on_resume_is_one_line_and_keeps_the_run(store, trained, 
                     "--tokens", "24576", "--batch-size", "256", "--out", str(copy), "--resume")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "d_sae=96 (checkpoint) vs 128" in err
     assert (copy / "checkpoint.pt").read_bytes() == before
+
+
+def test_fused_step_without_cuda_is_one_line(store, tmp_path):
+    """Outside the Triton interpreter the CPU cannot run the fused step's kernels."""
+    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "64", "--k", "4", "--aux", "none",
+                         "--step", "fused", "--out", str(tmp_path / "x"), env={"TRITON_INTERPRET": None})  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: --step fused cannot train this run: ") and "use --device cuda or --step autograd" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_fused_step_trains_under_the_triton_interpreter_and_is_recorded(store, tmp_path):
+    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "40", "--k", "4", "--aux", "none",
+                         "--tokens", "16", "--batch-size", "8", "--step", "fused", "--out", str(tmp_path / "x"), "--no-progress",
+                         env={"TRITON_INTERPRET": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "fused step" in done.stdout
+    record = json.loads((tmp_path / "x" / "training.json").read_text())
+    assert record["step_kind"] == "fused" and record["finished"] and record["step"] == 2
+    assert (tmp_path / "x" / "sae_weights.safetensors").exists()
 
 
 def test_nan_in_the_store_is_one_line(store, tmp_path, monkeypatch, capsys):

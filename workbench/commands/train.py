@@ -27,6 +27,8 @@ def train_command(
     out: Path = typer.Option(..., help="Output folder: SAELens cfg.json + sae_weights.safetensors, training.json, checkpoint.pt."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     precision: str = typer.Option("bf16", help="bf16 | fp32: the encoder product's precision on CUDA (CPU is always fp32)."),
+    step: str = typer.Option("auto", help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
+                             "(CUDA, --arch topk, --aux none); auto = fused where it applies, else autograd."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
@@ -43,7 +45,7 @@ def train_command(
     """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store."""
     from sae.config import TrainConfig
     from sae.data import StoreSource
-    from sae.trainer import Trainer
+    from sae.fused_trainer import choose_trainer
     from workbench import Store
 
     if device.startswith("cuda"):
@@ -61,12 +63,14 @@ def train_command(
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
         gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma,
     )
+    trainer_class = choose_trainer(config, step)
     command = ["workbench", *sys.argv[1:]]
-    trainer = Trainer.resume(out, source, config, command) if resume else Trainer.start(config, source, out, command)
+    trainer = trainer_class.resume(out, source, config, command) if resume else trainer_class.start(config, source, out, command)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
     print(
-        f"saved {out} ({config.arch}, d_in={config.d_in}, d_sae={config.d_sae}, {trainer.step * config.batch_size:,} tokens): "
+        f"saved {out} ({config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
+        f"{trainer.step * config.batch_size:,} tokens): "
         f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
     )
 

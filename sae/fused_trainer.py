@@ -1,0 +1,127 @@
+"""TopK training through sae.fused_step.FusedTopKStep: the Trainer around a step with no
+autograd, and the choice between the two steps (`workbench train --step`).
+
+FusedTopKTrainer changes only the step. The fit loop, the NaN/Inf guard, the dead-feature
+counters and densities (Trainer.end_step), checkpoints and the saved SAE are the Trainer's.
+The step's Adam moments and step count go into checkpoint.pt in torch.optim.Adam's layout
+(self.optimizer carries them there and back, and takes no step itself), so a resumed run
+ends bit for bit where an uninterrupted one does, and either trainer resumes the other's
+checkpoint.
+
+The fused step applies Adam inside the kernel that sums each feature's gradient, so no
+gradient tensor exists to all-reduce: data-parallel training (sae.distributed) keeps the
+autograd step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae.config import TrainConfig
+from sae.data import ActivationSource
+from sae.fused_step import FusedTopKStep
+from sae.losses import batch_variance
+from sae.trainer import Trainer
+from workbench.errors import WorkbenchError
+
+#: `--step`: auto = fused where fused_unsupported() finds nothing and the device is CUDA.
+STEPS = ("auto", "fused", "autograd")
+#: Auxiliary losses the fused step computes.
+FUSED_AUX = ("none",)
+
+
+def fused_unsupported(config: TrainConfig) -> str | None:
+    """Why the fused step cannot train config (a sentence saying what to do), or None."""
+    if config.arch != "topk":
+        return f"the fused step trains --arch topk only, not {config.arch}; use --step autograd"
+    if config.aux not in FUSED_AUX:
+        return f"the fused step supports --aux {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use --step autograd"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "the fused step trains in one process (data-parallel runs use the autograd step); use --step autograd"
+    if torch.device(config.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"the fused step runs Triton kernels, which need --device cuda (not {config.device}; "
+                "the CPU runs them only under TRITON_INTERPRET=1, slowly, for tests); use --device cuda or --step autograd")
+    return None
+
+
+def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
+    """The trainer class for `--step`: "autograd" Trainer; "fused" FusedTopKTrainer or a
+    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported, else Trainer."""
+    if step not in STEPS:
+        raise WorkbenchError(f"unknown --step '{step}': choose one of {', '.join(STEPS)}")
+    if step == "autograd":
+        return Trainer
+    why = fused_unsupported(config)
+    if step == "fused":
+        if why is not None:
+            raise WorkbenchError(f"--step fused cannot train this run: {why}")
+        return FusedTopKTrainer
+    return FusedTopKTrainer if why is None and torch.device(config.device).type == "cuda" else Trainer
+
+
+class FusedTopKTrainer(Trainer):
+    """Trainer whose step is FusedTopKStep (see the module doc). Build with start / resume."""
+
+    step_kind = "fused"
+
+    def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
+        why = fused_unsupported(config)
+        if why is not None:
+            raise WorkbenchError(why)
+        super().__init__(config, source, out, command)
+        # shares the model's storage: the weights Trainer initialises or loads are the step's
+        self.fused = FusedTopKStep(
+            self.model, lr=config.learning_rate, precision=config.precision if self.on_cuda else "fp32",
+            force_triton=None if self.on_cuda else True,
+        )
+
+    def _initialise(self) -> None:
+        super()._initialise()
+        self.fused.reload_weights()
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """One fused step; the same metrics as Trainer.train_step, with no host sync."""
+        cfg = self.config
+        x = self._to_device(batch)
+        lr = cfg.lr_at(self.step)
+        self.fused.set_lr(lr)
+        variance = batch_variance(x)
+        self._note_finite(x)
+        stats = self.fused.step(x, variance)
+        return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance,
+                             stats.sq_err.new_zeros(()), lr)
+
+    # ---- checkpoints: the step's moments travel in torch.optim.Adam's layout ----------------
+    def _adam_moments(self) -> dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]:
+        """(exp_avg, exp_avg_sq) of each parameter, shaped like it: views of the step's tensors
+        (W_enc's are the transposes of the step's feature-major ones)."""
+        model, moments = self.model, self.fused.moments
+        return {
+            model.W_enc: (moments["W_enc_t"][0].t(), moments["W_enc_t"][1].t()),
+            model.b_enc: moments["b_enc"],
+            model.W_dec: moments["W_dec"],
+            model.b_dec: self.fused.b_dec_moments,
+        }
+
+    def state(self) -> dict[str, Any]:
+        step = self.fused.step_count.reshape(())
+        for param, (m, v) in self._adam_moments().items():
+            self.optimizer.state[param] = {"step": step.clone(), "exp_avg": m.contiguous(), "exp_avg_sq": v.contiguous()}
+        state = super().state()
+        self.optimizer.state.clear()  # the returned dict keeps them until they are saved
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)  # weights in place; the moments into self.optimizer.state
+        for param, (m, v) in self._adam_moments().items():
+            saved = self.optimizer.state.get(param)
+            if saved:  # none before the first step
+                m.copy_(saved["exp_avg"])
+                v.copy_(saved["exp_avg_sq"])
+                self.fused.step_count.copy_(saved["step"].reshape(1))
+        self.optimizer.state.clear()
+        self.fused.reload_weights()
