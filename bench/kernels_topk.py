@@ -1,6 +1,7 @@
 """Micro-benchmark (GPU): per-row top-k on bf16 pre-activations, torch.topk against the
-Triton bisection select (sae.kernels.triton_topk): the full chunked bisection, and the
-per-row sampled guess and verify. Rows are normal with a random scale per row (0.25-3.25),
+Triton bisection select (sae.kernels.triton_topk): the full chunked bisection and the split
+guess and verify (guess, segment filter over many programs, select from the candidates)
+at several segment widths, warps and margins. Rows are normal with a random scale per row (0.25-3.25),
 as activations' norms vary per token. Each variant's kept values are checked against
 torch.topk first.
 
@@ -31,8 +32,9 @@ def main() -> None:
         ref = z.topk(k, dim=1).values.float().relu().sort(1).values
         variants = {"torch.topk": lambda: z.topk(k, dim=1, sorted=False)}
         variants["bisect, chunk 1024, 4 warps"] = lambda: row_topk(z, k, method="stream", chunk=1024, num_warps=4)
-        for chunk, warps in itertools.product((1024, 2048), (4, 8)):
-            variants[f"sampled guess+verify, chunk {chunk}, {warps} warps"] = lambda c=chunk, w=warps: row_topk(z, k, method="sampled", chunk=c, num_warps=w)
+        for over, seg, warps in itertools.product((3, 4), (1024, 2048, 4096), (4, 8)):
+            variants[f"split, oversample {over}, segment {seg}, {warps} warps"] = (
+                lambda o=over, s=seg, w=warps: row_topk(z, k, method="split", segment=s, num_warps=w, oversample=o))
         for name, fn in variants.items():
             if name != "torch.topk":
                 vals = fn()[0].sort(1).values

@@ -15,14 +15,18 @@ def dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tens
     return torch.zeros(values.shape[0], d_sae, dtype=torch.float64).scatter_add(1, indices, values.double())
 
 
+@pytest.mark.parametrize("method", ["stream", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,N,k", [(5, 37, 1), (4, 300, 9), (3, 50, 50), (2, 1100, 64)])
-def test_triton_row_topk_keeps_the_k_largest(dtype, B, N, k):
+def test_triton_row_topk_keeps_the_k_largest(method, dtype, B, N, k):
     gen = torch.Generator().manual_seed(N + k)
     z = torch.randn(B, N, generator=gen).to(dtype)
     z[0] = z[0, 3]  # a row of ties: any k of them, each once
     z[1, : N // 2] = -1.0  # negatives and ties below the k-th
-    check_row_topk(z, k, *row_topk(z, k, method="stream", chunk=64))
+    got = row_topk(z, k, method=method, chunk=64, segment=128)
+    check_row_topk(z, k, *got)
+    if method == "split":  # the same entries in the same (column) order, ties included
+        assert all(torch.equal(a, b) for a, b in zip(got, row_topk(z, k, method="stream", chunk=64)))
 
 
 def check_row_topk(z, k, v, i, kth):
@@ -37,13 +41,21 @@ def check_row_topk(z, k, v, i, kth):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_row_topk_sampled_path_is_exact_either_way(dtype):
-    B, N, k = 8, 1500, 3
+def test_triton_row_topk_split_is_exact_when_rows_fall_back(dtype):
+    B, N, k = 8, 5000, 3
     gen = torch.Generator().manual_seed(7)
     z = torch.randn(B, N, generator=gen)
     z[2] = 0.25  # all ties: the count above the guess overflows, the row falls back
     z[6, :50] = -5.0
-    check_row_topk(z.to(dtype), k, *row_topk(z.to(dtype), k, method="sampled", chunk=256))
+    z[7, 4200:4300] += 4.0  # unseen by the guess's sample (the first 4096 columns): the candidates overflow
+    check_row_topk(z.to(dtype), k, *row_topk(z.to(dtype), k, method="split", chunk=256, segment=256))
+
+
+def test_triton_row_topk_split_falls_back_when_the_guess_is_too_high():
+    B, N, k = 2, 20480, 5  # the guess ranks 4 of the first 4096 columns: 4 < k above it
+    z = torch.randn(B, N, generator=torch.Generator().manual_seed(3))
+    z[1, :4096] += 3.0  # the sample is the row's top: fewer than k columns lie above the guess
+    check_row_topk(z.to(torch.bfloat16), k, *row_topk(z.to(torch.bfloat16), k, method="split", chunk=1024))
 
 
 def test_topk_rows_fused_agrees_with_torch():

@@ -7,17 +7,24 @@ with key > t and the first (k - count(key > t)) entries with key == t, at positi
 given by prefix sums: exactly k per row. Values are ReLU(z) (the TopK contract of
 sae.kernels.encode); the k-th largest pre-activation of each row is also returned.
 
-Two kernels:
-- row_topk(z, k): streams the row in CHUNK-wide pieces for every bisection round (the row
-  stays in L1/L2 between rounds): 17 passes over a row, exact for any input.
-- row_topk(z, k, sampled=True): guess and verify. Each row guesses its threshold from a
-  sample (its first columns: feature order is arbitrary), then one pass over the row
-  counts the entries above the guess and writes their columns to a per-row candidate
-  buffer of width CMAX = 8k. If the count lies in [k, CMAX] the bisection runs on those
-  candidates only, in registers; any other row falls back to the full bisection inside
-  the same kernel, so the result is exact whatever the guess. (A first version took one
-  global guess from the previous batch: 1.6x faster than torch.topk on iid rows, slower
-  in training, where row scales differ.)
+Two forms, both exact for any input:
+- row_topk(z, k, method="stream"): one program per row streams it in CHUNK-wide pieces for
+  every bisection round (the row stays in L1/L2 between rounds): 17 passes over a row.
+  "split" falls back to it for the rows where its guess fails.
+- method="split" (the default): guess and verify, over three kernels.
+  1. One program per row guesses its threshold from a sample (its first 4096 columns:
+     feature order is arbitrary, so they are a fair sample), chosen so that about 4k
+     columns of the row lie above it.
+  2. One program per (row, segment of 2048 columns) appends the segment's columns above
+     the guess to the row's candidate buffer (12k, rounded up to a power of two), at
+     slots taken by atomic adds. What this pass costs is its masked scatter (issued per
+     column, though few are taken), not its reads: counting alone runs at the read
+     floor, 0.08 ms at 4096 x 24576 bf16 on an H100, the scatter adds 0.15-0.25 ms.
+  3. One program per row sorts its candidates by column (so the result does not depend on
+     the atomics' order), bisects them and emits the k, in registers; a row with fewer
+     than k candidates, or more than the buffer holds, runs the streamed bisection.
+(A first version took one global guess from the previous batch: 1.6x faster than
+torch.topk on iid rows, slower in training, where row scales differ.)
 """
 
 from __future__ import annotations
@@ -121,6 +128,17 @@ def _bisect_block(key, K, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _sample_guess(base, N, T, KEY_BITS: tl.constexpr, SAMPLE: tl.constexpr):
+    """A key just below the T-th largest of the row's first SAMPLE columns (feature order is
+    arbitrary, so they are a fair sample; T is chosen so about 3k entries of the row lie
+    above it)."""
+    s_cols = tl.arange(0, SAMPLE)
+    s_mask = s_cols < N
+    s_key = _keys(tl.load(base + s_cols, mask=s_mask, other=0.0), s_mask, KEY_BITS)
+    return _bisect_block(s_key, T, KEY_BITS) - 1  # "- 1": the T-th entry itself is above it
+
+
+@triton.jit
 def _emit_block(z, key, cols, valid, lo, K, val_ptr, idx_ptr, out_row):
     """Write a register block's entries above lo, then its first ties at lo, K in all."""
     lo = lo.to(tl.int32)
@@ -147,39 +165,45 @@ def _row_topk_kernel(
 
 
 @triton.jit
-def _row_topk_sampled_kernel(
-    z_ptr, val_ptr, idx_ptr, kth_ptr, cand_ptr, N, stride_z, K, T,
-    KEY_BITS: tl.constexpr, CHUNK: tl.constexpr, CMAX: tl.constexpr, SAMPLE: tl.constexpr,
+def _row_guess_kernel(z_ptr, guess_ptr, N, stride_z, T, KEY_BITS: tl.constexpr, SAMPLE: tl.constexpr):
+    row = tl.program_id(0)
+    tl.store(guess_ptr + row, _sample_guess(z_ptr + row.to(tl.int64) * stride_z, N, T, KEY_BITS, SAMPLE).to(tl.int32))
+
+
+@triton.jit
+def _segment_filter_kernel(
+    z_ptr, guess_ptr, cand_ptr, count_ptr, N, stride_z,
+    KEY_BITS: tl.constexpr, SEG: tl.constexpr, CMAX: tl.constexpr,
 ):
+    """One program per (row, segment of SEG columns): the segment's columns whose key is
+    above the row's guess go to the row's candidate buffer, at slots taken from the row's
+    counter by atomic adds (a prefix sum over the segment cost more than the rare hits)."""
+    row, seg = tl.program_id(0), tl.program_id(1)
+    cols = seg * SEG + tl.arange(0, SEG)
+    mask = cols < N
+    key = _keys(tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=mask, other=0.0), mask, KEY_BITS)
+    hit = key > tl.load(guess_ptr + row)
+    slot = tl.atomic_add(count_ptr + row + tl.zeros([SEG], tl.int32), 1, mask=hit)
+    tl.store(cand_ptr + row.to(tl.int64) * CMAX + slot, cols, mask=hit & (slot < CMAX))
+
+
+@triton.jit
+def _select_candidates_kernel(
+    z_ptr, cand_ptr, count_ptr, val_ptr, idx_ptr, kth_ptr, N, stride_z, K,
+    KEY_BITS: tl.constexpr, CMAX: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Per row: if between K and CMAX columns lay above the guess, every entry of the top K
+    is a candidate: sort the candidates by column (the atomics left them in any order),
+    bisect and emit in registers. Any other row runs the streamed bisection."""
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride_z
-    cand_row = cand_ptr + row.to(tl.int64) * CMAX
     out_row = row.to(tl.int64) * K
-    # the row's own guess: the T-th largest of its first SAMPLE columns (feature order is
-    # arbitrary, so they are a fair sample), T chosen so about 3k entries lie above it
-    s_cols = tl.arange(0, SAMPLE)
-    s_mask = s_cols < N
-    s_key = _keys(tl.load(base + s_cols, mask=s_mask, other=0.0), s_mask, KEY_BITS)
-    g_key, g_hi = _key_range(KEY_BITS)
-    for _ in range(KEY_BITS):
-        mid = (g_key + g_hi + 1) >> 1
-        take = tl.sum((s_key >= mid).to(tl.int32), axis=0) >= T
-        g_key = tl.where(take, mid, g_key)
-        g_hi = tl.where(take, g_hi, mid - 1)
-    g_key = g_key - 1  # count the sample's T-th entry itself
-    count = tl.zeros([], tl.int32)
-    for c0 in range(0, N, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        mask = cols < N
-        key = _keys(tl.load(base + cols, mask=mask, other=0.0), mask, KEY_BITS)
-        hit = key > g_key
-        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-        tl.store(cand_row + pos, cols, mask=hit & (pos < CMAX))
-        count += tl.sum(hit.to(tl.int32), axis=0)
+    count = tl.load(count_ptr + row)
     if (count >= K) & (count <= CMAX):
         slots = tl.arange(0, CMAX)
+        c_cols = tl.load(cand_ptr + row.to(tl.int64) * CMAX + slots, mask=slots < count, other=2147483647)
+        c_cols = tl.sort(c_cols)
         valid = slots < count
-        c_cols = tl.load(cand_row + slots, mask=valid, other=0)
         c_z = tl.load(base + c_cols, mask=valid, other=0.0)
         c_key = _keys(c_z, valid, KEY_BITS)
         lo = _bisect_block(c_key, K, KEY_BITS)
@@ -193,19 +217,19 @@ def _row_topk_sampled_kernel(
 def row_topk(
     z: torch.Tensor,
     k: int,
-    method: str = "sampled",
+    method: str = "split",
     chunk: int = 1024,
     num_warps: int | None = None,
+    segment: int = 2048,
+    oversample: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ReLU values float32 [B, k], indices int64 [B, k], k-th largest z per row float32 [B])
     of z (bf16, fp16 or fp32, rows contiguous). Ties at the k-th value keep the lowest
-    columns. Exact for both methods:
-    - "sampled": guess the threshold from the row's first columns, one pass collects the
-      candidates above it (buffer 8k wide); rows whose count misses [k, 8k] fall back to
-      the streamed bisection;
-    - "stream": the streamed bisection, 17 passes over the row.
-    (A third form that held the whole row in registers and bisected there was 8x slower
-    than "sampled" at 4096 x 24576 on an H100, 3.4 ms at 32 warps: BENCHMARKS.md.)"""
+    columns. method: "split" (default) or "stream" (module docstring); chunk: the streamed
+    pass's width; segment: the split filter's columns per program; oversample: how many
+    times k columns the guess leaves above it (the margin against a fallback row).
+    Dropped forms (BENCHMARKS.md): the guess and verify in one program per row, 1.2-1.5x
+    slower than "split" on an H100; the whole row held in registers, 8x slower still."""
     B, N = z.shape
     assert z.stride(1) == 1 and 0 < k <= N
     values = torch.empty(B, k, device=z.device, dtype=torch.float32)
@@ -218,14 +242,20 @@ def row_topk(
     if method == "stream":
         _row_topk_kernel[(B,)](z, values, indices, kth, N, z.stride(0), k, KEY_BITS=key_bits, CHUNK=chunk, num_warps=warps)
         return values, indices, kth
-    if method != "sampled":
-        raise ValueError(f"unknown top-k method {method!r}: use sampled or stream")
-    cmax = triton.next_power_of_2(8 * k)
+    if method != "split":
+        raise ValueError(f"unknown top-k method {method!r}: use split or stream")
+    # the guess: the rank-th largest of the first `sample` columns, so that about
+    # oversample * k columns of the row lie above it; the candidate buffer holds 3x that
     sample = min(triton.next_power_of_2(N), 4096)
-    rank = max(1, min(sample, -(-3 * k * min(sample, N) // N)))
+    rank = max(1, min(sample, -(-oversample * k * min(sample, N) // N)))
+    cmax = triton.next_power_of_2(3 * oversample * k)
+    seg = min(triton.next_power_of_2(N), segment)
     candidates = torch.empty(B, cmax, device=z.device, dtype=torch.int32)
-    _row_topk_sampled_kernel[(B,)](
-        z, values, indices, kth, candidates, N, z.stride(0), k, rank,
-        KEY_BITS=key_bits, CHUNK=chunk, CMAX=cmax, SAMPLE=sample, num_warps=warps,
-    )
+    guess = torch.empty(B, device=z.device, dtype=torch.int32)
+    counts = torch.zeros(B, device=z.device, dtype=torch.int32)
+    _row_guess_kernel[(B,)](z, guess, N, z.stride(0), rank, KEY_BITS=key_bits, SAMPLE=sample, num_warps=warps)
+    _segment_filter_kernel[(B, triton.cdiv(N, seg))](z, guess, candidates, counts, N, z.stride(0),
+                                                     KEY_BITS=key_bits, SEG=seg, CMAX=cmax, num_warps=warps)
+    _select_candidates_kernel[(B,)](z, candidates, counts, values, indices, kth, N, z.stride(0), k,
+                                    KEY_BITS=key_bits, CMAX=cmax, CHUNK=chunk, num_warps=warps)
     return values, indices, kth
