@@ -1,7 +1,8 @@
 """TopK training through sae.fused_step.FusedTopKStep: the Trainer around a step with no
 autograd, and the choice between the two steps (`workbench train --step`).
 
-FusedTopKTrainer changes only the step. The fit loop, the NaN/Inf guard, the dead-feature
+FusedTopKTrainer changes only the step, for --arch topk with --aux auxk (topk's default) or
+none; aux-zipf and the other rules train through the autograd step. The fit loop, the NaN/Inf guard, the dead-feature
 counters and densities (Trainer.end_step), checkpoints and the saved SAE are the Trainer's.
 The step's Adam moments and step count go into checkpoint.pt in torch.optim.Adam's layout
 (self.optimizer carries them there and back, and takes no step itself), so a resumed run
@@ -31,7 +32,7 @@ from workbench.errors import WorkbenchError
 #: `--step`: auto = fused where fused_unsupported() finds nothing and the device is CUDA.
 STEPS = ("auto", "fused", "autograd")
 #: Auxiliary losses the fused step computes.
-FUSED_AUX = ("none",)
+FUSED_AUX = ("auxk", "none")
 
 
 def fused_unsupported(config: TrainConfig) -> str | None:
@@ -76,7 +77,7 @@ class FusedTopKTrainer(Trainer):
         # shares the model's storage: the weights Trainer initialises or loads are the step's
         self.fused = FusedTopKStep(
             self.model, lr=config.learning_rate, precision=config.precision if self.on_cuda else "fp32",
-            force_triton=None if self.on_cuda else True,
+            k_aux=config.aux_k, aux_alpha=config.aux_alpha, force_triton=None if self.on_cuda else True,
         )
 
     def _initialise(self) -> None:
@@ -91,9 +92,9 @@ class FusedTopKTrainer(Trainer):
         self.fused.set_lr(lr)
         variance = batch_variance(x)
         self._note_finite(x)
-        stats = self.fused.step(x, variance)
-        return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance,
-                             stats.sq_err.new_zeros(()), lr)
+        weights = self.aux_weights()  # AuxK: 1 for the dead features
+        stats = self.fused.step(x, variance, dead=None if weights is None else weights > 0)
+        return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance, stats.aux, lr)
 
     # ---- checkpoints: the step's moments travel in torch.optim.Adam's layout ----------------
     def _adam_moments(self) -> dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]:

@@ -57,6 +57,11 @@ def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
     assert grad_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(grad_bf16.float(), grad_out, rtol=2**-7, atol=1e-6)
     assert torch.equal(grad_val_2, grad_val) and torch.equal(sq_err_2, sq_err)
+    # into the second half of a larger buffer, with the residual x - x_hat (AuxK's target)
+    buffer, residual = torch.empty(2 * B, D), torch.empty(B, D)
+    decode_residual(indices, values, W, b_dec, x, scale, out=buffer[B:], residual=residual)
+    assert torch.equal(buffer[B:], grad_out)
+    torch.testing.assert_close(residual.double(), x.double() - x_hat.detach(), rtol=1e-5, atol=1e-5)
 
 
 def reference_adam_step(params64, grads64, opt):

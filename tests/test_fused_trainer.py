@@ -1,11 +1,17 @@
-"""FusedTopKTrainer (sae.fused_trainer): the same training as the autograd Trainer, exact
-resume, and when `--step` picks which. Kernels run under TRITON_INTERPRET=1 (slow: about
-half a second a step at these shapes, mostly the top-k), so runs are a few steps long.
+"""FusedTopKTrainer (sae.fused_trainer): the same training as the autograd Trainer (with and
+without AuxK), exact resume, checkpoints either trainer resumes, and when `--step` picks
+which. Kernels run under TRITON_INTERPRET=1 (slow: about a second a step at these shapes,
+mostly the top-k), so runs are a few steps long.
 
 Tolerance against the autograd Trainer: both run float32 on the CPU; the kernels sum in
 another order than torch, a rounding difference of ~1e-7 relative per sum, and Adam's
 normalised update turns a relative gradient error e into ~lr * e per step. After 4 steps
 the weights differ by at most ~3e-7 here; the checks allow 10x that.
+
+AUXK makes the auxiliary loss matter within those steps: features go dead after one batch
+without firing (dead_tokens = the batch size), fewer of them than k_aux in some steps (the
+fused step's -inf padding), and aux_alpha is large enough that dropping the aux gradient
+would move the weights by far more than the tolerance (checked).
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from sae.config import TrainConfig  # noqa: E402
-from sae.data import TensorSource  # noqa: E402
-from sae.fused_trainer import FusedTopKTrainer, choose_trainer  # noqa: E402
-from sae.trainer import Trainer  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
+from sae.config import TrainConfig
+from sae.data import TensorSource
+from sae.fused_trainer import FusedTopKTrainer, choose_trainer
+from sae.trainer import Trainer
+from workbench.errors import WorkbenchError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,43 +54,79 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+AUXK = dict(aux="auxk", dead_tokens=8, k_aux=4, aux_alpha=0.5)
+
+
 def source() -> TensorSource:
     return TensorSource(DATA, seed=1)
 
 
-def test_fused_trainer_trains_like_the_autograd_trainer():
-    fused, plain = FusedTopKTrainer.start(config(), source()), Trainer.start(config(), source())
-    for _, batch in zip(range(STEPS), source().batches(8)):
-        got, want = fused.train_step(batch), plain.train_step(batch)
-        assert got.keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(torch.as_tensor(got[key]).double(), torch.as_tensor(want[key]).double(), **TOLERANCE, msg=key)
+def run_steps(trainer: Trainer) -> list[dict[str, torch.Tensor | float]]:
+    return [trainer.train_step(batch) for _, batch in zip(range(STEPS), source().batches(8))]
+
+
+@pytest.mark.parametrize("aux", [dict(aux="none"), AUXK], ids=["none", "auxk"])
+def test_fused_trainer_trains_like_the_autograd_trainer(aux):
+    fused, plain = FusedTopKTrainer.start(config(**aux), source()), Trainer.start(config(**aux), source())
+    got, want = run_steps(fused), run_steps(plain)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys()
+        for key in w:
+            torch.testing.assert_close(torch.as_tensor(g[key]).double(), torch.as_tensor(w[key]).double(), **TOLERANCE, msg=f"{key} at step {step}")
     for name, param in plain.model.named_parameters():
         torch.testing.assert_close(dict(fused.model.named_parameters())[name], param, **TOLERANCE, msg=name)
     assert torch.equal(fused.tokens_since_fired, plain.tokens_since_fired)
     torch.testing.assert_close(fused.density, plain.density, **TOLERANCE)
+    if aux["aux"] == "auxk":
+        assert all(float(m["aux"]) > 0 for m in want[1:]) and float(want[0]["aux"]) == 0  # nothing dead before step 1
+        assert any(0 < float(m["dead_fraction"]) * 20 < 4 for m in want[:-1])  # a step with fewer dead than k_aux
+        without = Trainer.start(config(aux="none"), source())
+        run_steps(without)
+        assert (without.model.W_dec - plain.model.W_dec).abs().max() > 100 * TOLERANCE["atol"]
 
 
 def test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path):
-    straight = FusedTopKTrainer.start(config(), source(), out=tmp_path / "a", command=["t"])
+    cfg = config(tokens=8 * 2, **AUXK)  # nothing is dead before step 1: the resumed step has AuxK
+    straight = FusedTopKTrainer.start(cfg, source(), out=tmp_path / "a", command=["t"])
     straight.fit(progress=False)
-    first = FusedTopKTrainer.start(config(), source(), out=tmp_path / "b", command=["t"])
-    first.fit(until_step=2, progress=False)
+    first = FusedTopKTrainer.start(cfg, source(), out=tmp_path / "b", command=["t"])
+    first.fit(until_step=1, progress=False)
     del first
-    resumed = FusedTopKTrainer.resume(tmp_path / "b", source(), config(), command=["t"])
-    assert resumed.step == 2
+    resumed = FusedTopKTrainer.resume(tmp_path / "b", source(), cfg, command=["t"])
+    assert resumed.step == 1
     resumed.fit(progress=False)
 
     a, b = straight.state(), resumed.state()
-    assert a["step"] == b["step"] == STEPS
+    assert a["step"] == b["step"] == 2
+    assert float(a["history"][-1]["aux"]) > 0
     for name, tensor in a["model"].items():
         assert torch.equal(b["model"][name], tensor), name
     for i, moments in a["optimizer"]["state"].items():  # the fused step's Adam moments and count
         for key, tensor in moments.items():
             assert torch.equal(b["optimizer"]["state"][i][key], tensor), (i, key)
-    assert float(a["optimizer"]["state"][0]["step"]) == STEPS
+    assert float(a["optimizer"]["state"][0]["step"]) == 2
     assert torch.equal(b["density"], a["density"]) and torch.equal(b["tokens_since_fired"], a["tokens_since_fired"])
     assert [h["fvu"] for h in b["history"]] == [h["fvu"] for h in a["history"]]
+
+
+def test_either_trainer_resumes_the_others_checkpoint(tmp_path):
+    """Adam's state crosses over whole: moments (W_enc's transposed) and step count."""
+    plain = Trainer.start(config(), source(), out=tmp_path / "run", command=["t"])
+    plain.fit(until_step=2, progress=False)
+    fused = FusedTopKTrainer.resume(tmp_path / "run", source(), config(), command=["t"])
+    for param in plain.model.parameters():
+        saved, name = plain.optimizer.state[param], next(n for n, p in plain.model.named_parameters() if p is param)
+        m, v = fused._adam_moments()[getattr(fused.model, name)]
+        assert torch.equal(m, saved["exp_avg"]) and torch.equal(v, saved["exp_avg_sq"]), name
+    assert float(fused.fused.step_count) == 2
+    fused.fit(until_step=3, progress=False)
+    again = Trainer.resume(tmp_path / "run", source(), config(), command=["t"])
+    after = fused.state()
+    for i, param in enumerate(again.optimizer.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(again.optimizer.state[param][key], after["optimizer"]["state"][i][key]), (i, key)
+    again.fit(progress=False)  # torch's Adam steps on from the fused step's moments
+    assert again.step == STEPS and float(again.optimizer.state[again.model.W_enc]["step"]) == STEPS
 
 
 def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not(monkeypatch):
@@ -93,6 +135,10 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not(monkeypat
     assert choose_trainer(config(device="cuda"), "autograd") is Trainer
     assert choose_trainer(config(), "fused") is FusedTopKTrainer  # under TRITON_INTERPRET=1, as here
     assert choose_trainer(config(device="cuda", arch="gba", k=None)) is Trainer
+    assert choose_trainer(config(device="cuda", aux="auxk")) is FusedTopKTrainer  # topk's default aux
+    assert choose_trainer(config(device="cuda", aux="aux-zipf")) is Trainer
+    with pytest.raises(WorkbenchError, match="--aux auxk or none, not aux-zipf"):
+        choose_trainer(config(device="cuda", aux="aux-zipf"), "fused")
     with pytest.raises(WorkbenchError, match="--arch topk only, not mutual-choice"):
         choose_trainer(config(device="cuda", arch="mutual-choice", aux="none"), "fused")
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data-parallel training is autograd

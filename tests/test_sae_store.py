@@ -154,21 +154,23 @@ def test_width_mismatch_on_resume_is_one_line_and_keeps_the_run(store, trained, 
 
 def test_fused_step_without_cuda_is_one_line(store, tmp_path):
     """Outside the Triton interpreter the CPU cannot run the fused step's kernels."""
-    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "64", "--k", "4", "--aux", "none",
-                         "--step", "fused", "--out", str(tmp_path / "x"), env={"TRITON_INTERPRET": None})  # fmt: skip
+    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "64", "--k", "4", "--step", "fused",
+                         "--out", str(tmp_path / "x"), env={"TRITON_INTERPRET": None})  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: --step fused cannot train this run: ") and "use --device cuda or --step autograd" in done.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_fused_step_trains_under_the_triton_interpreter_and_is_recorded(store, tmp_path):
-    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "40", "--k", "4", "--aux", "none",
+    """The default aux (auxk) included: features die after one batch (--dead-tokens 8)."""
+    done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "40", "--k", "4", "--dead-tokens", "8",
                          "--tokens", "16", "--batch-size", "8", "--step", "fused", "--out", str(tmp_path / "x"), "--no-progress",
                          env={"TRITON_INTERPRET": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "fused step" in done.stdout
     record = json.loads((tmp_path / "x" / "training.json").read_text())
     assert record["step_kind"] == "fused" and record["finished"] and record["step"] == 2
+    assert record["config"]["aux"] == "auxk" and record["history"][-1]["aux"] > 0  # topk's default, with dead features
     assert (tmp_path / "x" / "sae_weights.safetensors").exists()
 
 

@@ -6,6 +6,7 @@ For token b with kept (indices[b, j], values[b, j]):
   grad_out[b]    = 2 * scale * e[b]                 (the gradient of scale * ||e||^2)
   grad_val[b, j] = <grad_out[b], W_dec[indices[b, j]]> where values[b, j] > 0, else 0
   sq_err[b]      = ||e[b]||^2
+  residual[b]    = -e[b] = x[b] - x_hat[b]          (optional: what AuxK reconstructs)
 The k decoder rows of a token are read once, for both x_hat and grad_val; the separate
 forward gather and backward gather-dot of sae.kernels.decode read them twice. grad_val is
 already the gradient of the kept pre-activations (TopK over ReLU has slope 1 where the
@@ -21,8 +22,8 @@ import triton.language as tl
 
 @triton.jit
 def _decode_residual_kernel(
-    idx_ptr, val_ptr, w_ptr, b_dec_ptr, x_ptr, scale_ptr, grad_out_ptr, grad_val_ptr, sq_ptr,
-    K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    idx_ptr, val_ptr, w_ptr, b_dec_ptr, x_ptr, scale_ptr, grad_out_ptr, grad_val_ptr, sq_ptr, residual_ptr,
+    K, D, WRITE_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -40,6 +41,8 @@ def _decode_residual_kernel(
         e = x_hat - tl.load(x_ptr + row * D + offs_d, mask=mask_d, other=0.0)
         g = two_scale * e
         tl.store(grad_out_ptr + row * D + offs_d, g.to(grad_out_ptr.dtype.element_ty), mask=mask_d)
+        if WRITE_RESIDUAL:
+            tl.store(residual_ptr + row * D + offs_d, -e, mask=mask_d)
         sq += e * e
         grad_val += tl.sum(w * g[None, :], axis=1)
     tl.store(grad_val_ptr + row * K + offs_k, tl.where(val > 0, grad_val, 0.0), mask=mask_k)
@@ -54,15 +57,22 @@ def decode_residual(
     x: torch.Tensor,
     scale: torch.Tensor,
     grad_out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_out [B, D] in grad_out_dtype, grad_val [B, k], sq_err [B] float32) for indices
     [B, k], values [B, k] float32, W_dec [F, D] float32 contiguous, b_dec [D], x [B, D]
     float32 contiguous and scale a one-element float32 tensor (see the module doc).
-    grad_val and sq_err are computed from the float32 grad_out whatever grad_out_dtype."""
+    grad_val and sq_err are computed from the float32 grad_out whatever grad_out_dtype.
+    out: a contiguous [B, D] tensor to write grad_out into (its dtype wins), e.g. one half
+    of a larger buffer; residual: a contiguous float32 [B, D] tensor to fill with x - x_hat."""
     B, K = indices.shape
     D = W_dec.shape[1]
     assert W_dec.is_contiguous() and x.is_contiguous() and W_dec.dtype == x.dtype == torch.float32
-    grad_out = torch.empty(B, D, device=x.device, dtype=grad_out_dtype)
+    grad_out = torch.empty(B, D, device=x.device, dtype=grad_out_dtype) if out is None else out
+    assert grad_out.shape == (B, D) and grad_out.is_contiguous()
+    if residual is not None:
+        assert residual.shape == (B, D) and residual.is_contiguous() and residual.dtype == torch.float32
     grad_val = torch.empty(B, K, device=x.device, dtype=torch.float32)
     sq_err = torch.empty(B, device=x.device, dtype=torch.float32)
     if B == 0:
@@ -71,6 +81,7 @@ def decode_residual(
     block_d = max(16, min(triton.next_power_of_2(D), 4096 // block_k))
     _decode_residual_kernel[(B,)](
         indices.contiguous(), values.contiguous(), W_dec, b_dec, x, scale, grad_out, grad_val, sq_err,
-        K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+        residual if residual is not None else sq_err, K, D, WRITE_RESIDUAL=residual is not None,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )
     return grad_out, grad_val, sq_err
