@@ -2,11 +2,12 @@
 (device GPUs; not a test).
 
 (a) One GPU, at 768x24576 k32 B4096 and 2048x65536 k64 B4096 (TopK, aux none, constant lr
-    4e-4, the synthetic batches of bench/gpu_train.py): tokens/s of sae.trainer.Trainer.
-    train_step on device-resident batches, next to bench/gpu_train.py's fastest step,
-    "ours (triton, fused top-k, graph)" (feature-major W_enc, whole step as one CUDA
-    graph), run in the same process so the ratio is from one run; plus peak memory and FVU
-    on a held-out batch after equal tokens.
+    4e-4, the synthetic batches of bench/gpu_train.py): tokens/s of train_step on
+    device-resident batches for sae.fused_trainer.FusedTopKTrainer (what `workbench train`
+    runs on CUDA for TopK) and sae.trainer.Trainer (the autograd step), next to
+    bench/gpu_train.py's "ours (fused step, graph)" (the same kernels as one CUDA graph),
+    in the same process so the ratios are from one run; plus peak memory and FVU on a
+    held-out batch after equal tokens.
 (b) Data parallel: the same configs trained through Trainer.fit on one GPU and through
     sae.distributed.train_data_parallel under `torchrun --nproc_per_node 2` (NCCL), on the
     same data (a GPU-resident TensorSource, so the data pipeline is not what is timed), log
@@ -14,7 +15,7 @@
     2-process weights match the 1-process ones within REL_TOL (relative Frobenius norm of
     the difference, per tensor), FVU within FVU_TOL. tokens/s over steps WARM..steps, timed
     on the host between two synchronised points of the batch stream.
-(c) Checks of the CUDA step itself: no host-device sync inside Trainer.train_step
+(c) Checks of the CUDA step itself, for both trainers: no host-device sync inside train_step
     (torch.cuda.set_sync_debug_mode("warn") over steps on CPU and on GPU batches: warnings
     are counted), and the NaN/Inf guard (NaN data: one WorkbenchError naming the steps, and
     the checkpoint on disk is from before them and finite).
@@ -53,6 +54,7 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
+from sae.fused_trainer import FusedTopKTrainer
 from sae.trainer import Trainer
 from workbench.errors import WorkbenchError
 
@@ -112,13 +114,13 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 # ---- (a) one GPU ---------------------------------------------------------------------------
 class TrainStep:
-    """Trainer.train_step on device-resident batches (bench/gpu_train.py's ProjectTrainer)."""
+    """train_step of a project trainer (Trainer: autograd; FusedTopKTrainer: what
+    `workbench train` runs on CUDA for TopK) on device-resident batches."""
 
-    name = "project Trainer.train_step"
-
-    def __init__(self, shape, x0: torch.Tensor, device: str) -> None:
+    def __init__(self, shape, x0: torch.Tensor, device: str, trainer_cls: type[Trainer] = Trainer) -> None:
         d_in, d_sae, k, B = shape
-        self.trainer = Trainer(config_for(d_in, d_sae, k, B, 10**6, device), TensorSource(x0.cpu()), None, [])
+        self.name = f"project {trainer_cls.__name__}.train_step"
+        self.trainer = trainer_cls(config_for(d_in, d_sae, k, B, 10**6, device), TensorSource(x0.cpu()), None, [])
         self.trainer._initialise()
 
     def step(self, x: torch.Tensor) -> None:
@@ -160,14 +162,18 @@ def one_gpu(ci: int, shape: tuple[int, int, int, int], steps: int, cuda: bool) -
     label = f"{d_in}x{d_sae} k{k} B{B}"
     pool = pool_for(ci, shape, 9, cuda)
     x_eval = pool.pop()
-    makers = [("project Trainer.train_step", lambda: TrainStep(shape, pool[0], "cuda" if cuda else "cpu"))]
+    device = "cuda" if cuda else "cpu"
+    makers = [("project Trainer.train_step", lambda: TrainStep(shape, pool[0], device))]
     floor = None
     if cuda:
-        from gpu_train import Ours, encoder_floor_ms
+        from gpu_train import OursFusedStep, encoder_floor_ms
 
         floor = B / encoder_floor_ms(d_in, d_sae, B) * 1e3
-        makers.insert(0, ("ours (triton, fused top-k, graph)", lambda: Ours(
-            d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)))
+        makers = [
+            ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
+            ("project FusedTopKTrainer.train_step", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer)),
+            *makers,
+        ]
     rows = []
     for name, make in makers:
         try:
@@ -356,13 +362,15 @@ def part_c(cuda: bool) -> dict:
     d_in, d_sae, k, B = (256, 4096, 16, 512) if cuda else (16, 96, 4, 64)
     pool = cpu_pool(d_in, k, B, 4, seed=5)
     # no host sync inside a step (device batches, then CPU batches through pinned memory)
-    step = TrainStep((d_in, d_sae, k, B), pool[0], device)
-    for x in pool:  # warm-up: Triton compiles, allocator fills
-        step.step(x.to(device))
-    gpu_batches = [x.to(device) for x in pool]
-    sync()
-    if cuda:
-        for label, batches in (("device batches", gpu_batches), ("CPU batches", pool)):
+    for trainer_cls in (Trainer, FusedTopKTrainer) if cuda else (Trainer,):
+        step = TrainStep((d_in, d_sae, k, B), pool[0], device, trainer_cls)
+        for x in pool:  # warm-up: Triton compiles, allocator fills
+            step.step(x.to(device))
+        gpu_batches = [x.to(device) for x in pool]
+        sync()
+        if not cuda:
+            continue
+        for label, batches in ((f"{trainer_cls.__name__}, device batches", gpu_batches), (f"{trainer_cls.__name__}, CPU batches", pool)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
@@ -379,21 +387,23 @@ def part_c(cuda: bool) -> dict:
     # the NaN/Inf guard: NaN in the data; fit must stop with one error, checkpoint intact
     data = torch.cat(cpu_pool(d_in, k, B, 40, seed=6))
     data[len(data) // 2, 3] = float("nan")
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_for(d_in, d_sae, k, B, 40, device, log_every=10, checkpoint_every=5)
-        trainer = Trainer.start(cfg, TensorSource(data), out=Path(tmp) / "run")
-        try:
-            trainer.fit(progress=False)
-            out["nan_guard"] = "NO ERROR RAISED"
-        except WorkbenchError as exc:
-            out["nan_guard_error"] = str(exc)
-        ckpt = Path(tmp) / "run" / "checkpoint.pt"
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
-            out["nan_guard_checkpoint_step"] = int(state["step"])
-            out["nan_guard_checkpoint_finite"] = all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
-        else:
-            out["nan_guard_checkpoint_step"] = None
+    for trainer_cls in (Trainer, FusedTopKTrainer) if cuda else (Trainer,):
+        tag = "" if trainer_cls is Trainer else f" ({trainer_cls.__name__})"
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = config_for(d_in, d_sae, k, B, 40, device, log_every=10, checkpoint_every=5)
+            trainer = trainer_cls.start(cfg, TensorSource(data), out=Path(tmp) / "run")
+            try:
+                trainer.fit(progress=False)
+                out["nan_guard" + tag] = "NO ERROR RAISED"
+            except WorkbenchError as exc:
+                out["nan_guard_error" + tag] = str(exc)
+            ckpt = Path(tmp) / "run" / "checkpoint.pt"
+            if ckpt.exists():
+                state = torch.load(ckpt, weights_only=False)
+                out["nan_guard_checkpoint_step" + tag] = int(state["step"])
+                out["nan_guard_checkpoint_finite" + tag] = all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+            else:
+                out["nan_guard_checkpoint_step" + tag] = None
     print(json.dumps(out), flush=True)
     return out
 
