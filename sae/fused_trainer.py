@@ -92,7 +92,11 @@ class FusedTopKTrainer(Trainer):
         self.fused.set_lr(lr)
         variance = batch_variance(x)
         self._note_finite(x)
-        weights = self.aux_weights()  # AuxK: 1 for the dead features
+        # AuxK (weights 1 for the dead features). None can be dead before dead_tokens tokens
+        # (tokens_since_fired <= tokens seen): AuxK is then 0 with no gradient, so the step
+        # skips its candidates' top-k (on an H100 at 768 x 24576, B4096: 3.9 ms a step with
+        # it, 2.2 without)
+        weights = self.aux_weights() if self.step * cfg.batch_size >= cfg.dead_tokens else None
         stats = self.fused.step(x, variance, dead=None if weights is None else weights > 0)
         return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance, stats.aux, lr)
 

@@ -144,6 +144,20 @@ def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B):
     assert model.W_enc.t().is_contiguous()  # the model shares the step's feature-major storage
 
 
+def test_auxk_with_no_dead_feature_is_the_step_without_it():
+    """The trainer skips AuxK until features can be dead; with none dead it must change nothing."""
+    gen = torch.Generator().manual_seed(5)
+    model = SparseAutoencoder(10, 14, TopKRule(3))
+    model.init_weights(gen, b_dec=torch.randn(10, generator=gen) * 0.1)
+    x = torch.randn(6, 10, generator=gen)
+    plain = FusedTopKStep(copy.deepcopy(model), lr=1e-2, precision="fp32", force_triton=True)
+    auxk = FusedTopKStep(copy.deepcopy(model), lr=1e-2, precision="fp32", k_aux=5, force_triton=True)
+    a, b = plain.step(x), auxk.step(x, dead=torch.zeros(14, dtype=torch.bool))
+    assert float(b.aux) == 0 and torch.equal(a.loss, b.loss) and torch.equal(a.fired, b.fired)
+    for got, want in zip(auxk.state_tensors(), plain.state_tensors()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_fused_step_refuses_what_it_cannot_train():
     with pytest.raises(ValueError, match="TopK"):
         FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, force_triton=True)
