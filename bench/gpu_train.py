@@ -10,7 +10,7 @@ and FVU on a held-out batch after the same number of tokens.
 
 Our methods use the project's SparseAutoencoder (sae.model) parameters.
 - "ours (fused step, graph / no graph)": sae.fused_step.FusedTopKStep, the step as kernels
-  with no autograd (register-resident row top-k, decode + loss gradient in one gather,
+  with no autograd (split row top-k, decode + loss gradient in one gather,
   per-feature backward with Adam, renorm and the bf16 encoder copy fused), one CUDA graph.
 The earlier rows train through autograd with sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
 sparse_decode (gather-sum; per-feature backward), unit-norm decoder rows after each step.
@@ -155,7 +155,7 @@ class Ours(Method):
 
 
 class OursFusedStep(Method):
-    """sae.fused_step.FusedTopKStep: the TopK step as five kernels and no autograd. With a
+    """sae.fused_step.FusedTopKStep: the TopK step as a few kernels and no autograd. With a
     graph, the warm-up steps that capture needs are undone (state restored in place), so the
     run trains the same number of steps as every other method."""
 

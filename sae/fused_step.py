@@ -3,7 +3,7 @@
 The step sae.trainer runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
   1. z = (x - b_dec) @ W_enc + b_enc      one dense product (bf16, or fp32)
-  2. the k largest of each row             sae.kernels.triton_topk (register-resident rows)
+  2. the k largest of each row             sae.kernels.triton_topk.row_topk (split guess + verify)
   3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather)
   4. pairs sorted by feature, db_enc       torch.sort, then per-feature sums
   5. b_dec's gradient                      sum of grad_out - W_enc db_enc (before W_enc moves)
