@@ -65,6 +65,7 @@ WARM = 20
 LOG_EVERY = 50
 REL_TOL = 1e-3
 PRECISION = "bf16"  # --precision
+AUX = {"aux": "none"}  # --aux, --dead-tokens
 FVU_TOL = 0.01
 # NVLink multicast stays off (the device's rule); torchrun's children inherit these
 for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
@@ -74,7 +75,7 @@ for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_D
 def config_for(d_in: int, d_sae: int, k: int, B: int, steps: int, device: str, **kw) -> TrainConfig:
     base = {"arch": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "tokens": steps * B, "batch_size": B, "lr": LR,
             "device": device, "aux": "none", "warmup_steps": 0, "decay_fraction": 0.0, "init_tokens": B,
-            "log_every": LOG_EVERY, "seed": 0, "precision": PRECISION}
+            "log_every": LOG_EVERY, "seed": 0, "precision": PRECISION, **AUX}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -462,9 +463,12 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks the script; numbers mean nothing)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="the trainer's --precision for every run")
+    ap.add_argument("--aux", default="none", choices=("none", "auxk"), help="the trainers' aux loss (part a and c)")
+    ap.add_argument("--dead-tokens", type=int, default=None, help="tokens without firing that make a feature dead (auxk)")
     args = ap.parse_args()
     global PRECISION
     PRECISION = args.precision
+    AUX.update(aux=args.aux, **({"dead_tokens": args.dead_tokens} if args.dead_tokens is not None else {}))
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
