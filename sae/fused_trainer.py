@@ -1,8 +1,9 @@
 """TopK training through sae.fused_step.FusedTopKStep: the Trainer around a step with no
 autograd, and the choice between the two steps (`workbench train --step`).
 
-FusedTopKTrainer changes only the step, for --arch topk with --aux auxk (topk's default) or
-none; aux-zipf and the other rules train through the autograd step. The fit loop, the NaN/Inf guard, the dead-feature
+FusedTopKTrainer changes only the step, for --arch topk with --aux none or auxk (auto picks
+it for none only: AUTO_AUX says why); aux-zipf and the other rules train through the
+autograd step. The fit loop, the NaN/Inf guard, the dead-feature
 counters and densities (Trainer.end_step), checkpoints and the saved SAE are the Trainer's.
 The step's Adam moments and step count go into checkpoint.pt in torch.optim.Adam's layout
 (self.optimizer carries them there and back, and takes no step itself), so a resumed run
@@ -33,6 +34,11 @@ from workbench.errors import WorkbenchError
 STEPS = ("auto", "fused", "autograd")
 #: Auxiliary losses the fused step computes.
 FUSED_AUX = ("auxk", "none")
+#: Those `--step auto` trains fused. Not AuxK: once features die, every dead feature gets
+#: up to a batch of aux pairs, which one program per feature walks alone. On an H100 at
+#: 768 x 24576, B4096, that step took 10.9 ms against the autograd step's 3.7 ms
+#: (bench/gpu_trainer.py --aux auxk --dead-tokens 81920; BENCHMARKS.md).
+AUTO_AUX = ("none",)
 
 
 def fused_unsupported(config: TrainConfig) -> str | None:
@@ -51,7 +57,8 @@ def fused_unsupported(config: TrainConfig) -> str | None:
 
 def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
     """The trainer class for `--step`: "autograd" Trainer; "fused" FusedTopKTrainer or a
-    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported, else Trainer."""
+    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported and the
+    aux loss is in AUTO_AUX, else Trainer."""
     if step not in STEPS:
         raise WorkbenchError(f"unknown --step '{step}': choose one of {', '.join(STEPS)}")
     if step == "autograd":
@@ -61,7 +68,8 @@ def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
         if why is not None:
             raise WorkbenchError(f"--step fused cannot train this run: {why}")
         return FusedTopKTrainer
-    return FusedTopKTrainer if why is None and torch.device(config.device).type == "cuda" else Trainer
+    fast = why is None and config.aux in AUTO_AUX and torch.device(config.device).type == "cuda"
+    return FusedTopKTrainer if fast else Trainer
 
 
 class FusedTopKTrainer(Trainer):

@@ -135,7 +135,8 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not(monkeypat
     assert choose_trainer(config(device="cuda"), "autograd") is Trainer
     assert choose_trainer(config(), "fused") is FusedTopKTrainer  # under TRITON_INTERPRET=1, as here
     assert choose_trainer(config(device="cuda", arch="gba", k=None)) is Trainer
-    assert choose_trainer(config(device="cuda", aux="auxk")) is FusedTopKTrainer  # topk's default aux
+    assert choose_trainer(config(device="cuda", aux="auxk")) is Trainer  # slower fused once features die
+    assert choose_trainer(config(device="cuda", aux="auxk"), "fused") is FusedTopKTrainer
     assert choose_trainer(config(device="cuda", aux="aux-zipf")) is Trainer
     with pytest.raises(WorkbenchError, match="--aux auxk or none, not aux-zipf"):
         choose_trainer(config(device="cuda", aux="aux-zipf"), "fused")
