@@ -15,7 +15,7 @@ Two forms, both exact for any input:
   1. One program per row guesses its threshold from a sample (its first 4096 columns:
      feature order is arbitrary, so they are a fair sample), chosen so that about 4k
      columns of the row lie above it.
-  2. One program per (row, segment of 2048 columns) appends the segment's columns above
+  2. One program per (row, segment of 1024 columns) appends the segment's columns above
      the guess to the row's candidate buffer (12k, rounded up to a power of two), at
      slots taken by atomic adds. What this pass costs is its masked scatter (issued per
      column, though few are taken), not its reads: counting alone runs at the read
@@ -220,7 +220,7 @@ def row_topk(
     method: str = "split",
     chunk: int = 1024,
     num_warps: int | None = None,
-    segment: int = 2048,
+    segment: int = 1024,
     oversample: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ReLU values float32 [B, k], indices int64 [B, k], k-th largest z per row float32 [B])
