@@ -7,7 +7,10 @@
     runs on CUDA for TopK) and sae.trainer.Trainer (the autograd step), next to
     bench/gpu_train.py's "ours (fused step, graph)" (the same kernels as one CUDA graph),
     in the same process so the ratios are from one run; plus peak memory and FVU on a
-    held-out batch after equal tokens.
+    held-out batch after equal tokens. With --aux auxk each trainer runs twice and the
+    second run is timed: the dead-feature count changes the aux products' shapes from step
+    to step, and whichever method met a shape first paid its one-time costs (an H100 probe:
+    up to 0.8 s on the first steps); dead_features_at_end says how many AuxK had.
 (b) Data parallel: the same configs trained through Trainer.fit on one GPU and through
     sae.distributed.train_data_parallel under `torchrun --nproc_per_node 2` (NCCL), on the
     same data (a GPU-resident TensorSource, so the data pipeline is not what is timed), log
@@ -118,11 +121,16 @@ class TrainStep:
     """train_step of a project trainer (Trainer: autograd; FusedTopKTrainer: what
     `workbench train` runs on CUDA for TopK) on device-resident batches."""
 
-    def __init__(self, shape, x0: torch.Tensor, device: str, trainer_cls: type[Trainer] = Trainer) -> None:
+    def __init__(self, shape, x0: torch.Tensor, device: str, trainer_cls: type[Trainer] = Trainer, graph: bool = True) -> None:
         d_in, d_sae, k, B = shape
-        self.name = f"project {trainer_cls.__name__}.train_step"
+        self.name = f"project {trainer_cls.__name__}.train_step" + ("" if graph else " (no graph)")
         self.trainer = trainer_cls(config_for(d_in, d_sae, k, B, 10**6, device), TensorSource(x0.cpu()), None, [])
         self.trainer._initialise()
+        if not graph:
+            self.trainer.use_graph = False
+
+    def dead_features(self) -> int:
+        return int((self.trainer.tokens_since_fired >= self.trainer.config.dead_tokens).sum())
 
     def step(self, x: torch.Tensor) -> None:
         self.trainer.train_step(x)
@@ -137,7 +145,11 @@ def time_method(make, pool: list[torch.Tensor], x_eval: torch.Tensor, steps: int
     if cuda:
         from gpu_train import run_method
 
-        return run_method(make, pool, x_eval, steps)
+        made = []
+        row = run_method(lambda: made.append(make()) or made[0], pool, x_eval, steps)
+        if isinstance(made[0], TrainStep):  # how many features AuxK had to work on at the end
+            row["dead_features_at_end"] = made[0].dead_features()
+        return row
     method = make()
     for i in range(WARM):
         method.step(pool[i % len(pool)])
@@ -173,12 +185,15 @@ def one_gpu(ci: int, shape: tuple[int, int, int, int], steps: int, cuda: bool) -
         makers = [
             ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
             ("project FusedTopKTrainer.train_step", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer)),
+            ("project FusedTopKTrainer.train_step (no graph)", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer, graph=False)),
             *makers,
         ]
     rows = []
     for name, make in makers:
         try:
             row = time_method(make, pool, x_eval, steps)
+            if AUX["aux"] == "auxk":  # the first pass meets each dead-feature count's shapes first (cuBLAS, allocator)
+                row = time_method(make, pool, x_eval, steps)
         except Exception as exc:  # reported, not hidden
             traceback.print_exc()
             row = {"method": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -385,6 +400,14 @@ def part_c(cuda: bool) -> dict:
             if msgs:
                 out[f"sync_warning_kinds ({label})"] = msgs
         sync()
+    if cuda:  # FusedTopKTrainer's graph replays must train as its eager steps do, bit for bit
+        shape = (d_in, d_sae, k, B)
+        graphed, eager = TrainStep(shape, pool[0], device, FusedTopKTrainer), TrainStep(shape, pool[0], device, FusedTopKTrainer, graph=False)
+        for x in pool * 3:
+            graphed.step(x.to(device))
+            eager.step(x.to(device))
+        pairs = zip(graphed.trainer.fused.state_tensors(), eager.trainer.fused.state_tensors())
+        out[f"graph_equals_eager (FusedTopKTrainer, {3 * len(pool)} steps, aux {AUX['aux']})"] = all(torch.equal(p, q) for p, q in pairs)
     # the NaN/Inf guard: NaN in the data; fit must stop with one error, checkpoint intact
     data = torch.cat(cpu_pool(d_in, k, B, 40, seed=6))
     data[len(data) // 2, 3] = float("nan")

@@ -10,12 +10,13 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copy      feature: no weight-sized gradient tensor
   7. Adam on b_dec                         a few torch ops on d_in numbers
-With AuxK (step(x, dead=...)), as sae.trainer computes it through autograd: step 2 also
-takes each row's k_aux largest z among the dead features (torch.topk, live ones at -inf),
-step 3 writes the residual e = x - x_hat, a second decode_residual reconstructs e from
-those entries (its loss gradient in a second block of grad_out), and their pairs join
-steps 4-6; only the main grad_out reaches b_dec directly (e carries no gradient, the
-reconstruction has no b_dec), the aux pairs reach it through the encoder like the main ones.
+With AuxK (step(x, dead_features=...)), as sae.trainer computes it through autograd: each
+row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
+(step 3 writes e). A dead feature takes up to a whole batch of these entries, so they are
+not pairs for step 6 but dense products over the dead features' columns only (_auxk: the
+encoder product's dtype, torch matmuls), whose rows step 6 adds to the dead features'
+sums; b_dec gets none of the aux reconstruction's gradient directly (it has no b_dec),
+only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
 The step shares storage with the model it trains: W_enc becomes the transpose view of a
@@ -64,7 +65,7 @@ class FusedTopKStep:
         """precision: the encoder product's dtype ("bf16" or "fp32"); grad_out_dtype: how
         the reconstruction gradient is stored for the decoder's per-feature sums (bf16
         halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
-        per token and its weight in the loss, for step(x, dead=...)."""
+        per token and its weight in the loss, for step(x, dead_features=...)."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")
         device = model.W_dec.device
@@ -86,7 +87,6 @@ class FusedTopKStep:
         self.b_dec_moments = (torch.zeros_like(self.b_dec), torch.zeros_like(self.b_dec))
         self.lr = torch.full((1,), float(lr), device=device)
         self.step_count = torch.zeros(1, device=device)
-        self._no_bias = torch.zeros_like(self.b_dec)  # the AuxK reconstruction has no b_dec
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor step() writes (weights, moments, step count): what a checkpoint or a
@@ -106,10 +106,11 @@ class FusedTopKStep:
         self.lr.fill_(float(lr))
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, variance: torch.Tensor | None = None, dead: torch.Tensor | None = None) -> StepStats:
+    def step(self, x: torch.Tensor, variance: torch.Tensor | None = None, dead_features: torch.Tensor | None = None) -> StepStats:
         """One Adam step on the batch x [B, d_in] (float32). variance: the batch's
-        sum ||x - mean||^2 (a device scalar; computed from x when None). dead: bool [d_sae],
-        the features AuxK may revive this step (needs k_aux > 0); None: no AuxK."""
+        sum ||x - mean||^2 (a device scalar; computed from x when None). dead_features: the
+        ids of the features AuxK may revive this step (a non-empty LongTensor; needs
+        k_aux > 0); None: no AuxK."""
         from sae.kernels.triton_decode_residual import decode_residual
         from sae.kernels.triton_feature_adam import feature_adam, feature_sums
         from sae.kernels.triton_scatter import sort_pairs_by_feature
@@ -124,50 +125,48 @@ class FusedTopKStep:
         xc = (x - self.b_dec).to(lp)
         z = torch.addmm(p["b_enc"].to(lp), xc, p["W_enc_lp"].t())
         values, indices, _ = row_topk(z, self.k)
-        if dead is not None:  # AuxK's candidates (z is not needed after this)
-            assert self.k_aux > 0, "AuxK needs k_aux > 0"
-            aux_z, aux_indices = z.masked_fill_(~dead, -torch.inf).topk(self.k_aux, dim=1, sorted=False)
+        z_dead = None if dead_features is None else z.index_select(1, dead_features)
         del z
-        B = x.shape[0]
-        grad_out = torch.empty((B if dead is None else 2 * B), x.shape[1], device=x.device, dtype=self.grad_out_dtype)
-        residual = None if dead is None else torch.empty_like(x)
-        _, grad_val, sq_err = decode_residual(indices, values, p["W_dec"], self.b_dec, x, scale, out=grad_out[:B], residual=residual)
+        residual = None if dead_features is None else torch.empty_like(x)
+        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec"], self.b_dec, x, scale,
+                                                     grad_out_dtype=self.grad_out_dtype, residual=residual)
         sq = sq_err.sum()
-        loss, aux, keys = sq * scale[0], sq.new_zeros(()), indices
-        db_dec = grad_out[:B].sum(dim=0, dtype=torch.float32)
-        if dead is not None:
-            aux, aux_values, aux_grad_val = self._auxk(aux_z, aux_indices, dead, residual, grad_out[B:])
-            loss = loss + self.aux_alpha * aux
-            # entries with no value (below 0, or at -inf: fewer dead features than k_aux) add
-            # nothing; the key d_sae puts them past every feature's slice of the sorted pairs
-            keys = torch.cat([indices, torch.where(aux_values > 0, aux_indices, p["W_dec"].shape[0])], dim=1)
-            values = torch.cat([values, aux_values], dim=1)
-            grad_val = torch.cat([grad_val, aux_grad_val], dim=1)
-        order, offsets = sort_pairs_by_feature(keys, p["W_dec"].shape[0])
+        loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
+        db_dec = grad_out.sum(dim=0, dtype=torch.float32)
+        order, offsets = sort_pairs_by_feature(indices, p["W_dec"].shape[0])
         db_enc = feature_sums(order, offsets, grad_val)
+        if dead_features is not None:
+            assert self.k_aux > 0 and dead_features.numel() > 0, "AuxK needs k_aux > 0 and a dead feature"
+            aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
+            loss = loss + self.aux_alpha * aux
         db_dec -= db_enc @ p["W_enc_t"]
         fired = feature_adam(order, offsets, values, grad_val, grad_out, xc, p, self.moments, db_enc,
-                             self.lr, self.step_count, self.betas, self.eps, k_main=self.k)
+                             self.lr, self.step_count, self.betas, self.eps, aux=aux_grads)
         if self.model.b_dec.requires_grad:
             self._adam_b_dec(db_dec)
-        return StepStats(sq_err=sq, loss=loss, l0=(values[:, : self.k] > 0).sum(), fired=fired, aux=aux)
+        return StepStats(sq_err=sq, loss=loss, l0=(values > 0).sum(), fired=fired, aux=aux)
 
     def _auxk(
-        self, aux_z: torch.Tensor, aux_indices: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """sae.losses.aux_reconstruction_loss for the entries (aux_indices, ReLU(aux_z)):
-        ||sum_j a_j W_dec[i_j] - e||^2 / ||e - mean(e)||^2, 0 when no feature is dead (as
-        on the autograd path, which then has no entries). Fills grad_out with the gradient
-        of aux_alpha * loss with respect to the reconstruction; returns (loss, the entries'
-        values a_j, their gradients grad_val)."""
-        from sae.kernels.triton_decode_residual import decode_residual
-
-        values = aux_z.float().relu()
-        e_var = batch_variance(residual)
-        scale = (self.aux_alpha / e_var).reshape(1)
-        _, grad_val, sq_err = decode_residual(aux_indices, values, self.params["W_dec"], self._no_bias, residual, scale, out=grad_out)
-        loss = torch.where(dead.any(), sq_err.sum() / e_var, 0.0)
-        return loss, values, grad_val
+        self, z_dead: torch.Tensor, dead_features: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor, db_enc: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """sae.losses.auxk_loss on the dead features' columns z_dead [B, n] of z: per row the
+        k_aux largest (all n when fewer) activate as a = ReLU(z) and reconstruct e = residual;
+        loss ||a W_dead - e||^2 / ||e - mean(e)||^2. Its gradient, scaled by aux_alpha, as
+        dense products over the n dead features: adds the b_enc part to db_enc in place and
+        returns (loss, (row, dW_dec, dW_enc)) for feature_adam's aux."""
+        n, F = dead_features.numel(), self.params["W_dec"].shape[0]
+        W_dead = self.params["W_dec"].index_select(0, dead_features).to(z_dead.dtype)
+        top, local = z_dead.topk(min(self.k_aux, n), dim=1, sorted=False)
+        acts = torch.zeros_like(z_dead).scatter_(1, local, top.relu())
+        err = (acts @ W_dead).float() - residual
+        e_var = batch_variance(residual).clamp(min=1e-12)
+        loss = err.pow(2).sum() / e_var
+        grad_e_hat = ((2 * self.aux_alpha / e_var) * err).to(acts.dtype)
+        grad_acts = (grad_e_hat @ W_dead.t()).masked_fill_(acts <= 0, 0)
+        db_enc.index_add_(0, dead_features, grad_acts.sum(dim=0, dtype=torch.float32))
+        row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
+        row[dead_features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
+        return loss, (row, acts.t() @ grad_e_hat, grad_acts.t() @ xc)
 
     def _adam_b_dec(self, g: torch.Tensor) -> None:
         (beta1, beta2), (m, v) = self.betas, self.b_dec_moments

@@ -1,8 +1,8 @@
 """TopK training through sae.fused_step.FusedTopKStep: the Trainer around a step with no
 autograd, and the choice between the two steps (`workbench train --step`).
 
-FusedTopKTrainer changes only the step, for --arch topk with --aux none or auxk (auto picks
-it for none only: AUTO_AUX says why); aux-zipf and the other rules train through the
+FusedTopKTrainer changes only the step, for --arch topk with --aux none or auxk (on CUDA
+`--step auto` picks it for both); aux-zipf and the other rules train through the
 autograd step. The fit loop, the NaN/Inf guard, the dead-feature
 counters and densities (Trainer.end_step), checkpoints and the saved SAE are the Trainer's.
 The step's Adam moments and step count go into checkpoint.pt in torch.optim.Adam's layout
@@ -25,7 +25,7 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import ActivationSource
-from sae.fused_step import FusedTopKStep
+from sae.fused_step import FusedTopKStep, StepStats
 from sae.losses import batch_variance
 from sae.trainer import Trainer
 from workbench.errors import WorkbenchError
@@ -34,12 +34,6 @@ from workbench.errors import WorkbenchError
 STEPS = ("auto", "fused", "autograd")
 #: Auxiliary losses the fused step computes.
 FUSED_AUX = ("auxk", "none")
-#: Those `--step auto` trains fused. Not AuxK: once features die, every dead feature gets
-#: up to a batch of aux pairs, which one program per feature walks alone. On an H100 at
-#: 768 x 24576, B4096, that step took 10.9 ms against the autograd step's 3.7 ms
-#: (bench/gpu_trainer.py --aux auxk --dead-tokens 81920; BENCHMARKS.md).
-AUTO_AUX = ("none",)
-
 
 def fused_unsupported(config: TrainConfig) -> str | None:
     """Why the fused step cannot train config (a sentence saying what to do), or None."""
@@ -57,8 +51,8 @@ def fused_unsupported(config: TrainConfig) -> str | None:
 
 def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
     """The trainer class for `--step`: "autograd" Trainer; "fused" FusedTopKTrainer or a
-    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported and the
-    aux loss is in AUTO_AUX, else Trainer."""
+    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported, else
+    Trainer."""
     if step not in STEPS:
         raise WorkbenchError(f"unknown --step '{step}': choose one of {', '.join(STEPS)}")
     if step == "autograd":
@@ -68,7 +62,7 @@ def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
         if why is not None:
             raise WorkbenchError(f"--step fused cannot train this run: {why}")
         return FusedTopKTrainer
-    fast = why is None and config.aux in AUTO_AUX and torch.device(config.device).type == "cuda"
+    fast = why is None and torch.device(config.device).type == "cuda"
     return FusedTopKTrainer if fast else Trainer
 
 
@@ -87,26 +81,64 @@ class FusedTopKTrainer(Trainer):
             self.model, lr=config.learning_rate, precision=config.precision if self.on_cuda else "fp32",
             k_aux=config.aux_k, aux_alpha=config.aux_alpha, force_triton=None if self.on_cuda else True,
         )
+        self.use_graph = self.on_cuda  # bench/gpu_trainer.py turns it off to time the difference
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_warm = False
+        self._graph_stream = torch.cuda.Stream() if self.use_graph else None
+        self._graph_in: tuple[torch.Tensor, torch.Tensor] = ()
+        self._graph_out: StepStats | None = None
 
     def _initialise(self) -> None:
         super()._initialise()
         self.fused.reload_weights()
 
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
-        """One fused step; the same metrics as Trainer.train_step, with no host sync."""
+        """One fused step; the same metrics as Trainer.train_step, with no host sync (with
+        AuxK, one to read the dead features, as Trainer.train_step)."""
         cfg = self.config
         x = self._to_device(batch)
         lr = cfg.lr_at(self.step)
         self.fused.set_lr(lr)
         variance = batch_variance(x)
         self._note_finite(x)
-        # AuxK (weights 1 for the dead features). None can be dead before dead_tokens tokens
-        # (tokens_since_fired <= tokens seen): AuxK is then 0 with no gradient, so the step
-        # skips its candidates' top-k (on an H100 at 768 x 24576, B4096: 3.9 ms a step with
-        # it, 2.2 without)
-        weights = self.aux_weights() if self.step * cfg.batch_size >= cfg.dead_tokens else None
-        stats = self.fused.step(x, variance, dead=None if weights is None else weights > 0)
+        # AuxK's dead features: none before dead_tokens tokens (tokens_since_fired <= tokens
+        # seen), and reading them is a host sync, once a step, as on the autograd step
+        dead = None
+        if cfg.aux == "auxk" and self.step * cfg.batch_size >= cfg.dead_tokens:
+            dead = torch.nonzero(self.aux_weights() > 0).squeeze(1)
+        if dead is not None and dead.numel():
+            stats = self.fused.step(x, variance, dead_features=dead)
+        else:
+            stats = self._step_without_aux(x, variance)
         return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance, stats.aux, lr)
+
+    def _step_without_aux(self, x: torch.Tensor, variance: torch.Tensor) -> StepStats:
+        """fused.step(x, variance); on CUDA, from the second such step on, the replay of one
+        CUDA graph of it: issuing the step's ~30 kernels one by one takes the host about as
+        long as the GPU takes to run them (bench/gpu_trainer.py, BENCHMARKS.md). The first
+        step runs them eagerly, which compiles the Triton kernels before the capture. The
+        graph reads x and variance from its own buffers and writes the same StepStats tensors
+        at every replay (end_step reads them before the next one)."""
+        if not self.use_graph or (self._graph is not None and x.shape != self._graph_in[0].shape):
+            return self.fused.step(x, variance)
+        if self._graph is None:
+            side = self._graph_stream  # the warm-up runs where the capture will (torch's recipe)
+            side.wait_stream(torch.cuda.current_stream())
+            if not self._graph_warm:
+                self._graph_warm = True
+                with torch.cuda.stream(side):
+                    stats = self.fused.step(x, variance)
+                torch.cuda.current_stream().wait_stream(side)
+                return stats
+            self._graph_in = (x.clone(), variance.clone())
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph, stream=side):
+                self._graph_out = self.fused.step(*self._graph_in)
+        else:
+            self._graph_in[0].copy_(x)
+            self._graph_in[1].copy_(variance)
+        self._graph.replay()
+        return self._graph_out
 
     # ---- checkpoints: the step's moments travel in torch.optim.Adam's layout ----------------
     def _adam_moments(self) -> dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]]:

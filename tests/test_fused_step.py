@@ -13,6 +13,7 @@ from sae.fused_step import FusedTopKStep
 from sae.kernels.triton_decode_residual import decode_residual
 from sae.kernels.triton_feature_adam import feature_adam, feature_sums
 from sae.kernels.triton_scatter import sort_pairs_by_feature
+from sae.losses import aux_candidates, aux_reconstruction_loss
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 from sae.rules.gba import GBARule
@@ -57,10 +58,9 @@ def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
     assert grad_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(grad_bf16.float(), grad_out, rtol=2**-7, atol=1e-6)
     assert torch.equal(grad_val_2, grad_val) and torch.equal(sq_err_2, sq_err)
-    # into the second half of a larger buffer, with the residual x - x_hat (AuxK's target)
-    buffer, residual = torch.empty(2 * B, D), torch.empty(B, D)
-    decode_residual(indices, values, W, b_dec, x, scale, out=buffer[B:], residual=residual)
-    assert torch.equal(buffer[B:], grad_out)
+    # with the residual x - x_hat (AuxK's target)
+    residual = torch.empty(B, D)
+    assert torch.equal(decode_residual(indices, values, W, b_dec, x, scale, residual=residual)[0], grad_out)
     torch.testing.assert_close(residual.double(), x.double() - x_hat.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -114,10 +114,14 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, po
         assert torch.equal(fired, torch.zeros(F).index_add(0, flat, (values > 0).float().reshape(-1)))
 
 
-def reference_train_step(model64, opt, x):
-    """sae.trainer.Trainer.train_step's sequence for TopK, aux none, in float64."""
-    x_hat, _, _ = model64(x)
+def reference_train_step(model64, opt, x, dead=None, k_aux=0, aux_alpha=0.0):
+    """sae.trainer.Trainer.train_step's sequence for TopK in float64; dead (bool [d_sae]):
+    with AuxK on those features."""
+    select_aux = None if dead is None else (lambda z: aux_candidates(z, dead.double(), k_aux))
+    x_hat, _, aux_code = model64(x, select_aux)
     loss = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    if dead is not None:
+        loss = loss + aux_alpha * aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead.double(), model64.decode_directions)
     opt.zero_grad()
     loss.backward()
     model64.remove_parallel_decoder_grad()
@@ -144,18 +148,25 @@ def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B):
     assert model.W_enc.t().is_contiguous()  # the model shares the step's feature-major storage
 
 
-def test_auxk_with_no_dead_feature_is_the_step_without_it():
-    """The trainer skips AuxK until features can be dead; with none dead it must change nothing."""
-    gen = torch.Generator().manual_seed(5)
-    model = SparseAutoencoder(10, 14, TopKRule(3))
-    model.init_weights(gen, b_dec=torch.randn(10, generator=gen) * 0.1)
-    x = torch.randn(6, 10, generator=gen)
-    plain = FusedTopKStep(copy.deepcopy(model), lr=1e-2, precision="fp32", force_triton=True)
-    auxk = FusedTopKStep(copy.deepcopy(model), lr=1e-2, precision="fp32", k_aux=5, force_triton=True)
-    a, b = plain.step(x), auxk.step(x, dead=torch.zeros(14, dtype=torch.bool))
-    assert float(b.aux) == 0 and torch.equal(a.loss, b.loss) and torch.equal(a.fired, b.fired)
-    for got, want in zip(auxk.state_tensors(), plain.state_tensors()):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("n_dead,k_aux", [(9, 4), (3, 5)], ids=["more-dead-than-k_aux", "fewer"])
+def test_fused_step_with_auxk_trains_like_the_trainer_in_float64(n_dead, k_aux):
+    """AuxK's dense products over the dead features' columns against autograd's sparse aux code."""
+    gen = torch.Generator().manual_seed(n_dead)
+    model = SparseAutoencoder(21, 30, TopKRule(3))
+    model.init_weights(gen, b_dec=torch.randn(21, generator=gen) * 0.1)
+    model64 = copy.deepcopy(model).double()
+    opt = torch.optim.Adam(model64.parameters(), lr=1e-2, foreach=False)
+    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", k_aux=k_aux, aux_alpha=0.5, force_triton=True)
+    for _ in range(3):
+        dead_features = torch.randperm(30, generator=gen)[:n_dead].sort().values
+        dead = torch.zeros(30, dtype=torch.bool).index_fill_(0, dead_features, True)
+        x = torch.randn(10, 21, generator=gen)
+        stats = fused.step(x, dead_features=dead_features)
+        loss = reference_train_step(model64, opt, x.double(), dead, k_aux, aux_alpha=0.5)
+        assert float(stats.aux) > 0
+        torch.testing.assert_close(stats.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), getattr(model64, name).detach(), rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fused_step_refuses_what_it_cannot_train():

@@ -57,20 +57,17 @@ def decode_residual(
     x: torch.Tensor,
     scale: torch.Tensor,
     grad_out_dtype: torch.dtype = torch.float32,
-    out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_out [B, D] in grad_out_dtype, grad_val [B, k], sq_err [B] float32) for indices
     [B, k], values [B, k] float32, W_dec [F, D] float32 contiguous, b_dec [D], x [B, D]
     float32 contiguous and scale a one-element float32 tensor (see the module doc).
     grad_val and sq_err are computed from the float32 grad_out whatever grad_out_dtype.
-    out: a contiguous [B, D] tensor to write grad_out into (its dtype wins), e.g. one half
-    of a larger buffer; residual: a contiguous float32 [B, D] tensor to fill with x - x_hat."""
+    residual: a contiguous float32 [B, D] tensor to fill with x - x_hat."""
     B, K = indices.shape
     D = W_dec.shape[1]
     assert W_dec.is_contiguous() and x.is_contiguous() and W_dec.dtype == x.dtype == torch.float32
-    grad_out = torch.empty(B, D, device=x.device, dtype=grad_out_dtype) if out is None else out
-    assert grad_out.shape == (B, D) and grad_out.is_contiguous()
+    grad_out = torch.empty(B, D, device=x.device, dtype=grad_out_dtype)
     if residual is not None:
         assert residual.shape == (B, D) and residual.is_contiguous() and residual.dtype == torch.float32
     grad_val = torch.empty(B, K, device=x.device, dtype=torch.float32)

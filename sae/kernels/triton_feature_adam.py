@@ -5,9 +5,10 @@ Both weight gradients are sums over a feature's kept pairs (b, j), i.e. per feat
   dW_enc[f] = sum grad_val[b, j] * xc[b]             (xc = x - b_dec, as the encoder product saw it)
   db_enc[f] = sum grad_val[b, j]                     (feature_sums, before: b_dec's gradient needs it
                                                       with the encoder rows of before the update)
-The pairs may carry AuxK's entries after each row's k main ones (sae.fused_step): those
-take their grad_out from a second block of B rows (the auxiliary loss's own gradient of
-its reconstruction), add to the same sums, and do not count as the feature firing.
+With AuxK (sae.fused_step) the dead features also have an auxiliary gradient, computed
+there as dense products over the dead features only: a feature with a row in it adds that
+row to its sums (a dead feature gets up to a whole batch of auxiliary pairs, too many for
+one program to walk).
 One program owns feature f: it accumulates both rows from the pairs sorted by feature, then
 runs what torch does in four passes over the weights (sae.trainer's step): the decoder
 gradient loses its part along the (unit) row, Adam updates both rows and b_enc[f], the
@@ -56,7 +57,8 @@ def _feature_adam_kernel(
     order_ptr, offsets_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
     w_dec_ptr, m_dec_ptr, v_dec_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
     b_enc_ptr, m_b_ptr, v_b_ptr, db_enc_ptr, fired_ptr, lr_ptr, step_ptr,
-    K, K_MAIN, B, D, beta1, beta2, log2_beta1, log2_beta2, eps,
+    aux_row_ptr, aux_dec_ptr, aux_enc_ptr,
+    K, D, beta1, beta2, log2_beta1, log2_beta2, eps,
     HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
@@ -75,17 +77,17 @@ def _feature_adam_kernel(
         a = tl.load(val_ptr + pair, mask=mask_p, other=0.0)
         g = tl.load(gval_ptr + pair, mask=mask_p, other=0.0)
         mask = mask_p[:, None] & mask_d[None, :]
-        if HAS_AUX:
-            main = pair - row * K < K_MAIN
-            go_row = tl.where(main, row, row + B)
-        else:
-            main = mask_p
-            go_row = row
-        go = tl.load(grad_out_ptr + go_row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        go = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         xc = tl.load(xc_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         acc_dec += tl.sum(go * a[:, None], axis=0)
         acc_enc += tl.sum(xc * g[:, None], axis=0)
-        n_fired += ((a > 0) & main).to(tl.int32)
+        n_fired += (a > 0).to(tl.int32)
+    if HAS_AUX:  # a dead feature's row of the auxiliary gradient (-1: none)
+        r = tl.load(aux_row_ptr + f)
+        mask_r = mask_d & (offs_d * 0 + r >= 0)
+        at_r = tl.maximum(r, 0).to(tl.int64) * D + offs_d
+        acc_dec += tl.load(aux_dec_ptr + at_r, mask=mask_r, other=0.0).to(tl.float32)
+        acc_enc += tl.load(aux_enc_ptr + at_r, mask=mask_r, other=0.0).to(tl.float32)
     t = tl.load(step_ptr).to(tl.float32)
     step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
@@ -143,7 +145,7 @@ def feature_adam(
     eps: float = 1e-8,
     block_p: int = 4,
     num_warps: int | None = None,
-    k_main: int | None = None,
+    aux: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Update params["W_dec"] [F, D], params["W_enc_t"] [F, D] (feature-major encoder),
     params["b_enc"] [F] (float32, contiguous) and their Adam moments in place; write
@@ -152,16 +154,17 @@ def feature_adam(
     step's pairs and dense gradients; db_enc [F] from feature_sums; lr and step are
     one-element float32 tensors (step already counts this update). The default blocks
     won bench/kernels_feature_adam.py's sweep on an H100 (0.54 ms at 768 x 24576, B4096,
-    against 1.09 ms for the unfused torch sequence). k_main (AuxK): the columns of values
-    from k_main on are auxiliary pairs, whose grad_out rows are grad_out[B:] ([2B, D]).
-    Returns the number of positive main activations per feature [F] (the step's firing
-    counts)."""
+    against 1.09 ms for the unfused torch sequence). aux (AuxK): (row [F] int32, the
+    feature's row in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype),
+    added to the sums of the features that have a row. Returns the number of positive
+    activations per feature [F] (the step's firing counts)."""
     W_dec, W_enc_t, b_enc, W_enc_lp = params["W_dec"], params["W_enc_t"], params["b_enc"], params["W_enc_lp"]
     F, D = W_dec.shape
     B, K = values.shape
-    has_aux = k_main is not None and k_main < K
-    assert grad_out.shape[0] == (2 * B if has_aux else B)
-    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
+    assert grad_out.shape[0] == B
+    aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
+    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, aux_dec, aux_enc,
+              *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
         assert t.is_contiguous(), "feature_adam needs contiguous tensors"
     fired = torch.empty(F, device=W_dec.device, dtype=torch.float32)
     if F == 0:
@@ -172,8 +175,8 @@ def feature_adam(
     _feature_adam_kernel[(F,)](
         order, offsets, values.reshape(-1), grad_val.reshape(-1), grad_out, xc,
         W_dec, *moments["W_dec"], W_enc_t, *moments["W_enc_t"], W_enc_lp,
-        b_enc, *moments["b_enc"], db_enc, fired, lr, step,
-        K, k_main if has_aux else K, B, D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-        HAS_AUX=has_aux, WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc,
+        K, D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
+        HAS_AUX=aux is not None, WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )
     return fired

@@ -28,8 +28,7 @@ def train_command(
     device: str = typer.Option("cpu", help="cpu | cuda."),
     precision: str = typer.Option("bf16", help="bf16 | fp32: the encoder product's precision on CUDA (CPU is always fp32)."),
     step: str = typer.Option("auto", help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
-                             "(CUDA, --arch topk, --aux none or auxk); auto = fused for --aux none (with auxk it is slower once "
-                             "features die), else autograd."),
+                             "(CUDA, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
