@@ -159,14 +159,16 @@ class OursFusedStep(Method):
     graph, the warm-up steps that capture needs are undone (state restored in place), so the
     run trains the same number of steps as every other method."""
 
-    def __init__(self, d_in, d_sae, k, x0, *, graph: bool, bf16_grad: bool = False):
+    def __init__(self, d_in, d_sae, k, x0, *, graph: bool, bf16_grad: bool = False, bf16_moments: bool = False):
         from sae.fused_step import FusedTopKStep
 
-        self.name = "ours (fused step, " + ("bf16 grad_out, " if bf16_grad else "") + ("graph" if graph else "no graph") + ")"
+        self.name = ("ours (fused step, " + ("bf16 grad_out, " if bf16_grad else "") + ("bf16 moments, " if bf16_moments else "")
+                     + ("graph" if graph else "no graph") + ")")
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         self.model = model.cuda()
-        self.fused = FusedTopKStep(self.model, lr=LR, grad_out_dtype=torch.bfloat16 if bf16_grad else torch.float32)
+        self.fused = FusedTopKStep(self.model, lr=LR, grad_out_dtype=torch.bfloat16 if bf16_grad else torch.float32,
+                                   moments_dtype=torch.bfloat16 if bf16_moments else torch.float32)
         self.graph = None
         if graph:
             saved = [t.cpu() for t in self.fused.state_tensors()]  # on the host: not in the peak
@@ -324,6 +326,9 @@ def main() -> None:
         makers: list[tuple[str, Callable[[], Method]]] = [
             ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
             ("ours (fused step, bf16 grad_out, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_grad=True)),
+            ("ours (fused step, bf16 moments, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_moments=True)),
+            ("ours (fused step, bf16 grad_out, bf16 moments, graph)",
+             lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_grad=True, bf16_moments=True)),
             ("ours (fused step, no graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=False)),
             ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
             ("ours (triton, fused top-k, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)),

@@ -408,6 +408,22 @@ def part_c(cuda: bool) -> dict:
             eager.step(x.to(device))
         pairs = zip(graphed.trainer.fused.state_tensors(), eager.trainer.fused.state_tensors())
         out[f"graph_equals_eager (FusedTopKTrainer, {3 * len(pool)} steps, aux {AUX['aux']})"] = all(torch.equal(p, q) for p, q in pairs)
+    if cuda:  # FusedTopKTrainer resumed from its checkpoint (bf16 moments saved as float32): bit for bit
+        data = torch.cat(cpu_pool(d_in, k, B, 8, seed=7))
+        cfg = config_for(d_in, d_sae, k, B, 8, device, log_every=4, checkpoint_every=4)
+        with tempfile.TemporaryDirectory() as tmp:
+            straight = FusedTopKTrainer.start(cfg, TensorSource(data), out=Path(tmp) / "a")
+            straight.fit(progress=False)
+            first = FusedTopKTrainer.start(cfg, TensorSource(data), out=Path(tmp) / "b")
+            first.fit(until_step=4, progress=False)
+            del first
+            resumed = FusedTopKTrainer.resume(Path(tmp) / "b", TensorSource(data), cfg)
+            resumed.fit(progress=False)
+            a, b = straight.state(), resumed.state()
+            same = all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+            for i, moments in a["optimizer"]["state"].items():
+                same &= all(torch.equal(b["optimizer"]["state"][i][key], t) for key, t in moments.items())
+            out[f"resume_bit_exact (FusedTopKTrainer, 8 steps resumed at 4, moments {straight.fused.moments['W_dec'][0].dtype})"] = same
     # the NaN/Inf guard: NaN in the data; fit must stop with one error, checkpoint intact
     data = torch.cat(cpu_pool(d_in, k, B, 40, seed=6))
     data[len(data) // 2, 3] = float("nan")

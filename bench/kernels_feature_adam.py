@@ -4,8 +4,8 @@ torch's fused Adam, the decoder renormalisation, the bf16 cast of the encoder), 
 from real top-k selections (x @ W_enc of synthetic batches), at the three training shapes.
 
 Also prints the HBM floor: every weight, moment and the bf16 copy read/written once,
-(2 * 6 + 0.5) x 4 bytes a weight element, over the bandwidth of a device-to-device copy
-measured here; the pair gathers are left out of it (they hit L2). Each variant's weights
+(2 * 6 + 0.5) x 4 bytes a weight element (2 * (8 + 8) + 2 with bf16 moments), over the
+bandwidth of a device-to-device copy measured here; the pair gathers are left out of it (they hit L2). Each variant's weights
 are checked against the unfused result first.
 
 Run: python bench/kernels_feature_adam.py [--configs 0,1,2]
@@ -69,13 +69,15 @@ def main() -> None:
         xc = x.to(torch.bfloat16)
         lr, step = torch.tensor([4e-4], device="cuda"), torch.ones(1, device="cuda")
         floor_ms = (2 * 6 + 0.5) * 4 * F * d_in / bandwidth * 1e3
+        floor_bf16_ms = (2 * (8 + 8) + 2) * F * d_in / bandwidth * 1e3
         label = f"{d_in}x{F} k{k} B{B}"
         print(f"| {label} | pairs per feature: max {int(counts.max())}, mean {counts.float().mean():.1f} | | |")
 
-        def fresh():
+        def fresh(moments_dtype=torch.float32):
             params = {"W_dec": W_dec.clone(), "W_enc_t": W_dec.clone(), "b_enc": torch.zeros(F, device="cuda")}
             params["W_enc_lp"] = params["W_enc_t"].to(torch.bfloat16)
-            moments = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in params.items() if n != "W_enc_lp"}
+            moments = {n: tuple(torch.zeros_like(t, dtype=moments_dtype if t.dim() == 2 else torch.float32) for _ in range(2))
+                       for n, t in params.items() if n != "W_enc_lp"}
             return params, moments
 
         def unfused(params, moments, opt):
@@ -104,8 +106,11 @@ def main() -> None:
         for warps in (2, 4, 8):
             for block_p in (2, 4, 8):
                 variants[f"fused, {warps} warps, BLOCK_P {block_p}"] = dict(num_warps=warps, block_p=block_p)
+        variants["fused, 4 warps, BLOCK_P 4, bf16 moments"] = dict(num_warps=4, block_p=4, moments_dtype=torch.bfloat16)
         for name, kw in variants.items():
-            params, moments = fresh()
+            moments_dtype = (kw or {}).pop("moments_dtype", torch.float32)
+            params, moments = fresh(moments_dtype)
+            floor = floor_ms if moments_dtype == torch.float32 else floor_bf16_ms
             if kw is None:
                 params_list = [params[n] for n in ("W_dec", "W_enc_t", "b_enc")]
                 opt = torch.optim.Adam(params_list, lr=4e-4, fused=True)
@@ -117,8 +122,9 @@ def main() -> None:
                 check_against(name, params, ref)
             with torch.no_grad():
                 ms = triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median")
-            print(f"| {label} | {name} | {ms:.3f} | {floor_ms / ms:.0%} |", flush=True)
+            print(f"| {label} | {name} | {ms:.3f} | {floor / ms:.0%} |", flush=True)
         print(f"| {label} | HBM floor | {floor_ms:.3f} | |", flush=True)
+        print(f"| {label} | HBM floor, bf16 moments | {floor_bf16_ms:.3f} | |", flush=True)
         torch.cuda.empty_cache()
 
 

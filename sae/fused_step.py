@@ -60,12 +60,15 @@ class FusedTopKStep:
         grad_out_dtype: torch.dtype = torch.float32,
         k_aux: int = 0,
         aux_alpha: float = 1 / 32,
+        moments_dtype: torch.dtype = torch.float32,
         force_triton: bool | None = None,
     ) -> None:
         """precision: the encoder product's dtype ("bf16" or "fp32"); grad_out_dtype: how
         the reconstruction gradient is stored for the decoder's per-feature sums (bf16
         halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
-        per token and its weight in the loss, for step(x, dead_features=...)."""
+        per token and its weight in the loss, for step(x, dead_features=...); moments_dtype:
+        the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
+        optimizer's memory traffic)."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")
         device = model.W_dec.device
@@ -82,7 +85,10 @@ class FusedTopKStep:
             model.W_dec.data = model.W_dec.data.contiguous()
         lp = W_enc_t.to(torch.bfloat16) if precision == "bf16" else W_enc_t
         self.params = {"W_enc_t": W_enc_t, "W_dec": model.W_dec.data, "b_enc": model.b_enc.data, "W_enc_lp": lp}
-        self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self.params.items() if name != "W_enc_lp"}
+        self.moments = {}
+        for name in ("W_enc_t", "W_dec", "b_enc"):
+            dtype = moments_dtype if self.params[name].dim() == 2 else torch.float32
+            self.moments[name] = tuple(torch.zeros_like(self.params[name], dtype=dtype) for _ in range(2))
         self.b_dec = model.b_dec.data
         self.b_dec_moments = (torch.zeros_like(self.b_dec), torch.zeros_like(self.b_dec))
         self.lr = torch.full((1,), float(lr), device=device)

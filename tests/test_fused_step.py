@@ -174,3 +174,34 @@ def test_fused_step_refuses_what_it_cannot_train():
         FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, force_triton=True)
     with pytest.raises(ValueError, match="CUDA"):
         FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3, force_triton=False)
+
+
+def test_feature_adam_rounds_bf16_moments_stochastically_and_without_bias(poisoned):
+    """bf16 moments track float32 ones: with gradients far below sqrt(v), Adam's second
+    moment shrinks 0.1% a step, under half a bf16 ulp (0.2-0.4%); rounded to nearest it
+    would stay where it started (+2% after 20 steps), rounded stochastically it follows."""
+    gen = torch.Generator().manual_seed(3)
+    F, D, B, k = 64, 300, 48, 8
+    W_dec = torch.randn(F, D, generator=gen)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc_t = torch.randn(F, D, generator=gen)
+    indices = torch.randint(0, F, (B, k), generator=gen)
+    values, grad_val = torch.rand(B, k, generator=gen) + 0.1, 1e-3 * torch.randn(B, k, generator=gen)
+    grad_out, xc = 1e-3 * torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
+    order, offsets = sort_pairs_by_feature(indices, F)
+    db_enc = feature_sums(order, offsets, grad_val)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = {"W_dec": W_dec.clone(), "W_enc_t": W_enc_t.clone(), "b_enc": torch.zeros(F)}
+        params["W_enc_lp"] = params["W_enc_t"]
+        moments = {n: (torch.zeros(F, D, dtype=dtype), torch.full((F, D), 0.25, dtype=dtype)) for n in ("W_dec", "W_enc_t")}
+        moments["b_enc"] = (torch.zeros(F), torch.zeros(F))
+        for step in range(1, 21):
+            feature_adam(order, offsets, values, grad_val, grad_out, xc, params, moments, db_enc, torch.tensor([1e-4]), torch.tensor([float(step)]))
+        runs[dtype] = moments
+    for name in ("W_dec", "W_enc_t"):
+        exact, rounded = runs[torch.float32][name][1].double(), runs[torch.bfloat16][name][1]
+        assert rounded.dtype == torch.bfloat16
+        assert float(exact.mean()) < 0.25 * 0.985  # what nearest rounding would not have left
+        rel = rounded.double() / exact - 1  # each step's rounding adds a zero-mean error
+        assert rel.abs().max() < 0.1 and abs(float(rel.mean())) < 1e-3

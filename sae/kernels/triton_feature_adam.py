@@ -39,6 +39,18 @@ def _adam(p, m, v, g, beta1, beta2, eps, step_size, inv_sqrt_bc2):
 
 
 @triton.jit
+def _store_moment(ptr, x, random, mask, STOCHASTIC_BF16: tl.constexpr):
+    """Store a float32 moment; into bfloat16 with stochastic rounding (random: uniform
+    uint32): the magnitude rounds up with probability equal to the part dropped, so the
+    rounding is unbiased. Adam's second moment moves ~0.1% a step, under half a bf16 ulp:
+    rounded to nearest it would stop moving."""
+    if STOCHASTIC_BF16:
+        bits = (x.to(tl.uint32, bitcast=True) + (random & 0xFFFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
 def _feature_sums_kernel(order_ptr, offsets_ptr, coef_ptr, out_ptr, BLOCK_P: tl.constexpr):
     f = tl.program_id(0)
     start = tl.load(offsets_ptr + f)
@@ -59,7 +71,7 @@ def _feature_adam_kernel(
     b_enc_ptr, m_b_ptr, v_b_ptr, db_enc_ptr, fired_ptr, lr_ptr, step_ptr,
     aux_row_ptr, aux_dec_ptr, aux_enc_ptr,
     K, D, beta1, beta2, log2_beta1, log2_beta2, eps,
-    HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,23 +105,27 @@ def _feature_adam_kernel(
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
     at = f * D + offs_d
     w_dec = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
-    m_dec = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0)
-    v_dec = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0)
+    m_dec = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    v_dec = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
     w_enc = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
-    m_enc = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0)
-    v_enc = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0)
+    m_enc = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    v_enc = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    if MOMENTS_BF16:  # a fresh draw per element, step and moment: deterministic, so resume is exact
+        r0, r1, r2, r3 = tl.randint4x(t.to(tl.int32), at.to(tl.int32))
+    else:
+        r0, r1, r2, r3 = offs_d, offs_d, offs_d, offs_d  # unread
     # decoder row: tangent gradient, Adam, back to the unit sphere
     g_dec = acc_dec - tl.sum(acc_dec * w_dec, axis=0) * w_dec
     w, m, v = _adam(w_dec, m_dec, v_dec, g_dec, beta1, beta2, eps, step_size, inv_sqrt_bc2)
     w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-8)
     tl.store(w_dec_ptr + at, w, mask=mask_d)
-    tl.store(m_dec_ptr + at, m, mask=mask_d)
-    tl.store(v_dec_ptr + at, v, mask=mask_d)
+    _store_moment(m_dec_ptr + at, m, r0, mask_d, MOMENTS_BF16)
+    _store_moment(v_dec_ptr + at, v, r1, mask_d, MOMENTS_BF16)
     # encoder row (feature-major), and its low-precision copy
     w, m, v = _adam(w_enc, m_enc, v_enc, acc_enc, beta1, beta2, eps, step_size, inv_sqrt_bc2)
     tl.store(w_enc_ptr + at, w, mask=mask_d)
-    tl.store(m_enc_ptr + at, m, mask=mask_d)
-    tl.store(v_enc_ptr + at, v, mask=mask_d)
+    _store_moment(m_enc_ptr + at, m, r2, mask_d, MOMENTS_BF16)
+    _store_moment(v_enc_ptr + at, v, r3, mask_d, MOMENTS_BF16)
     if WRITE_LP:
         tl.store(w_enc_lp_ptr + at, w.to(w_enc_lp_ptr.dtype.element_ty), mask=mask_d)
     b, mb, vb = _adam(tl.load(b_enc_ptr + f), tl.load(m_b_ptr + f), tl.load(v_b_ptr + f), tl.load(db_enc_ptr + f),
@@ -156,13 +172,15 @@ def feature_adam(
     won bench/kernels_feature_adam.py's sweep on an H100 (0.54 ms at 768 x 24576, B4096,
     against 1.09 ms for the unfused torch sequence). aux (AuxK): (row [F] int32, the
     feature's row in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype),
-    added to the sums of the features that have a row. Returns the number of positive
+    added to the sums of the features that have a row. The weight matrices' moments may be
+    float32 or bfloat16 (all four alike; stored with stochastic rounding). Returns the number of positive
     activations per feature [F] (the step's firing counts)."""
     W_dec, W_enc_t, b_enc, W_enc_lp = params["W_dec"], params["W_enc_t"], params["b_enc"], params["W_enc_lp"]
     F, D = W_dec.shape
     B, K = values.shape
     assert grad_out.shape[0] == B
     aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
+    assert len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "the weights' moments share one dtype"
     for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, aux_dec, aux_enc,
               *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
         assert t.is_contiguous(), "feature_adam needs contiguous tensors"
@@ -177,6 +195,6 @@ def feature_adam(
         W_dec, *moments["W_dec"], W_enc_t, *moments["W_enc_t"], W_enc_lp,
         b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc,
         K, D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-        HAS_AUX=aux is not None, WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_AUX=aux is not None, MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16, WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )
     return fired
