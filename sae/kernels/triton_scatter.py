@@ -51,10 +51,10 @@ def _feature_scatter_kernel(
 def sort_pairs_by_feature(indices: torch.Tensor, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, offsets): flat pair ids sorted by feature, and offsets[f]:offsets[f+1] the
     slice of order holding feature f. searchsorted instead of bincount: no host sync.
-    int32 keys: the radix sort makes half the passes it makes over int64."""
-    flat = indices.reshape(-1).to(torch.int32) if n_features < 2**31 else indices.reshape(-1)
-    sorted_feat, order = torch.sort(flat)
-    bounds = torch.arange(n_features + 1, device=indices.device, dtype=sorted_feat.dtype)
+    The narrowest keys that hold the feature ids: the radix sort makes one pass per byte."""
+    key_dtype = next(d for d in (torch.int16, torch.int32, torch.int64) if n_features <= torch.iinfo(d).max)
+    sorted_feat, order = torch.sort(indices.reshape(-1).to(key_dtype))
+    bounds = torch.arange(n_features + 1, device=indices.device, dtype=key_dtype)
     offsets = torch.searchsorted(sorted_feat, bounds)
     return order, offsets
 
