@@ -2,14 +2,16 @@
 
 The step sae.trainer runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
-  1. z = (x - b_dec) @ W_enc + b_enc      one dense product (bf16, or fp32)
+  0. xc = x - b_dec and the batch variance sae.kernels.triton_centre (one read of x)
+  1. z = xc @ W_enc + b_enc               one dense product (bf16, or fp32)
   2. the k largest of each row             sae.kernels.triton_topk.row_topk (split guess + verify)
   3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather)
-  4. pairs sorted by feature, db_enc       torch.sort, then per-feature sums
+  4. pairs sorted by feature, db_enc       torch.sort; chunk_sums over the runs of pair_chunk
+                                           pairs inside one feature; per-feature sums
   5. b_dec's gradient                      sum of grad_out - W_enc db_enc (before W_enc moves)
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copy      feature: no weight-sized gradient tensor
-  7. Adam on b_dec                         a few torch ops on d_in numbers
+  7. Adam on b_dec                         one launch (vector_adam)
 With AuxK (step(x, dead_features=...)), as sae.trainer computes it through autograd: each
 row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
 (step 3 writes e). A dead feature takes up to a whole batch of these entries, so they are
@@ -45,6 +47,7 @@ class StepStats(NamedTuple):
     l0: torch.Tensor  # sum over the batch of the number of positive activations
     fired: torch.Tensor  # [d_sae] positive activations per feature
     aux: torch.Tensor  # the AuxK loss (0 without it)
+    variance: torch.Tensor  # [1]: the batch's sum ||x - mean||^2, the FVU's denominator
 
 
 class FusedTopKStep:
@@ -61,6 +64,7 @@ class FusedTopKStep:
         k_aux: int = 0,
         aux_alpha: float = 1 / 32,
         moments_dtype: torch.dtype = torch.float32,
+        pair_chunk: int = 64,
         force_triton: bool | None = None,
     ) -> None:
         """precision: the encoder product's dtype ("bf16" or "fp32"); grad_out_dtype: how
@@ -68,7 +72,11 @@ class FusedTopKStep:
         halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
         per token and its weight in the loss, for step(x, dead_features=...); moments_dtype:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
-        optimizer's memory traffic)."""
+        optimizer's memory traffic); pair_chunk: runs of this many pairs
+        inside one feature are summed in parallel before step 6 (0: every feature's program
+        walks all its pairs; on an H100, 64 costs 1% of step 6 where no feature is frequent
+        and saves a fifth of it where one fires on half the batch:
+        bench/kernels_feature_adam.py)."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")
         device = model.W_dec.device
@@ -77,7 +85,7 @@ class FusedTopKStep:
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
         self.model, self.k, self.betas, self.eps = model, model.rule.k, betas, eps
-        self.grad_out_dtype = grad_out_dtype
+        self.grad_out_dtype, self.pair_chunk = grad_out_dtype, pair_chunk
         self.k_aux, self.aux_alpha = min(k_aux, model.d_sae), aux_alpha
         with torch.no_grad():
             W_enc_t = model.W_enc.detach().t().contiguous()
@@ -112,23 +120,19 @@ class FusedTopKStep:
         self.lr.fill_(float(lr))
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, variance: torch.Tensor | None = None, dead_features: torch.Tensor | None = None) -> StepStats:
-        """One Adam step on the batch x [B, d_in] (float32). variance: the batch's
-        sum ||x - mean||^2 (a device scalar; computed from x when None). dead_features: the
+    def step(self, x: torch.Tensor, dead_features: torch.Tensor | None = None) -> StepStats:
+        """One Adam step on the batch x [B, d_in] (float32, contiguous). dead_features: the
         ids of the features AuxK may revive this step (a non-empty LongTensor; needs
         k_aux > 0); None: no AuxK."""
+        from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual
-        from sae.kernels.triton_feature_adam import feature_adam, feature_sums
-        from sae.kernels.triton_scatter import sort_pairs_by_feature
+        from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs, vector_adam
         from sae.kernels.triton_topk import row_topk
 
         p = self.params
         self.step_count += 1
-        if variance is None:
-            variance = (x - x.mean(dim=0)).pow(2).sum()
-        scale = 1.0 / variance.clamp(min=1e-12).reshape(1)
         lp = p["W_enc_lp"].dtype
-        xc = (x - self.b_dec).to(lp)
+        xc, variance, scale = centre(x, self.b_dec, lp)
         z = torch.addmm(p["b_enc"].to(lp), xc, p["W_enc_lp"].t())
         values, indices, _ = row_topk(z, self.k)
         z_dead = None if dead_features is None else z.index_select(1, dead_features)
@@ -138,19 +142,20 @@ class FusedTopKStep:
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
         sq = sq_err.sum()
         loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
-        db_dec = grad_out.sum(dim=0, dtype=torch.float32)
-        order, offsets = sort_pairs_by_feature(indices, p["W_dec"].shape[0])
-        db_enc = feature_sums(order, offsets, grad_val)
+        db_dec_out = grad_out.sum(dim=0, dtype=torch.float32)  # b_dec's gradient through x_hat
+        pairs = sort_pairs(indices, values, grad_val, p["W_dec"].shape[0])
+        chunks = chunk_sums(pairs, grad_out, xc, self.pair_chunk) if self.pair_chunk else None
+        db_enc = feature_sums(pairs, chunks)
         if dead_features is not None:
             assert self.k_aux > 0 and dead_features.numel() > 0, "AuxK needs k_aux > 0 and a dead feature"
             aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
-        db_dec -= db_enc @ p["W_enc_t"]
-        fired = feature_adam(order, offsets, values, grad_val, grad_out, xc, p, self.moments, db_enc,
-                             self.lr, self.step_count, self.betas, self.eps, aux=aux_grads)
+        db_dec_enc = db_enc @ p["W_enc_t"]  # b_dec's gradient through the encoder, before W_enc moves
+        fired = feature_adam(pairs, grad_out, xc, p, self.moments, db_enc,
+                             self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
         if self.model.b_dec.requires_grad:
-            self._adam_b_dec(db_dec)
-        return StepStats(sq_err=sq, loss=loss, l0=(values > 0).sum(), fired=fired, aux=aux)
+            vector_adam(self.b_dec, self.b_dec_moments, db_dec_out, db_dec_enc, self.lr, self.step_count, self.betas, self.eps)
+        return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance)
 
     def _auxk(
         self, z_dead: torch.Tensor, dead_features: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor, db_enc: torch.Tensor
@@ -165,7 +170,7 @@ class FusedTopKStep:
         top, local = z_dead.topk(min(self.k_aux, n), dim=1, sorted=False)
         acts = torch.zeros_like(z_dead).scatter_(1, local, top.relu())
         err = (acts @ W_dead).float() - residual
-        e_var = batch_variance(residual).clamp(min=1e-12)
+        e_var = batch_variance(residual)
         loss = err.pow(2).sum() / e_var
         grad_e_hat = ((2 * self.aux_alpha / e_var) * err).to(acts.dtype)
         grad_acts = (grad_e_hat @ W_dead.t()).masked_fill_(acts <= 0, 0)
@@ -173,11 +178,3 @@ class FusedTopKStep:
         row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
         row[dead_features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
         return loss, (row, acts.t() @ grad_e_hat, grad_acts.t() @ xc)
-
-    def _adam_b_dec(self, g: torch.Tensor) -> None:
-        (beta1, beta2), (m, v) = self.betas, self.b_dec_moments
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = self.lr / (1 - torch.pow(beta1, self.step_count))
-        denom = v.sqrt() / torch.sqrt(1 - torch.pow(beta2, self.step_count)) + self.eps
-        self.b_dec.sub_(step_size * m / denom)

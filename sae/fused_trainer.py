@@ -27,7 +27,6 @@ import torch
 from sae.config import TrainConfig
 from sae.data import ActivationSource
 from sae.fused_step import FusedTopKStep, StepStats
-from sae.losses import batch_variance
 from sae.trainer import Trainer
 from workbench.errors import WorkbenchError
 
@@ -91,7 +90,7 @@ class FusedTopKTrainer(Trainer):
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = False
         self._graph_stream = torch.cuda.Stream() if self.use_graph else None
-        self._graph_in: tuple[torch.Tensor, torch.Tensor] = ()
+        self._graph_in: torch.Tensor | None = None
         self._graph_out: StepStats | None = None
 
     def _initialise(self) -> None:
@@ -105,7 +104,6 @@ class FusedTopKTrainer(Trainer):
         x = self._to_device(batch)
         lr = cfg.lr_at(self.step)
         self.fused.set_lr(lr)
-        variance = batch_variance(x)
         self._note_finite(x)
         # AuxK's dead features: none before dead_tokens tokens (tokens_since_fired <= tokens
         # seen), and reading them is a host sync, once a step, as on the autograd step
@@ -113,36 +111,35 @@ class FusedTopKTrainer(Trainer):
         if cfg.aux == "auxk" and self.step * cfg.batch_size >= cfg.dead_tokens:
             dead = torch.nonzero(self.aux_weights() > 0).squeeze(1)
         if dead is not None and dead.numel():
-            stats = self.fused.step(x, variance, dead_features=dead)
+            stats = self.fused.step(x, dead_features=dead)
         else:
-            stats = self._step_without_aux(x, variance)
-        return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), variance, stats.aux, lr)
+            stats = self._step_without_aux(x)
+        return self.end_step(stats.fired, stats.sq_err, stats.l0.float(), stats.loss, len(x), stats.variance[0], stats.aux, lr)
 
-    def _step_without_aux(self, x: torch.Tensor, variance: torch.Tensor) -> StepStats:
-        """fused.step(x, variance); on CUDA, from the second such step on, the replay of one
+    def _step_without_aux(self, x: torch.Tensor) -> StepStats:
+        """fused.step(x); on CUDA, from the second such step on, the replay of one
         CUDA graph of it: issuing the step's ~30 kernels one by one takes the host about as
         long as the GPU takes to run them (bench/gpu_trainer.py, BENCHMARKS.md). The first
         step runs them eagerly, which compiles the Triton kernels before the capture. The
-        graph reads x and variance from its own buffers and writes the same StepStats tensors
+        graph reads x from its own buffer and writes the same StepStats tensors
         at every replay (end_step reads them before the next one)."""
-        if not self.use_graph or (self._graph is not None and x.shape != self._graph_in[0].shape):
-            return self.fused.step(x, variance)
+        if not self.use_graph or (self._graph is not None and x.shape != self._graph_in.shape):
+            return self.fused.step(x)
         if self._graph is None:
             side = self._graph_stream  # the warm-up runs where the capture will (torch's recipe)
             side.wait_stream(torch.cuda.current_stream())
             if not self._graph_warm:
                 self._graph_warm = True
                 with torch.cuda.stream(side):
-                    stats = self.fused.step(x, variance)
+                    stats = self.fused.step(x)
                 torch.cuda.current_stream().wait_stream(side)
                 return stats
-            self._graph_in = (x.clone(), variance.clone())
+            self._graph_in = x.clone()
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph, stream=side):
-                self._graph_out = self.fused.step(*self._graph_in)
+                self._graph_out = self.fused.step(self._graph_in)
         else:
-            self._graph_in[0].copy_(x)
-            self._graph_in[1].copy_(variance)
+            self._graph_in.copy_(x)
         self._graph.replay()
         return self._graph_out
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from sae.fused_step import FusedTopKStep
+from sae.kernels.triton_centre import centre
 from sae.kernels.triton_decode_residual import decode_residual
-from sae.kernels.triton_feature_adam import feature_adam, feature_sums
-from sae.kernels.triton_scatter import sort_pairs_by_feature
+from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs
 from sae.losses import aux_candidates, aux_reconstruction_loss
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
@@ -64,6 +64,22 @@ def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
     torch.testing.assert_close(residual.double(), x.double() - x_hat.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,D,mean,shift_off", [(37, 70, 0.0, 1.0), (5, 300, 1000.0, 0.01), (70, 33, 5.0, 5.0), (1, 8, 0.0, 0.0)])
+def test_centre_gives_the_shifted_input_and_the_batch_variance(B, D, mean, shift_off, poisoned):
+    """xc = x - b_dec (in the encoder's dtype) and sum ||x - mean||^2 against float64, also
+    where activations sit far from 0 (b_dec near their mean, as training keeps it)."""
+    gen = torch.Generator().manual_seed(B + D)
+    x = torch.randn(B, D, generator=gen) + mean
+    b_dec = x.mean(0) + shift_off * torch.randn(D, generator=gen)
+    xc, variance, scale = centre(x, b_dec, torch.float32)
+    ref = (x.double() - x.double().mean(0)).pow(2).sum().clamp(min=1e-12)
+    torch.testing.assert_close(xc, x - b_dec)
+    torch.testing.assert_close(variance.double(), ref.reshape(1), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(scale.double(), 1 / ref.reshape(1), rtol=1e-5, atol=0)
+    xc_bf16 = centre(x, b_dec, torch.bfloat16)[0]
+    assert xc_bf16.dtype == torch.bfloat16 and ((xc_bf16.float() - xc).abs() <= xc.abs() * 2**-7).all()
+
+
 def reference_adam_step(params64, grads64, opt):
     """The trainer's order of torch ops in float64: tangent decoder gradient, Adam, unit rows."""
     W_dec = params64["W_dec"]
@@ -75,8 +91,12 @@ def reference_adam_step(params64, grads64, opt):
         W_dec /= W_dec.norm(dim=1, keepdim=True)
 
 
-@pytest.mark.parametrize("B,F,D,k,xc_dtype", [(6, 13, 37, 3, torch.float32), (4, 30, 260, 8, torch.bfloat16), (3, 5, 20, 5, torch.float32)])
-def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, poisoned):
+@pytest.mark.parametrize("chunk", [0, 4], ids=["pairs-walked", "whole-chunks-summed-first"])
+@pytest.mark.parametrize("B,F,D,k,xc_dtype", [(6, 13, 37, 3, torch.float32), (4, 30, 260, 8, torch.bfloat16),
+                                              (3, 5, 20, 5, torch.float32), (24, 5, 70, 4, torch.float32)])
+def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, chunk, poisoned):
+    """chunk: chunk_sums first sums each whole run of `chunk` pairs inside a feature (the last
+    shape gives every feature ~19 pairs: runs with pairs before and after them)."""
     gen = torch.Generator().manual_seed(F * D)
     W_dec = torch.randn(F, D, generator=gen)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -90,10 +110,11 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, po
         indices, values = pairs(B, F, k, gen)
         grad_val = torch.where(values > 0, torch.randn(B, k, generator=gen), 0.0)
         grad_out, xc = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen).to(xc_dtype)
-        order, offsets = sort_pairs_by_feature(indices, F)
-        db_enc = feature_sums(order, offsets, grad_val)
+        by_feature = sort_pairs(indices, values, grad_val, F)
+        chunks = chunk_sums(by_feature, grad_out, xc, chunk, block_p=2, block_d=32) if chunk else None
+        db_enc = feature_sums(by_feature, chunks)
         step += 1
-        fired = feature_adam(order, offsets, values, grad_val, grad_out, xc, params, moments, db_enc, lr, step)
+        fired = feature_adam(by_feature, grad_out, xc, params, moments, db_enc, lr, step, chunks=chunks)
 
         flat = indices.reshape(-1)
         rows = torch.arange(B).repeat_interleave(k)
@@ -130,14 +151,15 @@ def reference_train_step(model64, opt, x, dead=None, k_aux=0, aux_alpha=0.0):
     return loss
 
 
+@pytest.mark.parametrize("pair_chunk", [32, 2])
 @pytest.mark.parametrize("d_in,d_sae,k,B", [(24, 40, 4, 16), (37, 19, 19, 7)])
-def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B):
+def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B, pair_chunk):
     gen = torch.Generator().manual_seed(d_sae)
     model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
     model.init_weights(gen, b_dec=torch.randn(d_in, generator=gen) * 0.1)
     model64 = copy.deepcopy(model).double()
     opt = torch.optim.Adam(model64.parameters(), lr=1e-2, foreach=False)
-    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", force_triton=True)
+    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", pair_chunk=pair_chunk, force_triton=True)
     for _ in range(3):
         x = torch.randn(B, d_in, generator=gen)
         stats = fused.step(x)
@@ -188,8 +210,8 @@ def test_feature_adam_rounds_bf16_moments_stochastically_and_without_bias(poison
     indices = torch.randint(0, F, (B, k), generator=gen)
     values, grad_val = torch.rand(B, k, generator=gen) + 0.1, 1e-3 * torch.randn(B, k, generator=gen)
     grad_out, xc = 1e-3 * torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
-    order, offsets = sort_pairs_by_feature(indices, F)
-    db_enc = feature_sums(order, offsets, grad_val)
+    by_feature = sort_pairs(indices, values, grad_val, F)
+    db_enc = feature_sums(by_feature)
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         params = {"W_dec": W_dec.clone(), "W_enc_t": W_enc_t.clone(), "b_enc": torch.zeros(F)}
@@ -197,7 +219,7 @@ def test_feature_adam_rounds_bf16_moments_stochastically_and_without_bias(poison
         moments = {n: (torch.zeros(F, D, dtype=dtype), torch.full((F, D), 0.25, dtype=dtype)) for n in ("W_dec", "W_enc_t")}
         moments["b_enc"] = (torch.zeros(F), torch.zeros(F))
         for step in range(1, 21):
-            feature_adam(order, offsets, values, grad_val, grad_out, xc, params, moments, db_enc, torch.tensor([1e-4]), torch.tensor([float(step)]))
+            feature_adam(by_feature, grad_out, xc, params, moments, db_enc, torch.tensor([1e-4]), torch.tensor([float(step)]))
         runs[dtype] = moments
     for name in ("W_dec", "W_enc_t"):
         exact, rounded = runs[torch.float32][name][1].double(), runs[torch.bfloat16][name][1]

@@ -16,6 +16,11 @@ decoder row goes back to unit norm, and the bf16 copy of the encoder row that th
 encoder product reads is written. Every parameter and moment is read and written once;
 no gradient tensor of the weights' size exists. lr and the step count are device scalars,
 so the step can be captured in a CUDA graph.
+A frequent feature owns up to a whole batch of pairs, and one program walks them one
+dependent L2 gather after another while the rest of the grid has long finished. So
+chunk_sums first sums every whole run of CHUNK sorted pairs that lies inside one feature,
+in parallel, and a feature's program walks only the pairs before and after its runs (under
+2 * CHUNK) and adds the runs' sums.
 Adam as torch.optim.Adam (no weight decay, no amsgrad):
   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -24,10 +29,13 @@ Adam as torch.optim.Adam (no weight decay, no amsgrad):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from sae.kernels.triton_scatter import sort_pairs_by_feature
 
 
 @triton.jit
@@ -51,49 +59,116 @@ def _store_moment(ptr, x, random, mask, STOCHASTIC_BF16: tl.constexpr):
 
 
 @triton.jit
-def _feature_sums_kernel(order_ptr, offsets_ptr, coef_ptr, out_ptr, BLOCK_P: tl.constexpr):
+def _own_pairs(start, end, CHUNK: tl.constexpr):
+    """Split feature [start, end) of the sorted pairs into the whole chunks of CHUNK pairs
+    inside it, [c_lo, c_hi) (summed by chunk_sums), and the pairs its program walks:
+    [start, head_end) and [tail_start, end). CHUNK 0: no chunks."""
+    if CHUNK > 0:
+        c_lo = (start + CHUNK - 1) // CHUNK
+        c_hi = end // CHUNK
+        whole = c_hi > c_lo
+        head_end = tl.where(whole, c_lo * CHUNK, end)
+        tail_start = tl.where(whole, c_hi * CHUNK, end)
+        c_hi = tl.where(whole, c_hi, c_lo)
+    else:
+        head_end, tail_start, c_lo, c_hi = end, end, start * 0, start * 0
+    return head_end, tail_start, c_lo, c_hi
+
+
+@triton.jit
+def _walk_pairs(lo, hi, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr, D, offs_d, mask_d,
+                acc_dec, acc_enc, g_sum, n_fired, BLOCK_P: tl.constexpr):
+    """Add sorted pairs [lo, hi) to the sums of values * grad_out rows, grad_val * xc rows,
+    grad_val, and positive values."""
+    for p0 in range(lo, hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < hi
+        row = tl.load(row_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
+        a = tl.load(val_ptr + offs_p, mask=mask_p, other=0.0)
+        g = tl.load(gval_ptr + offs_p, mask=mask_p, other=0.0)
+        mask = mask_p[:, None] & mask_d[None, :]
+        go = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xc = tl.load(xc_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc_dec += tl.sum(go * a[:, None], axis=0)
+        acc_enc += tl.sum(xc * g[:, None], axis=0)
+        g_sum += g
+        n_fired += (a > 0).to(tl.int32)
+    return acc_dec, acc_enc, g_sum, n_fired
+
+
+@triton.jit
+def _chunk_sums_kernel(
+    feat_ptr, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
+    dec_ptr, enc_ptr, gsum_ptr, fired_ptr, D,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    lo = c * CHUNK
+    if tl.load(feat_ptr + lo) == tl.load(feat_ptr + lo + CHUNK - 1):  # a whole chunk inside one feature
+        acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(
+            lo, lo + CHUNK, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr, D, offs_d, mask_d,
+            tl.zeros([BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_D], dtype=tl.float32),
+            tl.zeros([BLOCK_P], dtype=tl.float32), tl.zeros([BLOCK_P], dtype=tl.int32), BLOCK_P)
+        tl.store(dec_ptr + c * D + offs_d, acc_dec, mask=mask_d)
+        tl.store(enc_ptr + c * D + offs_d, acc_enc, mask=mask_d)
+        if tl.program_id(1) == 0:
+            tl.store(gsum_ptr + c, tl.sum(g_sum, axis=0))
+            tl.store(fired_ptr + c, tl.sum(n_fired, axis=0))
+
+
+@triton.jit
+def _feature_sums_kernel(offsets_ptr, coef_ptr, chunk_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr):
     f = tl.program_id(0)
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
+    head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_P):
+    for p0 in range(start, head_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < head_end
+        acc += tl.load(coef_ptr + offs_p, mask=mask_p, other=0.0)
+    for p0 in range(tail_start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
-        pair = tl.load(order_ptr + offs_p, mask=mask_p, other=0)
-        acc += tl.load(coef_ptr + pair, mask=mask_p, other=0.0)
-    tl.store(out_ptr + f, tl.sum(acc, axis=0))
+        acc += tl.load(coef_ptr + offs_p, mask=mask_p, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if CHUNK > 0:
+        for c in range(c_lo, c_hi):
+            total += tl.load(chunk_ptr + c)
+    tl.store(out_ptr + f, total)
 
 
 @triton.jit
 def _feature_adam_kernel(
-    order_ptr, offsets_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
+    offsets_ptr, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
     w_dec_ptr, m_dec_ptr, v_dec_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
     b_enc_ptr, m_b_ptr, v_b_ptr, db_enc_ptr, fired_ptr, lr_ptr, step_ptr,
-    aux_row_ptr, aux_dec_ptr, aux_enc_ptr,
-    K, D, beta1, beta2, log2_beta1, log2_beta2, eps,
-    HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    aux_row_ptr, aux_dec_ptr, aux_enc_ptr, chunk_dec_ptr, chunk_enc_ptr, chunk_fired_ptr,
+    D, beta1, beta2, log2_beta1, log2_beta2, eps,
+    CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
+    head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
     acc_dec = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_enc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    g_sum = tl.zeros([BLOCK_P], dtype=tl.float32)  # unused: db_enc comes from feature_sums
     n_fired = tl.zeros([BLOCK_P], dtype=tl.int32)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < end
-        pair = tl.load(order_ptr + offs_p, mask=mask_p, other=0)
-        row = pair // K
-        a = tl.load(val_ptr + pair, mask=mask_p, other=0.0)
-        g = tl.load(gval_ptr + pair, mask=mask_p, other=0.0)
-        mask = mask_p[:, None] & mask_d[None, :]
-        go = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        xc = tl.load(xc_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc_dec += tl.sum(go * a[:, None], axis=0)
-        acc_enc += tl.sum(xc * g[:, None], axis=0)
-        n_fired += (a > 0).to(tl.int32)
+    acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(start, head_end, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
+                                                   D, offs_d, mask_d, acc_dec, acc_enc, g_sum, n_fired, BLOCK_P)
+    acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(tail_start, end, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
+                                                   D, offs_d, mask_d, acc_dec, acc_enc, g_sum, n_fired, BLOCK_P)
+    fired = tl.sum(n_fired, axis=0)
+    if CHUNK > 0:
+        for c in range(c_lo, c_hi):
+            acc_dec += tl.load(chunk_dec_ptr + c * D + offs_d, mask=mask_d, other=0.0)
+            acc_enc += tl.load(chunk_enc_ptr + c * D + offs_d, mask=mask_d, other=0.0)
+            fired += tl.load(chunk_fired_ptr + c)
     if HAS_AUX:  # a dead feature's row of the auxiliary gradient (-1: none)
         r = tl.load(aux_row_ptr + f)
         mask_r = mask_d & (offs_d * 0 + r >= 0)
@@ -133,23 +208,105 @@ def _feature_adam_kernel(
     tl.store(b_enc_ptr + f, b)
     tl.store(m_b_ptr + f, mb)
     tl.store(v_b_ptr + f, vb)
-    tl.store(fired_ptr + f, tl.sum(n_fired, axis=0).to(tl.float32))
+    tl.store(fired_ptr + f, fired.to(tl.float32))
 
 
-def feature_sums(order: torch.Tensor, offsets: torch.Tensor, coef: torch.Tensor, block_p: int = 16) -> torch.Tensor:
-    """out[f] = sum of coef over feature f's pairs (order/offsets from sort_pairs_by_feature)."""
-    n_features = offsets.numel() - 1
-    out = torch.empty(n_features, device=coef.device, dtype=torch.float32)
+@triton.jit
+def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, feat_ptr, row_ptr, sval_ptr, sgval_ptr, P, K,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    pair = tl.load(order_ptr + offs, mask=mask, other=0)
+    tl.store(feat_ptr + offs, tl.load(idx_ptr + pair, mask=mask, other=0).to(tl.int32), mask=mask)
+    tl.store(row_ptr + offs, (pair // K).to(tl.int32), mask=mask)
+    tl.store(sval_ptr + offs, tl.load(val_ptr + pair, mask=mask, other=0.0), mask=mask)
+    tl.store(sgval_ptr + offs, tl.load(gval_ptr + pair, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _vector_adam_kernel(p_ptr, m_ptr, v_ptr, g_ptr, g_minus_ptr, lr_ptr, step_ptr, N,
+                        beta1, beta2, log2_beta1, log2_beta2, eps, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    t = tl.load(step_ptr).to(tl.float32)
+    step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
+    inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0) - tl.load(g_minus_ptr + offs, mask=mask, other=0.0)
+    p, m, v = _adam(tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(m_ptr + offs, mask=mask, other=0.0),
+                    tl.load(v_ptr + offs, mask=mask, other=0.0), g, beta1, beta2, eps, step_size, inv_sqrt_bc2)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+class SortedPairs(NamedTuple):
+    """The step's B*k kept (token row, feature) pairs in feature order, with their values and
+    gradients, so the per-feature kernels read them contiguously instead of through the
+    sort's permutation (one dependent load less before each gather)."""
+
+    offsets: torch.Tensor  # [F + 1] int64: feature f's pairs are [offsets[f], offsets[f + 1])
+    feature: torch.Tensor  # [P] int32
+    row: torch.Tensor  # [P] int32: the token row b
+    value: torch.Tensor  # [P] float32: values[b, j]
+    grad_val: torch.Tensor  # [P] float32: grad_val[b, j]
+
+
+def sort_pairs(indices: torch.Tensor, values: torch.Tensor, grad_val: torch.Tensor, n_features: int) -> SortedPairs:
+    """indices, values, grad_val [B, k] (values and grad_val float32) in feature order."""
+    order, offsets = sort_pairs_by_feature(indices, n_features)
+    P = order.numel()
+    out = [torch.empty(P, device=values.device, dtype=dtype) for dtype in (torch.int32, torch.int32, torch.float32, torch.float32)]
+    if P:
+        _sorted_pairs_kernel[(triton.cdiv(P, 1024),)](order, indices.reshape(-1), values.reshape(-1), grad_val.reshape(-1), *out,
+                                                      P, indices.shape[1], BLOCK=1024, num_warps=4)
+    return SortedPairs(offsets, *out)
+
+
+class PairChunks(NamedTuple):
+    """chunk_sums' output: per whole chunk of `size` sorted pairs inside one feature (others
+    are never written or read), the sums its feature's program adds instead of walking it."""
+
+    size: int
+    dec: torch.Tensor  # [C, D] float32: sum of values * grad_out rows
+    enc: torch.Tensor  # [C, D] float32: sum of grad_val * xc rows
+    grad_val: torch.Tensor  # [C] float32: sum of grad_val
+    fired: torch.Tensor  # [C] int32: positive values
+
+
+def chunk_sums(
+    pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 256
+) -> PairChunks:
+    """Sum the runs of `size` sorted pairs that lie inside one feature, one program per
+    (run, block of block_d columns): what feature_sums and feature_adam then add for a
+    frequent feature instead of walking its pairs one after another. Arguments as for
+    feature_adam."""
+    assert size > 0
+    P, D = pairs.row.numel(), grad_out.shape[1]
+    n = P // size
+    out = PairChunks(size, torch.empty(n, D, device=xc.device), torch.empty(n, D, device=xc.device),
+                     torch.empty(n, device=xc.device), torch.empty(n, device=xc.device, dtype=torch.int32))
+    if n:
+        block_d = min(triton.next_power_of_2(D), block_d)
+        _chunk_sums_kernel[(n, triton.cdiv(D, block_d))](
+            pairs.feature, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
+            out.dec, out.enc, out.grad_val, out.fired, D,
+            CHUNK=size, BLOCK_P=min(block_p, triton.next_power_of_2(size)), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def feature_sums(pairs: SortedPairs, chunks: PairChunks | None = None, block_p: int = 16) -> torch.Tensor:
+    """db_enc: out[f] = sum of grad_val over feature f's pairs; chunks: chunk_sums over them."""
+    n_features = pairs.offsets.numel() - 1
+    out = torch.empty(n_features, device=pairs.grad_val.device, dtype=torch.float32)
     if n_features:
-        _feature_sums_kernel[(n_features,)](order, offsets, coef.reshape(-1), out, BLOCK_P=block_p, num_warps=1)
+        _feature_sums_kernel[(n_features,)](pairs.offsets, pairs.grad_val, chunks.grad_val if chunks is not None else out, out,
+                                            CHUNK=chunks.size if chunks is not None else 0, BLOCK_P=block_p, num_warps=1)
     return out
 
 
 def feature_adam(
-    order: torch.Tensor,
-    offsets: torch.Tensor,
-    values: torch.Tensor,
-    grad_val: torch.Tensor,
+    pairs: SortedPairs,
     grad_out: torch.Tensor,
     xc: torch.Tensor,
     params: dict[str, torch.Tensor],
@@ -162,24 +319,26 @@ def feature_adam(
     block_p: int = 4,
     num_warps: int | None = None,
     aux: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    chunks: PairChunks | None = None,
 ) -> torch.Tensor:
     """Update params["W_dec"] [F, D], params["W_enc_t"] [F, D] (feature-major encoder),
     params["b_enc"] [F] (float32, contiguous) and their Adam moments in place; write
     params["W_enc_lp"] (the low-precision encoder copy) if it is another tensor than W_enc_t.
-    values / grad_val [B, k] float32, grad_out and xc [B, D] (any float dtype) are the
-    step's pairs and dense gradients; db_enc [F] from feature_sums; lr and step are
-    one-element float32 tensors (step already counts this update). The default blocks
-    won bench/kernels_feature_adam.py's sweep on an H100 (0.54 ms at 768 x 24576, B4096,
-    against 1.09 ms for the unfused torch sequence). aux (AuxK): (row [F] int32, the
-    feature's row in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype),
-    added to the sums of the features that have a row. The weight matrices' moments may be
-    float32 or bfloat16 (all four alike; stored with stochastic rounding). Returns the number of positive
-    activations per feature [F] (the step's firing counts)."""
+    pairs (sort_pairs), grad_out and xc [B, D] (any float dtype) are the step's pairs and
+    dense gradients; db_enc [F] from feature_sums; lr and step are one-element float32
+    tensors (step already counts this update). The default blocks won
+    bench/kernels_feature_adam.py's sweep on an H100 (0.54 ms at 768 x 24576, B4096, against
+    1.09 ms for the unfused torch sequence). aux (AuxK): (row [F] int32, the feature's row
+    in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype), added to the
+    sums of the features that have a row. chunks: chunk_sums over the same pairs (the same
+    chunks feature_sums was given, if any). The weight matrices' moments may be float32 or
+    bfloat16 (all four alike; stored with stochastic rounding). Returns the number of
+    positive activations per feature [F] (the step's firing counts)."""
     W_dec, W_enc_t, b_enc, W_enc_lp = params["W_dec"], params["W_enc_t"], params["b_enc"], params["W_enc_lp"]
     F, D = W_dec.shape
-    B, K = values.shape
-    assert grad_out.shape[0] == B
+    assert grad_out.shape == xc.shape and pairs.offsets.numel() == F + 1
     aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
+    chunk_dec, chunk_enc, chunk_fired = (chunks.dec, chunks.enc, chunks.fired) if chunks is not None else (b_enc,) * 3  # likewise
     assert len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "the weights' moments share one dtype"
     for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, aux_dec, aux_enc,
               *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
@@ -191,10 +350,31 @@ def feature_adam(
     num_warps = num_warps or (4 if block_d <= 2048 else 8)
     beta1, beta2 = betas
     _feature_adam_kernel[(F,)](
-        order, offsets, values.reshape(-1), grad_val.reshape(-1), grad_out, xc,
+        pairs.offsets, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
         W_dec, *moments["W_dec"], W_enc_t, *moments["W_enc_t"], W_enc_lp,
-        b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc,
-        K, D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-        HAS_AUX=aux is not None, MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16, WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc, chunk_dec, chunk_enc, chunk_fired,
+        D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
+        CHUNK=chunks.size if chunks is not None else 0, HAS_AUX=aux is not None, MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16,
+        WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )
     return fired
+
+
+def vector_adam(
+    param: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor],
+    grad: torch.Tensor,
+    grad_minus: torch.Tensor,
+    lr: torch.Tensor,
+    step: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Adam, as in feature_adam, on a float32 vector (b_dec) with the gradient
+    grad - grad_minus, in one launch (torch's ops take a dozen on a few thousand numbers)."""
+    n = param.numel()
+    assert all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus))
+    block = min(triton.next_power_of_2(max(n, 1)), 1024)
+    beta1, beta2 = betas
+    _vector_adam_kernel[(triton.cdiv(n, block),)](param, *moments, grad, grad_minus, lr, step, n, beta1, beta2,
+                                                  math.log2(beta1), math.log2(beta2), eps, BLOCK=block, num_warps=4)

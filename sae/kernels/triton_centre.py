@@ -1,0 +1,74 @@
+"""x - b_dec in the encoder product's dtype, and the batch's variance, from one read of x.
+
+The FVU's denominator sum_b ||x_b - mean||^2 equals sum_b ||c_b||^2 - ||sum_b c_b||^2 / B
+for any shift c_b = x_b - s. With s = b_dec, which sits near the data's mean (it is
+initialised there and trained as the reconstruction's offset), both terms stay close to the
+result, so float32 holds it even where activations have a large mean. The encoder product
+reads the same c, so one pass over x writes c and each block of rows' column sums and
+squares; a single program then adds the blocks in a fixed order (deterministic) and writes
+the variance and its reciprocal, the loss's scale. torch takes five passes and as many
+launches for the variance and the shifted copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _centre_kernel(x_ptr, b_ptr, xc_ptr, colsum_ptr, sq_ptr, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rb = tl.program_id(0)
+    rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows < B
+    sq = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask_d = cols < D
+        mask = mask_b[:, None] & mask_d[None, :]
+        at = rows[:, None].to(tl.int64) * D + cols[None, :]
+        c = tl.load(x_ptr + at, mask=mask, other=0.0) - tl.load(b_ptr + cols, mask=mask_d, other=0.0)[None, :]
+        c = tl.where(mask, c, 0.0)
+        tl.store(xc_ptr + at, c.to(xc_ptr.dtype.element_ty), mask=mask)
+        tl.store(colsum_ptr + rb * D + cols, tl.sum(c, axis=0), mask=mask_d)
+        sq += tl.sum(c * c, axis=1)
+    tl.store(sq_ptr + rb, tl.sum(sq, axis=0))
+
+
+@triton.jit
+def _variance_kernel(colsum_ptr, sq_ptr, out_ptr, n_blocks, B, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for r0 in range(0, n_blocks, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        sq += tl.load(sq_ptr + r, mask=r < n_blocks, other=0.0)
+    mean_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r0 in range(0, n_blocks, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            mask = (r < n_blocks)[:, None] & (cols < D)[None, :]
+            col += tl.sum(tl.load(colsum_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0), axis=0)
+        mean_sq += col * col
+    variance = tl.maximum(tl.sum(sq, axis=0) - tl.sum(mean_sq, axis=0) / B, 1e-12)
+    tl.store(out_ptr, variance)
+    tl.store(out_ptr + 1, 1.0 / variance)
+
+
+def centre(x: torch.Tensor, b_dec: torch.Tensor, dtype: torch.dtype, block_b: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - b_dec in dtype, the batch variance sum_b ||x_b - mean||^2 clamped above 0, and
+    1 / variance), the last two as one-element float32 tensors, for x [B, D] float32
+    contiguous and b_dec [D] float32."""
+    B, D = x.shape
+    assert x.is_contiguous() and x.dtype == b_dec.dtype == torch.float32 and b_dec.shape == (D,)
+    xc = torch.empty(B, D, device=x.device, dtype=dtype)
+    n_blocks = triton.cdiv(B, block_b)
+    colsum = torch.empty(n_blocks, D, device=x.device)
+    sq = torch.empty(n_blocks, device=x.device)
+    out = torch.empty(2, device=x.device)
+    block_d = min(triton.next_power_of_2(max(D, 1)), 256)
+    if B:
+        _centre_kernel[(n_blocks,)](x, b_dec, xc, colsum, sq, B, D, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+    _variance_kernel[(1,)](colsum, sq, out, n_blocks, max(B, 1), D, BLOCK_R=32, BLOCK_D=block_d, num_warps=4)
+    return xc, out[:1], out[1:]
