@@ -3,7 +3,7 @@
 CPU, this checks what the GPU compiler made of it).
 
 For each shape: the same initial SAE trains 3 steps through sae.fused_step.FusedTopKStep on
-CUDA (fp32 precision, TF32 off) and through tests.test_fused_step.reference_train_step in
+CUDA (fp32 precision, TF32 off, pair chunks of 4: many features have a whole chunk) and through tests.test_fused_step.reference_train_step in
 float64 on the CPU; prints the largest relative difference of each parameter. Then a bf16
 run checks that the encoder's bf16 copy equals torch's cast of the fp32 weights exactly
 (the GPU rounds to nearest even; the CPU interpreter truncates).
@@ -39,7 +39,7 @@ def main() -> None:
         model64 = copy.deepcopy(model).double()
         opt = torch.optim.Adam(model64.parameters(), lr=1e-3, foreach=False)
         model = model.cuda()
-        fused = FusedTopKStep(model, lr=1e-3, precision="fp32")
+        fused = FusedTopKStep(model, lr=1e-3, precision="fp32", pair_chunk=4)
         for _ in range(3):
             x = torch.randn(B, d_in, generator=gen)
             stats = fused.step(x.cuda())

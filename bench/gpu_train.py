@@ -80,6 +80,17 @@ def synthetic_pool(d_in: int, k: int, B: int, n_batches: int, seed: int) -> list
     return out
 
 
+BF16 = torch.bfloat16
+TRAINER_SETTINGS = dict(grad_out_dtype=BF16, moments_dtype=BF16)  # FusedTopKTrainer's, --precision bf16
+FUSED_VARIANTS = {  # FusedTopKStep's settings, each a row (names: prefixes for --only)
+    "ours (fused step, graph)": dict(graph=True, **TRAINER_SETTINGS),
+    "ours (fused step, no pair chunks, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=0),
+    "ours (fused step, pair chunks of 32, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=32),
+    "ours (fused step, all fp32 but the encoder product, graph)": dict(graph=True),
+    "ours (fused step, no graph)": dict(graph=False, **TRAINER_SETTINGS),
+}
+
+
 def fvu_of(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat.float()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
@@ -157,18 +168,17 @@ class Ours(Method):
 class OursFusedStep(Method):
     """sae.fused_step.FusedTopKStep: the TopK step as a few kernels and no autograd. With a
     graph, the warm-up steps that capture needs are undone (state restored in place), so the
-    run trains the same number of steps as every other method."""
+    run trains the same number of steps as every other method. step_kwargs go to
+    FusedTopKStep (the variants' settings)."""
 
-    def __init__(self, d_in, d_sae, k, x0, *, graph: bool, bf16_grad: bool = False, bf16_moments: bool = False):
+    def __init__(self, d_in, d_sae, k, x0, *, graph: bool, name: str = "ours (fused step)", **step_kwargs):
         from sae.fused_step import FusedTopKStep
 
-        self.name = ("ours (fused step, " + ("bf16 grad_out, " if bf16_grad else "") + ("bf16 moments, " if bf16_moments else "")
-                     + ("graph" if graph else "no graph") + ")")
+        self.name = name
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         self.model = model.cuda()
-        self.fused = FusedTopKStep(self.model, lr=LR, grad_out_dtype=torch.bfloat16 if bf16_grad else torch.float32,
-                                   moments_dtype=torch.bfloat16 if bf16_moments else torch.float32)
+        self.fused = FusedTopKStep(self.model, lr=LR, **step_kwargs)
         self.graph = None
         if graph:
             saved = [t.cpu() for t in self.fused.state_tensors()]  # on the host: not in the peak
@@ -324,12 +334,8 @@ def main() -> None:
         x_eval = pool.pop()
         floor = encoder_floor_ms(d_in, d_sae, B)
         makers: list[tuple[str, Callable[[], Method]]] = [
-            ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
-            ("ours (fused step, bf16 grad_out, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_grad=True)),
-            ("ours (fused step, bf16 moments, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_moments=True)),
-            ("ours (fused step, bf16 grad_out, bf16 moments, graph)",
-             lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, bf16_grad=True, bf16_moments=True)),
-            ("ours (fused step, no graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=False)),
+            *((name, lambda name=name, kw=kw: OursFusedStep(d_in, d_sae, k, pool[0], name=name, **kw))
+              for name, kw in FUSED_VARIANTS.items()),
             ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
             ("ours (triton, fused top-k, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)),
             ("ours (project Trainer.train_step)", lambda: ProjectTrainer(d_in, d_sae, k, pool[0])),

@@ -179,11 +179,11 @@ def one_gpu(ci: int, shape: tuple[int, int, int, int], steps: int, cuda: bool) -
     makers = [("project Trainer.train_step", lambda: TrainStep(shape, pool[0], device))]
     floor = None
     if cuda:
-        from gpu_train import OursFusedStep, encoder_floor_ms
+        from gpu_train import TRAINER_SETTINGS, OursFusedStep, encoder_floor_ms
 
         floor = B / encoder_floor_ms(d_in, d_sae, B) * 1e3
         makers = [
-            ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True)),
+            ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, **TRAINER_SETTINGS)),
             ("project FusedTopKTrainer.train_step", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer)),
             ("project FusedTopKTrainer.train_step (no graph)", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer, graph=False)),
             *makers,

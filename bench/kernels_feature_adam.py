@@ -1,7 +1,9 @@
 """Micro-benchmark (GPU): the per-feature backward + Adam of sae.kernels.triton_feature_adam
 against the same work unfused (two per-feature scatters, the parallel-part removal,
 torch's fused Adam, the decoder renormalisation, the bf16 cast of the encoder), on pairs
-from real top-k selections (x @ W_enc of synthetic batches), at the three training shapes.
+from real top-k selections (x @ W_enc of synthetic batches), at the three training shapes;
+with and without chunk_sums (runs of pairs inside one feature summed first), and once more
+with one feature on half the rows (a dense feature: one program would walk 2048 pairs).
 
 Also prints the HBM floor: every weight, moment and the bf16 copy read/written once,
 (2 * 6 + 0.5) x 4 bytes a weight element (2 * (8 + 8) + 2 with bf16 moments), over the
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from sae.kernels.triton_feature_adam import feature_adam, feature_sums
+from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs
 from sae.kernels.triton_scatter import feature_scatter, sort_pairs_by_feature
 from sae.kernels.triton_topk import row_topk
 
@@ -57,12 +59,14 @@ def main() -> None:
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
     print("| shape | variant | ms | % of HBM floor |")
     print("|---|---|---|---|")
-    for d_in, F, k, B in (CONFIGS[int(c)] for c in args.configs.split(",")):
+    for (d_in, F, k, B), dense in ((CONFIGS[int(c)], dense) for c in args.configs.split(",") for dense in (False, True)):
         gen = torch.Generator(device="cuda").manual_seed(F)
         x = synthetic_pool(d_in, k, B, 1, seed=0)[0]
         W_dec = torch.randn(F, d_in, device="cuda", generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         values, indices, _ = row_topk((x @ W_dec.t()).to(torch.bfloat16), k)
+        if dense:  # a feature on half the rows, as dense features of real SAEs fire
+            indices[: B // 2, 0] = 7
         counts = torch.bincount(indices.reshape(-1), minlength=F)
         grad_val = torch.randn(B, k, device="cuda", generator=gen) * (values > 0)
         grad_out = torch.randn(B, d_in, device="cuda", generator=gen) * 1e-3
@@ -70,7 +74,7 @@ def main() -> None:
         lr, step = torch.tensor([4e-4], device="cuda"), torch.ones(1, device="cuda")
         floor_ms = (2 * 6 + 0.5) * 4 * F * d_in / bandwidth * 1e3
         floor_bf16_ms = (2 * (8 + 8) + 2) * F * d_in / bandwidth * 1e3
-        label = f"{d_in}x{F} k{k} B{B}"
+        label = f"{d_in}x{F} k{k} B{B}" + (", one feature on half the rows" if dense else "")
         print(f"| {label} | pairs per feature: max {int(counts.max())}, mean {counts.float().mean():.1f} | | |")
 
         def fresh(moments_dtype=torch.float32):
@@ -92,21 +96,25 @@ def main() -> None:
             params["W_dec"].div_(params["W_dec"].norm(dim=1, keepdim=True).clamp(min=1e-8))
             params["W_enc_lp"].copy_(params["W_enc_t"])
 
-        def fused(params, moments, **kw):
-            order, offsets = sort_pairs_by_feature(indices, F)
-            db_enc = feature_sums(order, offsets, grad_val)
-            feature_adam(order, offsets, values, grad_val, grad_out, xc, params, moments, db_enc, lr, step, **kw)
+        def fused(params, moments, chunk=0, **kw):
+            pairs = sort_pairs(indices, values, grad_val, F)
+            chunks = chunk_sums(pairs, grad_out, xc, chunk) if chunk else None
+            feature_adam(pairs, grad_out, xc, params, moments, feature_sums(pairs, chunks), lr, step, chunks=chunks, **kw)
 
         ref, _ = fresh()
         ref_list = [ref[n] for n in ("W_dec", "W_enc_t", "b_enc")]
         opt = torch.optim.Adam(ref_list, lr=4e-4, fused=True)
         with torch.no_grad():
             unfused(ref, None, opt)
-        variants = {"unfused: 2 scatters + torch fused Adam + renorm + cast": None}
-        for warps in (2, 4, 8):
+        bf16 = torch.bfloat16
+        variants = {"unfused: 2 scatters + torch fused Adam + renorm + cast": None,
+                    "fused, fp32 moments, 4 warps, BLOCK_P 4": dict(num_warps=4, block_p=4)}
+        for warps in (2, 4):
             for block_p in (2, 4, 8):
-                variants[f"fused, {warps} warps, BLOCK_P {block_p}"] = dict(num_warps=warps, block_p=block_p)
-        variants["fused, 4 warps, BLOCK_P 4, bf16 moments"] = dict(num_warps=4, block_p=4, moments_dtype=torch.bfloat16)
+                variants[f"fused, bf16 moments, {warps} warps, BLOCK_P {block_p}"] = dict(num_warps=warps, block_p=block_p, moments_dtype=bf16)
+        for chunk in (32, 64, 128):
+            variants[f"fused, bf16 moments, 4 warps, BLOCK_P 4, pair chunks of {chunk}"] = dict(
+                num_warps=4, block_p=4, moments_dtype=bf16, chunk=chunk)
         for name, kw in variants.items():
             moments_dtype = (kw or {}).pop("moments_dtype", torch.float32)
             params, moments = fresh(moments_dtype)
