@@ -119,21 +119,21 @@ def _chunk_sums_kernel(
 
 
 @triton.jit
+def _sum_range(lo, hi, coef_ptr, acc, BLOCK_P: tl.constexpr):
+    for p0 in range(lo, hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(coef_ptr + offs_p, mask=offs_p < hi, other=0.0)
+    return acc
+
+
+@triton.jit
 def _feature_sums_kernel(offsets_ptr, coef_ptr, chunk_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr):
     f = tl.program_id(0)
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
     head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
-    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for p0 in range(start, head_end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < head_end
-        acc += tl.load(coef_ptr + offs_p, mask=mask_p, other=0.0)
-    for p0 in range(tail_start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < end
-        acc += tl.load(coef_ptr + offs_p, mask=mask_p, other=0.0)
-    total = tl.sum(acc, axis=0)
+    acc = _sum_range(start, head_end, coef_ptr, tl.zeros([BLOCK_P], dtype=tl.float32), BLOCK_P)
+    total = tl.sum(_sum_range(tail_start, end, coef_ptr, acc, BLOCK_P), axis=0)
     if CHUNK > 0:
         for c in range(c_lo, c_hi):
             total += tl.load(chunk_ptr + c)
