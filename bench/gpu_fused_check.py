@@ -5,7 +5,7 @@ CPU, this checks what the GPU compiler made of it).
 For each shape: the same initial SAE trains 3 steps through sae.fused_step.FusedTopKStep on
 CUDA (fp32 precision, TF32 off, pair chunks of 4: many features have a whole chunk) and through tests.test_fused_step.reference_train_step in
 float64 on the CPU; prints the largest relative difference of each parameter. Then a bf16
-run checks that the encoder's bf16 copy equals torch's cast of the fp32 weights exactly
+run checks that the encoder's and decoder's bf16 copies equal torch's cast of the fp32 weights exactly
 (the GPU rounds to nearest even; the CPU interpreter truncates).
 
 Run: python bench/gpu_fused_check.py
@@ -52,8 +52,9 @@ def main() -> None:
         bf16 = FusedTopKStep(copy.deepcopy(model), lr=1e-3, precision="bf16")
         for _ in range(3):
             bf16.step(torch.randn(B, d_in, generator=gen).cuda())
-        same = torch.equal(bf16.params["W_enc_lp"], bf16.params["W_enc_t"].to(torch.bfloat16))
-        print(f"  bf16 encoder copy equals torch's cast of the fp32 rows: {same}", flush=True)
+        same = all(torch.equal(bf16.params[lp], bf16.params[w].to(torch.bfloat16))
+                   for lp, w in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")))
+        print(f"  bf16 encoder and decoder copies equal torch's cast of the fp32 rows: {same}", flush=True)
         assert same
     print(f"largest relative difference against float64: {worst:.1e}")
     assert worst < 1e-4

@@ -5,12 +5,14 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   0. xc = x - b_dec and the batch variance sae.kernels.triton_centre (one read of x)
   1. z = xc @ W_enc + b_enc               one dense product (bf16, or fp32)
   2. the k largest of each row             sae.kernels.triton_topk.row_topk (split guess + verify)
-  3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather)
+  3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather of
+                                           the decoder's bf16 copy in bf16)
   4. pairs sorted by feature, db_enc       torch.sort; chunk_sums over the runs of pair_chunk
                                            pairs inside one feature; per-feature sums
-  5. b_dec's gradient                      sum of grad_out - W_enc db_enc (before W_enc moves)
+  5. b_dec's gradient                      sum of grad_out - W_enc db_enc (before W_enc moves;
+                                           the encoder's bf16 copy, as the product read it)
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
-     rows + b_enc, renorm, bf16 copy      feature: no weight-sized gradient tensor
+     rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
 With AuxK (step(x, dead_features=...)), as sae.trainer computes it through autograd: each
 row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
@@ -67,7 +69,8 @@ class FusedTopKStep:
         pair_chunk: int = 64,
         force_triton: bool | None = None,
     ) -> None:
-        """precision: the encoder product's dtype ("bf16" or "fp32"); grad_out_dtype: how
+        """precision: the encoder product's dtype ("bf16" or "fp32"), and the decoder
+        copy's that the decode gathers (float32 rows stay the master); grad_out_dtype: how
         the reconstruction gradient is stored for the decoder's per-feature sums (bf16
         halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
         per token and its weight in the loss, for step(x, dead_features=...); moments_dtype:
@@ -91,8 +94,9 @@ class FusedTopKStep:
             W_enc_t = model.W_enc.detach().t().contiguous()
             model.W_enc.data = W_enc_t.t()
             model.W_dec.data = model.W_dec.data.contiguous()
-        lp = W_enc_t.to(torch.bfloat16) if precision == "bf16" else W_enc_t
-        self.params = {"W_enc_t": W_enc_t, "W_dec": model.W_dec.data, "b_enc": model.b_enc.data, "W_enc_lp": lp}
+        W_dec = model.W_dec.data
+        lp, dec_lp = (W_enc_t.to(torch.bfloat16), W_dec.to(torch.bfloat16)) if precision == "bf16" else (W_enc_t, W_dec)
+        self.params = {"W_enc_t": W_enc_t, "W_dec": W_dec, "b_enc": model.b_enc.data, "W_enc_lp": lp, "W_dec_lp": dec_lp}
         self.moments = {}
         for name in ("W_enc_t", "W_dec", "b_enc"):
             dtype = moments_dtype if self.params[name].dim() == 2 else torch.float32
@@ -110,10 +114,10 @@ class FusedTopKStep:
 
     def reload_weights(self) -> None:
         """Call after the model's weights were written from outside step() (initialised,
-        loaded from a checkpoint): refreshes the low-precision encoder copy step() reads."""
-        lp = self.params["W_enc_lp"]
-        if lp.data_ptr() != self.params["W_enc_t"].data_ptr():
-            lp.copy_(self.params["W_enc_t"])
+        loaded from a checkpoint): refreshes the low-precision copies step() reads."""
+        for lp, master in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")):
+            if self.params[lp].data_ptr() != self.params[master].data_ptr():
+                self.params[lp].copy_(self.params[master])
 
     def set_lr(self, lr: float) -> None:
         """A device write, no sync: safe between graph replays."""
@@ -138,7 +142,7 @@ class FusedTopKStep:
         z_dead = None if dead_features is None else z.index_select(1, dead_features)
         del z
         residual = None if dead_features is None else torch.empty_like(x)
-        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec"], self.b_dec, x, scale,
+        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, x, scale,
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
         sq = sq_err.sum()
         loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
@@ -150,7 +154,9 @@ class FusedTopKStep:
             assert self.k_aux > 0 and dead_features.numel() > 0, "AuxK needs k_aux > 0 and a dead feature"
             aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
-        db_dec_enc = db_enc @ p["W_enc_t"]  # b_dec's gradient through the encoder, before W_enc moves
+        # b_dec's gradient through the encoder, before W_enc moves, through the copy the
+        # product read (in bf16: half the bytes, db_enc rounded to bf16 too)
+        db_dec_enc = (db_enc.to(lp) @ p["W_enc_lp"]).float()
         fired = feature_adam(pairs, grad_out, xc, p, self.moments, db_enc,
                              self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
         if self.model.b_dec.requires_grad:

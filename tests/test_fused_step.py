@@ -62,6 +62,14 @@ def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
     residual = torch.empty(B, D)
     assert torch.equal(decode_residual(indices, values, W, b_dec, x, scale, residual=residual)[0], grad_out)
     torch.testing.assert_close(residual.double(), x.double() - x_hat.detach(), rtol=1e-5, atol=1e-5)
+    # bf16 decoder rows: exact float32 sums of the rounded rows
+    W_lp = W.to(torch.bfloat16)
+    x_hat_lp = (values.double()[:, :, None] * W_lp.double()[indices]).sum(1) + b_dec.double()
+    grad_lp, grad_val_lp, sq_err_lp = decode_residual(indices, values, W_lp, b_dec, x, scale)
+    torch.testing.assert_close(grad_lp.double(), 2 * 0.37 * (x_hat_lp - x.double()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_val_lp.double(), torch.where(values > 0, (grad_lp.double()[:, None, :] * W_lp.double()[indices]).sum(2), 0.0),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq_err_lp.double(), (x_hat_lp - x.double()).pow(2).sum(1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,D,mean,shift_off", [(37, 70, 0.0, 1.0), (5, 300, 1000.0, 0.01), (70, 33, 5.0, 5.0), (1, 8, 0.0, 0.0)])
@@ -101,8 +109,8 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, ch
     W_dec = torch.randn(F, D, generator=gen)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     params = {"W_dec": W_dec, "W_enc_t": torch.randn(F, D, generator=gen), "b_enc": torch.randn(F, generator=gen)}
-    params["W_enc_lp"] = params["W_enc_t"].to(torch.bfloat16)
-    moments = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in params.items() if n != "W_enc_lp"}
+    params["W_enc_lp"], params["W_dec_lp"] = params["W_enc_t"].to(torch.bfloat16), params["W_dec"].to(torch.bfloat16)
+    moments = {n: (torch.zeros_like(t), torch.zeros_like(t)) for n, t in params.items() if not n.endswith("_lp")}
     params64 = {n: params[n].double().clone().requires_grad_() for n in ("W_dec", "W_enc_t", "b_enc")}
     opt = torch.optim.Adam(list(params64.values()), lr=3e-2, foreach=False)
     lr, step = torch.tensor([3e-2]), torch.zeros(1)
@@ -130,8 +138,9 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, ch
             torch.testing.assert_close(params[name].double(), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
         # within one bf16 step: the GPU rounds to nearest even, TRITON_INTERPRET (triton 3.x)
         # truncates; bench/gpu_fused_step.py checks equality with torch's cast on the GPU
-        lp_error = (params["W_enc_lp"].float() - params["W_enc_t"]).abs()
-        assert (lp_error <= params["W_enc_t"].abs() * 2**-7).all()
+        for lp, master in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")):
+            lp_error = (params[lp].float() - params[master]).abs()
+            assert (lp_error <= params[master].abs() * 2**-7).all(), lp
         assert torch.equal(fired, torch.zeros(F).index_add(0, flat, (values > 0).float().reshape(-1)))
 
 

@@ -12,8 +12,8 @@ one program to walk).
 One program owns feature f: it accumulates both rows from the pairs sorted by feature, then
 runs what torch does in four passes over the weights (sae.trainer's step): the decoder
 gradient loses its part along the (unit) row, Adam updates both rows and b_enc[f], the
-decoder row goes back to unit norm, and the bf16 copy of the encoder row that the next
-encoder product reads is written. Every parameter and moment is read and written once;
+decoder row goes back to unit norm, and the bf16 copies of the encoder row and the decoder
+row that the next step's encoder product and decode read are written. Every parameter and moment is read and written once;
 no gradient tensor of the weights' size exists. lr and the step count are device scalars,
 so the step can be captured in a CUDA graph.
 A frequent feature owns up to a whole batch of pairs, and one program walks them one
@@ -47,11 +47,23 @@ def _adam(p, m, v, g, beta1, beta2, eps, step_size, inv_sqrt_bc2):
 
 
 @triton.jit
+def _hash32(x):
+    """A 32-bit integer hash (Wellons' lowbias32): uniform bits from a counter in 7 ALU
+    operations, where tl.randint4x's Philox spends about 100 per element."""
+    x = x.to(tl.uint32)
+    x ^= x >> 16
+    x *= tl.full([], 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _store_moment(ptr, x, random, mask, STOCHASTIC_BF16: tl.constexpr):
     """Store a float32 moment; into bfloat16 with stochastic rounding (random: uniform
-    uint32): the magnitude rounds up with probability equal to the part dropped, so the
-    rounding is unbiased. Adam's second moment moves ~0.1% a step, under half a bf16 ulp:
-    rounded to nearest it would stop moving."""
+    uint32, of which the low 16 bits are used): the magnitude rounds up with probability
+    equal to the part dropped, so the rounding is unbiased. Adam's second moment moves
+    ~0.1% a step, under half a bf16 ulp: rounded to nearest it would stop moving."""
     if STOCHASTIC_BF16:
         bits = (x.to(tl.uint32, bitcast=True) + (random & 0xFFFF)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -143,17 +155,25 @@ def _feature_sums_kernel(offsets_ptr, coef_ptr, chunk_ptr, out_ptr, CHUNK: tl.co
 @triton.jit
 def _feature_adam_kernel(
     offsets_ptr, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
-    w_dec_ptr, m_dec_ptr, v_dec_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
+    w_dec_ptr, m_dec_ptr, v_dec_ptr, w_dec_lp_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
     b_enc_ptr, m_b_ptr, v_b_ptr, db_enc_ptr, fired_ptr, lr_ptr, step_ptr,
     aux_row_ptr, aux_dec_ptr, aux_enc_ptr, chunk_dec_ptr, chunk_enc_ptr, chunk_fired_ptr,
     D, beta1, beta2, log2_beta1, log2_beta2, eps,
-    CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, WRITE_DEC_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
+    # the row's weights and moments first: their reads overlap the pair walk's gathers
+    at = f * D + offs_d
+    w_dec = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
+    m_dec = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    v_dec = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    w_enc = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
+    m_enc = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+    v_enc = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
     head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
     acc_dec = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_enc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -178,15 +198,11 @@ def _feature_adam_kernel(
     t = tl.load(step_ptr).to(tl.float32)
     step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
-    at = f * D + offs_d
-    w_dec = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
-    m_dec = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    v_dec = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    w_enc = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
-    m_enc = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    v_enc = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
     if MOMENTS_BF16:  # a fresh draw per element, step and moment: deterministic, so resume is exact
-        r0, r1, r2, r3 = tl.randint4x(t.to(tl.int32), at.to(tl.int32))
+        counter = 2 * at.to(tl.uint32) ^ _hash32(t.to(tl.uint32))
+        r0 = _hash32(counter)
+        r2 = _hash32(counter + 1)
+        r1, r3 = r0 >> 16, r2 >> 16
     else:
         r0, r1, r2, r3 = offs_d, offs_d, offs_d, offs_d  # unread
     # decoder row: tangent gradient, Adam, back to the unit sphere
@@ -194,6 +210,8 @@ def _feature_adam_kernel(
     w, m, v = _adam(w_dec, m_dec, v_dec, g_dec, beta1, beta2, eps, step_size, inv_sqrt_bc2)
     w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-8)
     tl.store(w_dec_ptr + at, w, mask=mask_d)
+    if WRITE_DEC_LP:
+        tl.store(w_dec_lp_ptr + at, w.to(w_dec_lp_ptr.dtype.element_ty), mask=mask_d)
     _store_moment(m_dec_ptr + at, m, r0, mask_d, MOMENTS_BF16)
     _store_moment(v_dec_ptr + at, v, r1, mask_d, MOMENTS_BF16)
     # encoder row (feature-major), and its low-precision copy
@@ -323,7 +341,8 @@ def feature_adam(
 ) -> torch.Tensor:
     """Update params["W_dec"] [F, D], params["W_enc_t"] [F, D] (feature-major encoder),
     params["b_enc"] [F] (float32, contiguous) and their Adam moments in place; write
-    params["W_enc_lp"] (the low-precision encoder copy) if it is another tensor than W_enc_t.
+    params["W_enc_lp"] (the low-precision encoder copy) if it is another tensor than W_enc_t,
+    and params["W_dec_lp"] (the decoder's, for the next decode; optional) likewise.
     pairs (sort_pairs), grad_out and xc [B, D] (any float dtype) are the step's pairs and
     dense gradients; db_enc [F] from feature_sums; lr and step are one-element float32
     tensors (step already counts this update). The default blocks won
@@ -335,12 +354,13 @@ def feature_adam(
     bfloat16 (all four alike; stored with stochastic rounding). Returns the number of
     positive activations per feature [F] (the step's firing counts)."""
     W_dec, W_enc_t, b_enc, W_enc_lp = params["W_dec"], params["W_enc_t"], params["b_enc"], params["W_enc_lp"]
+    W_dec_lp = params.get("W_dec_lp", W_dec)
     F, D = W_dec.shape
     assert grad_out.shape == xc.shape and pairs.offsets.numel() == F + 1
     aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
     chunk_dec, chunk_enc, chunk_fired = (chunks.dec, chunks.enc, chunks.fired) if chunks is not None else (b_enc,) * 3  # likewise
     assert len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "the weights' moments share one dtype"
-    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, aux_dec, aux_enc,
+    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, W_dec_lp, aux_dec, aux_enc,
               *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
         assert t.is_contiguous(), "feature_adam needs contiguous tensors"
     fired = torch.empty(F, device=W_dec.device, dtype=torch.float32)
@@ -351,11 +371,11 @@ def feature_adam(
     beta1, beta2 = betas
     _feature_adam_kernel[(F,)](
         pairs.offsets, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
-        W_dec, *moments["W_dec"], W_enc_t, *moments["W_enc_t"], W_enc_lp,
+        W_dec, *moments["W_dec"], W_dec_lp, W_enc_t, *moments["W_enc_t"], W_enc_lp,
         b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc, chunk_dec, chunk_enc, chunk_fired,
         D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
         CHUNK=chunks.size if chunks is not None else 0, HAS_AUX=aux is not None, MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16,
-        WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), WRITE_DEC_LP=W_dec_lp.data_ptr() != W_dec.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
     )
     return fired
 
