@@ -109,7 +109,7 @@ def main() -> None:
         bf16 = torch.bfloat16
         variants = {"unfused: 2 scatters + torch fused Adam + renorm + cast": None,
                     "fused, fp32 moments, 4 warps, BLOCK_P 4": dict(num_warps=4, block_p=4)}
-        for warps in (2, 4):
+        for warps in (2, 4, 8):
             for block_p in (2, 4, 8):
                 variants[f"fused, bf16 moments, {warps} warps, BLOCK_P {block_p}"] = dict(num_warps=warps, block_p=block_p, moments_dtype=bf16)
         for chunk in (32, 64, 128):
