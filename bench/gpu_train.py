@@ -85,7 +85,7 @@ TRAINER_SETTINGS = dict(grad_out_dtype=BF16, moments_dtype=BF16)  # FusedTopKTra
 FUSED_VARIANTS = {  # FusedTopKStep's settings, each a row (names: prefixes for --only)
     "ours (fused step, graph)": dict(graph=True, **TRAINER_SETTINGS),
     "ours (fused step, no pair chunks, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=0),
-    "ours (fused step, pair chunks of 32, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=32),
+    "ours (fused step, pair chunks of 64, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=64),
     "ours (fused step, all fp32 but the encoder product, graph)": dict(graph=True),
     "ours (fused step, no graph)": dict(graph=False, **TRAINER_SETTINGS),
 }

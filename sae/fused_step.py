@@ -9,8 +9,9 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
                                            the decoder's bf16 copy in bf16)
   4. pairs sorted by feature, db_enc       torch.sort; chunk_sums over the runs of pair_chunk
                                            pairs inside one feature; per-feature sums
-  5. b_dec's gradient                      sum of grad_out - W_enc db_enc (before W_enc moves;
-                                           the encoder's bf16 copy, as the product read it)
+  5. b_dec's gradient                      sum of grad_out (on a second stream, beside step 4)
+                                           - W_enc db_enc (before W_enc moves; the encoder's
+                                           bf16 copy, as the product read it)
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
@@ -31,6 +32,7 @@ Triton only: on CUDA, or on CPU under TRITON_INTERPRET=1 with force_triton (test
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -66,7 +68,7 @@ class FusedTopKStep:
         k_aux: int = 0,
         aux_alpha: float = 1 / 32,
         moments_dtype: torch.dtype = torch.float32,
-        pair_chunk: int = 64,
+        pair_chunk: int = 32,
         force_triton: bool | None = None,
     ) -> None:
         """precision: the encoder product's dtype ("bf16" or "fp32"), and the decoder
@@ -77,9 +79,10 @@ class FusedTopKStep:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
         optimizer's memory traffic); pair_chunk: runs of this many pairs
         inside one feature are summed in parallel before step 6 (0: every feature's program
-        walks all its pairs; on an H100, 64 costs 1% of step 6 where no feature is frequent
-        and saves a fifth of it where one fires on half the batch:
-        bench/kernels_feature_adam.py)."""
+        walks all its pairs). On an H100 at 768 x 24576, 32 gave the fastest whole step of
+        0, 32 and 64 (1.02 ms against 1.03 for the others, bench/gpu_train.py), and saves
+        a quarter of step 6 where one feature fires on half the batch
+        (bench/kernels_feature_adam.py)."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")
         device = model.W_dec.device
@@ -105,6 +108,19 @@ class FusedTopKStep:
         self.b_dec_moments = (torch.zeros_like(self.b_dec), torch.zeros_like(self.b_dec))
         self.lr = torch.full((1,), float(lr), device=device)
         self.step_count = torch.zeros(1, device=device)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _beside(self) -> contextlib.AbstractContextManager:
+        """Run the block on a second stream, after what the current one has issued (on CUDA;
+        a CUDA graph captures both as parallel branches). _join() before using its results."""
+        if self._side is None:
+            return contextlib.nullcontext()
+        self._side.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self._side)
+
+    def _join(self) -> None:
+        if self._side is not None:
+            torch.cuda.current_stream().wait_stream(self._side)
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor step() writes (weights, moments, step count): what a checkpoint or a
@@ -144,19 +160,21 @@ class FusedTopKStep:
         residual = None if dead_features is None else torch.empty_like(x)
         grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, x, scale,
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
-        sq = sq_err.sum()
-        loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
-        db_dec_out = grad_out.sum(dim=0, dtype=torch.float32)  # b_dec's gradient through x_hat
+        with self._beside():  # small reductions, in parallel with the pairs' sort and sums
+            sq = sq_err.sum()
+            loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
+            db_dec_out = grad_out.sum(dim=0, dtype=torch.float32)  # b_dec's gradient through x_hat
         pairs = sort_pairs(indices, values, grad_val, p["W_dec"].shape[0])
         chunks = chunk_sums(pairs, grad_out, xc, self.pair_chunk) if self.pair_chunk else None
         db_enc = feature_sums(pairs, chunks)
+        self._join()
         if dead_features is not None:
             assert self.k_aux > 0 and dead_features.numel() > 0, "AuxK needs k_aux > 0 and a dead feature"
             aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
         # b_dec's gradient through the encoder, before W_enc moves, through the copy the
         # product read (in bf16: half the bytes, db_enc rounded to bf16 too)
-        db_dec_enc = (db_enc.to(lp) @ p["W_enc_lp"]).float()
+        db_dec_enc = db_enc.to(lp) @ p["W_enc_lp"]
         fired = feature_adam(pairs, grad_out, xc, p, self.moments, db_enc,
                              self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
         if self.model.b_dec.requires_grad:

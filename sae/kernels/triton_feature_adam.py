@@ -249,7 +249,7 @@ def _vector_adam_kernel(p_ptr, m_ptr, v_ptr, g_ptr, g_minus_ptr, lr_ptr, step_pt
     t = tl.load(step_ptr).to(tl.float32)
     step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) - tl.load(g_minus_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(g_minus_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p, m, v = _adam(tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(m_ptr + offs, mask=mask, other=0.0),
                     tl.load(v_ptr + offs, mask=mask, other=0.0), g, beta1, beta2, eps, step_size, inv_sqrt_bc2)
     tl.store(p_ptr + offs, p, mask=mask)
@@ -292,7 +292,7 @@ class PairChunks(NamedTuple):
 
 
 def chunk_sums(
-    pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 256
+    pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 1024
 ) -> PairChunks:
     """Sum the runs of `size` sorted pairs that lie inside one feature, one program per
     (run, block of block_d columns): what feature_sums and feature_adam then add for a
@@ -391,7 +391,8 @@ def vector_adam(
     eps: float = 1e-8,
 ) -> None:
     """Adam, as in feature_adam, on a float32 vector (b_dec) with the gradient
-    grad - grad_minus, in one launch (torch's ops take a dozen on a few thousand numbers)."""
+    grad - grad_minus (any float dtypes; the arithmetic is float32), in one launch (torch's
+    ops take a dozen on a few thousand numbers)."""
     n = param.numel()
     assert all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus))
     block = min(triton.next_power_of_2(max(n, 1)), 1024)
