@@ -9,11 +9,12 @@ With AuxK (sae.fused_step) the dead features also have an auxiliary gradient, co
 there as dense products over the dead features only: a feature with a row in it adds that
 row to its sums (a dead feature gets up to a whole batch of auxiliary pairs, too many for
 one program to walk).
-One program owns feature f: it accumulates both rows from the pairs sorted by feature, then
-runs what torch does in four passes over the weights (sae.trainer's step): the decoder
-gradient loses its part along the (unit) row, Adam updates both rows and b_enc[f], the
-decoder row goes back to unit norm, and the bf16 copies of the encoder row and the decoder
-row that the next step's encoder product and decode read are written. Every parameter and moment is read and written once;
+Two programs own feature f, one its decoder row and one its encoder row: each accumulates
+its gradient row from the pairs sorted by feature, then runs what torch does in four
+passes over the weights (sae.trainer's step): the decoder gradient loses its part along
+the (unit) row, Adam updates both rows and b_enc[f], the decoder row goes back to unit
+norm, and the bf16 copies of the encoder row and the decoder row that the next step's
+encoder product and decode read are written. Every parameter and moment is read and written once;
 no gradient tensor of the weights' size exists. lr and the step count are device scalars,
 so the step can be captured in a CUDA graph.
 A frequent feature owns up to a whole batch of pairs, and one program walks them one
@@ -88,24 +89,19 @@ def _own_pairs(start, end, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _walk_pairs(lo, hi, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr, D, offs_d, mask_d,
-                acc_dec, acc_enc, g_sum, n_fired, BLOCK_P: tl.constexpr):
-    """Add sorted pairs [lo, hi) to the sums of values * grad_out rows, grad_val * xc rows,
-    grad_val, and positive values."""
+def _walk_pairs(lo, hi, row_ptr, coef_ptr, dense_ptr, D, offs_d, mask_d, acc, coef_sum, n_pos, BLOCK_P: tl.constexpr):
+    """Add sorted pairs [lo, hi) to the sum of coef * dense rows (values * grad_out rows for
+    the decoder, grad_val * xc rows for the encoder), of coef, and of positive coefs."""
     for p0 in range(lo, hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < hi
         row = tl.load(row_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
-        a = tl.load(val_ptr + offs_p, mask=mask_p, other=0.0)
-        g = tl.load(gval_ptr + offs_p, mask=mask_p, other=0.0)
-        mask = mask_p[:, None] & mask_d[None, :]
-        go = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        xc = tl.load(xc_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc_dec += tl.sum(go * a[:, None], axis=0)
-        acc_enc += tl.sum(xc * g[:, None], axis=0)
-        g_sum += g
-        n_fired += (a > 0).to(tl.int32)
-    return acc_dec, acc_enc, g_sum, n_fired
+        coef = tl.load(coef_ptr + offs_p, mask=mask_p, other=0.0)
+        dense = tl.load(dense_ptr + row[:, None] * D + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(dense.to(tl.float32) * coef[:, None], axis=0)
+        coef_sum += coef
+        n_pos += (coef > 0).to(tl.int32)
+    return acc, coef_sum, n_pos
 
 
 @triton.jit
@@ -114,20 +110,27 @@ def _chunk_sums_kernel(
     dec_ptr, enc_ptr, gsum_ptr, fired_ptr, D,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program (chunk, column block, part): part 0 sums the decoder's rows, 1 the encoder's."""
     c = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     lo = c * CHUNK
     if tl.load(feat_ptr + lo) == tl.load(feat_ptr + lo + CHUNK - 1):  # a whole chunk inside one feature
-        acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(
-            lo, lo + CHUNK, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr, D, offs_d, mask_d,
-            tl.zeros([BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_D], dtype=tl.float32),
-            tl.zeros([BLOCK_P], dtype=tl.float32), tl.zeros([BLOCK_P], dtype=tl.int32), BLOCK_P)
-        tl.store(dec_ptr + c * D + offs_d, acc_dec, mask=mask_d)
-        tl.store(enc_ptr + c * D + offs_d, acc_enc, mask=mask_d)
-        if tl.program_id(1) == 0:
-            tl.store(gsum_ptr + c, tl.sum(g_sum, axis=0))
-            tl.store(fired_ptr + c, tl.sum(n_fired, axis=0))
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        coef_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+        n_pos = tl.zeros([BLOCK_P], dtype=tl.int32)
+        if tl.program_id(2) == 0:
+            acc, coef_sum, n_pos = _walk_pairs(lo, lo + CHUNK, row_ptr, val_ptr, grad_out_ptr, D, offs_d, mask_d,
+                                               acc, coef_sum, n_pos, BLOCK_P)
+            tl.store(dec_ptr + c * D + offs_d, acc, mask=mask_d)
+            if tl.program_id(1) == 0:
+                tl.store(fired_ptr + c, tl.sum(n_pos, axis=0))
+        else:
+            acc, coef_sum, n_pos = _walk_pairs(lo, lo + CHUNK, row_ptr, gval_ptr, xc_ptr, D, offs_d, mask_d,
+                                               acc, coef_sum, n_pos, BLOCK_P)
+            tl.store(enc_ptr + c * D + offs_d, acc, mask=mask_d)
+            if tl.program_id(1) == 0:
+                tl.store(gsum_ptr + c, tl.sum(coef_sum, axis=0))
 
 
 @triton.jit
@@ -153,6 +156,30 @@ def _feature_sums_kernel(offsets_ptr, coef_ptr, chunk_ptr, out_ptr, CHUNK: tl.co
 
 
 @triton.jit
+def _feature_row_sum(f, row_ptr, coef_ptr, dense_ptr, chunk_ptr, chunk_fired_ptr, aux_row_ptr, aux_ptr,
+                     start, end, D, offs_d, mask_d,
+                     CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Feature f's gradient row (the sum of coef * dense rows over its pairs, its whole
+    chunks' sums, its auxiliary row) and its positive coefs (the firing count, for values)."""
+    head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    coef_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    n_pos = tl.zeros([BLOCK_P], dtype=tl.int32)
+    acc, coef_sum, n_pos = _walk_pairs(start, head_end, row_ptr, coef_ptr, dense_ptr, D, offs_d, mask_d, acc, coef_sum, n_pos, BLOCK_P)
+    acc, coef_sum, n_pos = _walk_pairs(tail_start, end, row_ptr, coef_ptr, dense_ptr, D, offs_d, mask_d, acc, coef_sum, n_pos, BLOCK_P)
+    n = tl.sum(n_pos, axis=0)
+    if CHUNK > 0:
+        for c in range(c_lo, c_hi):
+            acc += tl.load(chunk_ptr + c * D + offs_d, mask=mask_d, other=0.0)
+            n += tl.load(chunk_fired_ptr + c)
+    if HAS_AUX:  # a dead feature's row of the auxiliary gradient (-1: none)
+        r = tl.load(aux_row_ptr + f)
+        mask_r = mask_d & (offs_d * 0 + r >= 0)
+        acc += tl.load(aux_ptr + tl.maximum(r, 0).to(tl.int64) * D + offs_d, mask=mask_r, other=0.0).to(tl.float32)
+    return acc, n
+
+
+@triton.jit
 def _feature_adam_kernel(
     offsets_ptr, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
     w_dec_ptr, m_dec_ptr, v_dec_ptr, w_dec_lp_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
@@ -161,72 +188,57 @@ def _feature_adam_kernel(
     D, beta1, beta2, log2_beta1, log2_beta2, eps,
     CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, WRITE_DEC_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program (f, part): part 0 updates feature f's decoder row, part 1 its encoder row and
+    b_enc[f]. One program holding both rows was held by its registers to 4 programs (16
+    warps) an SM (ncu, H100, 768 x 24576), too few to hide the gathers; each of two holds
+    half as much (0.349 -> 0.301 ms, same results bit for bit)."""
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
-    # the row's weights and moments first: their reads overlap the pair walk's gathers
     at = f * D + offs_d
-    w_dec = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
-    m_dec = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    v_dec = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    w_enc = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
-    m_enc = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    v_enc = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-    head_end, tail_start, c_lo, c_hi = _own_pairs(start, end, CHUNK)
-    acc_dec = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_enc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    g_sum = tl.zeros([BLOCK_P], dtype=tl.float32)  # unused: db_enc comes from feature_sums
-    n_fired = tl.zeros([BLOCK_P], dtype=tl.int32)
-    acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(start, head_end, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
-                                                   D, offs_d, mask_d, acc_dec, acc_enc, g_sum, n_fired, BLOCK_P)
-    acc_dec, acc_enc, g_sum, n_fired = _walk_pairs(tail_start, end, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
-                                                   D, offs_d, mask_d, acc_dec, acc_enc, g_sum, n_fired, BLOCK_P)
-    fired = tl.sum(n_fired, axis=0)
-    if CHUNK > 0:
-        for c in range(c_lo, c_hi):
-            acc_dec += tl.load(chunk_dec_ptr + c * D + offs_d, mask=mask_d, other=0.0)
-            acc_enc += tl.load(chunk_enc_ptr + c * D + offs_d, mask=mask_d, other=0.0)
-            fired += tl.load(chunk_fired_ptr + c)
-    if HAS_AUX:  # a dead feature's row of the auxiliary gradient (-1: none)
-        r = tl.load(aux_row_ptr + f)
-        mask_r = mask_d & (offs_d * 0 + r >= 0)
-        at_r = tl.maximum(r, 0).to(tl.int64) * D + offs_d
-        acc_dec += tl.load(aux_dec_ptr + at_r, mask=mask_r, other=0.0).to(tl.float32)
-        acc_enc += tl.load(aux_enc_ptr + at_r, mask=mask_r, other=0.0).to(tl.float32)
     t = tl.load(step_ptr).to(tl.float32)
     step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
-    if MOMENTS_BF16:  # a fresh draw per element, step and moment: deterministic, so resume is exact
-        counter = 2 * at.to(tl.uint32) ^ _hash32(t.to(tl.uint32))
-        r0 = _hash32(counter)
-        r2 = _hash32(counter + 1)
-        r1, r3 = r0 >> 16, r2 >> 16
+    # a fresh draw per element, step and moment: deterministic, so resume is exact
+    counter = 2 * at.to(tl.uint32) ^ _hash32(t.to(tl.uint32))
+    if tl.program_id(1) == 0:
+        # the row's weights and moments first: their reads overlap the pair walk's gathers
+        w = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
+        m = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+        v = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+        acc, fired = _feature_row_sum(f, row_ptr, val_ptr, grad_out_ptr, chunk_dec_ptr, chunk_fired_ptr, aux_row_ptr, aux_dec_ptr,
+                                      start, end, D, offs_d, mask_d, CHUNK, HAS_AUX, BLOCK_P, BLOCK_D)
+        # tangent gradient, Adam, back to the unit sphere
+        g = acc - tl.sum(acc * w, axis=0) * w
+        w, m, v = _adam(w, m, v, g, beta1, beta2, eps, step_size, inv_sqrt_bc2)
+        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-8)
+        tl.store(w_dec_ptr + at, w, mask=mask_d)
+        if WRITE_DEC_LP:
+            tl.store(w_dec_lp_ptr + at, w.to(w_dec_lp_ptr.dtype.element_ty), mask=mask_d)
+        random = _hash32(counter) if MOMENTS_BF16 else counter  # unread in float32
+        _store_moment(m_dec_ptr + at, m, random, mask_d, MOMENTS_BF16)
+        _store_moment(v_dec_ptr + at, v, random >> 16, mask_d, MOMENTS_BF16)
+        tl.store(fired_ptr + f, fired.to(tl.float32))
     else:
-        r0, r1, r2, r3 = offs_d, offs_d, offs_d, offs_d  # unread
-    # decoder row: tangent gradient, Adam, back to the unit sphere
-    g_dec = acc_dec - tl.sum(acc_dec * w_dec, axis=0) * w_dec
-    w, m, v = _adam(w_dec, m_dec, v_dec, g_dec, beta1, beta2, eps, step_size, inv_sqrt_bc2)
-    w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-8)
-    tl.store(w_dec_ptr + at, w, mask=mask_d)
-    if WRITE_DEC_LP:
-        tl.store(w_dec_lp_ptr + at, w.to(w_dec_lp_ptr.dtype.element_ty), mask=mask_d)
-    _store_moment(m_dec_ptr + at, m, r0, mask_d, MOMENTS_BF16)
-    _store_moment(v_dec_ptr + at, v, r1, mask_d, MOMENTS_BF16)
-    # encoder row (feature-major), and its low-precision copy
-    w, m, v = _adam(w_enc, m_enc, v_enc, acc_enc, beta1, beta2, eps, step_size, inv_sqrt_bc2)
-    tl.store(w_enc_ptr + at, w, mask=mask_d)
-    _store_moment(m_enc_ptr + at, m, r2, mask_d, MOMENTS_BF16)
-    _store_moment(v_enc_ptr + at, v, r3, mask_d, MOMENTS_BF16)
-    if WRITE_LP:
-        tl.store(w_enc_lp_ptr + at, w.to(w_enc_lp_ptr.dtype.element_ty), mask=mask_d)
-    b, mb, vb = _adam(tl.load(b_enc_ptr + f), tl.load(m_b_ptr + f), tl.load(v_b_ptr + f), tl.load(db_enc_ptr + f),
-                      beta1, beta2, eps, step_size, inv_sqrt_bc2)
-    tl.store(b_enc_ptr + f, b)
-    tl.store(m_b_ptr + f, mb)
-    tl.store(v_b_ptr + f, vb)
-    tl.store(fired_ptr + f, fired.to(tl.float32))
+        w = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
+        m = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+        v = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
+        acc, _ = _feature_row_sum(f, row_ptr, gval_ptr, xc_ptr, chunk_enc_ptr, chunk_fired_ptr, aux_row_ptr, aux_enc_ptr,
+                                  start, end, D, offs_d, mask_d, CHUNK, HAS_AUX, BLOCK_P, BLOCK_D)
+        w, m, v = _adam(w, m, v, acc, beta1, beta2, eps, step_size, inv_sqrt_bc2)
+        tl.store(w_enc_ptr + at, w, mask=mask_d)
+        if WRITE_LP:
+            tl.store(w_enc_lp_ptr + at, w.to(w_enc_lp_ptr.dtype.element_ty), mask=mask_d)
+        random = _hash32(counter + 1) if MOMENTS_BF16 else counter
+        _store_moment(m_enc_ptr + at, m, random, mask_d, MOMENTS_BF16)
+        _store_moment(v_enc_ptr + at, v, random >> 16, mask_d, MOMENTS_BF16)
+        b, mb, vb = _adam(tl.load(b_enc_ptr + f), tl.load(m_b_ptr + f), tl.load(v_b_ptr + f), tl.load(db_enc_ptr + f),
+                          beta1, beta2, eps, step_size, inv_sqrt_bc2)
+        tl.store(b_enc_ptr + f, b)
+        tl.store(m_b_ptr + f, mb)
+        tl.store(v_b_ptr + f, vb)
 
 
 @triton.jit
@@ -295,7 +307,7 @@ def chunk_sums(
     pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 1024
 ) -> PairChunks:
     """Sum the runs of `size` sorted pairs that lie inside one feature, one program per
-    (run, block of block_d columns): what feature_sums and feature_adam then add for a
+    (run, block of block_d columns, decoder or encoder): what feature_sums and feature_adam then add for a
     frequent feature instead of walking its pairs one after another. Arguments as for
     feature_adam."""
     assert size > 0
@@ -305,7 +317,7 @@ def chunk_sums(
                      torch.empty(n, device=xc.device), torch.empty(n, device=xc.device, dtype=torch.int32))
     if n:
         block_d = min(triton.next_power_of_2(D), block_d)
-        _chunk_sums_kernel[(n, triton.cdiv(D, block_d))](
+        _chunk_sums_kernel[(n, triton.cdiv(D, block_d), 2)](
             pairs.feature, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
             out.dec, out.enc, out.grad_val, out.fired, D,
             CHUNK=size, BLOCK_P=min(block_p, triton.next_power_of_2(size)), BLOCK_D=block_d, num_warps=4,
@@ -345,9 +357,10 @@ def feature_adam(
     and params["W_dec_lp"] (the decoder's, for the next decode; optional) likewise.
     pairs (sort_pairs), grad_out and xc [B, D] (any float dtype) are the step's pairs and
     dense gradients; db_enc [F] from feature_sums; lr and step are one-element float32
-    tensors (step already counts this update). The default blocks won
-    bench/kernels_feature_adam.py's sweep on an H100 (0.54 ms at 768 x 24576, B4096, against
-    1.09 ms for the unfused torch sequence). aux (AuxK): (row [F] int32, the feature's row
+    tensors (step already counts this update). The default warps (2 for rows up to 1024
+    wide, 4 above) were the fastest or within 1% of it over BLOCK_P 2 and 4 and 1-8 warps in
+    a trained step on an H100, at the three configs of bench/gpu_train.py (0.301, 2.13 and
+    9.63 ms). aux (AuxK): (row [F] int32, the feature's row
     in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype), added to the
     sums of the features that have a row. chunks: chunk_sums over the same pairs (the same
     chunks feature_sums was given, if any). The weight matrices' moments may be float32 or
@@ -367,9 +380,9 @@ def feature_adam(
     if F == 0:
         return fired
     block_d = triton.next_power_of_2(D)
-    num_warps = num_warps or (4 if block_d <= 2048 else 8)
+    num_warps = num_warps or (2 if block_d <= 1024 else 4)
     beta1, beta2 = betas
-    _feature_adam_kernel[(F,)](
+    _feature_adam_kernel[(F, 2)](
         pairs.offsets, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
         W_dec, *moments["W_dec"], W_dec_lp, W_enc_t, *moments["W_enc_t"], W_enc_lp,
         b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc, chunk_dec, chunk_enc, chunk_fired,
