@@ -81,7 +81,7 @@ class FusedTopKStep:
         inside one feature are summed in parallel before step 6 (0: every feature's program
         walks all its pairs). On an H100 at 768 x 24576, 32 gave the fastest whole step
         (0.912-0.913 ms over three runs; none 0.913-0.917, 64 0.917-0.922; bench/gpu_train.py); it
-        saves a quarter of step 6 where one feature fires on half the batch
+        saves a fifth of step 6 where one feature fires on half the batch
         (bench/kernels_feature_adam.py)."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")

@@ -204,7 +204,7 @@ def _segment_filter_kernel(
     one relaxed atomic add on the row's counter and places them by a prefix sum inside the
     thread. In a trained step at 4096 x 24576 on an H100 (bench/gpu_profile.py) this takes
     0.083 ms where one atomic add per hit, acq_rel as Triton issues them by default, took
-    0.155; counting alone ran at 0.073 (BENCHMARKS.md: runs of 16 or 32 were slower)."""
+    0.157; counting alone ran at 0.073 (BENCHMARKS.md: runs of 16 or 32 were slower)."""
     row, seg = tl.program_id(0), tl.program_id(1)
     cols = seg * SEG + tl.arange(0, SEG // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     mask = cols < N
