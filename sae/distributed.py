@@ -94,6 +94,11 @@ def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str 
         torch.cuda.set_device(local_rank)
     try:
         trainer = DataParallelTrainer.start(config, source, out)
-        return trainer.fit(progress=trainer.rank == 0)
+        model = trainer.fit(progress=trainer.rank == 0)
+        # DDP's reducer must go, and every rank must be done with its collectives, before
+        # the group is destroyed: otherwise gloo can abort the process at exit.
+        del trainer
+        dist.barrier()
+        return model
     finally:
         dist.destroy_process_group()
