@@ -43,17 +43,22 @@ class ChunkedShuffleStream:
     """Epochs over chunks in random order, shuffled within buffers of `buffer_chunks` chunks.
 
     chunk_sizes: token count of each chunk; load(chunk ids) -> [sum of their sizes, d] in
-    the order given. The stream is the concatenation, over epochs and buffers, of each
-    buffer's shuffled tokens; batch b is tokens [b*B, (b+1)*B) of it.
+    the order given, on any device (the shuffle runs there); prefetch(chunk ids), if given,
+    is told which chunks load will be asked for next, so it can read them meanwhile. The
+    stream is the concatenation, over epochs and buffers, of each buffer's shuffled tokens;
+    batch b is tokens [b*B, (b+1)*B) of it. The permutations come from seeded CPU
+    generators, so the stream is the same on every device.
     """
 
     def __init__(
-        self, chunk_sizes: list[int], load: Callable[[list[int]], torch.Tensor], buffer_chunks: int, seed: int
+        self, chunk_sizes: list[int], load: Callable[[list[int]], torch.Tensor], buffer_chunks: int, seed: int,
+        prefetch: Callable[[list[int]], None] | None = None,
     ) -> None:
         if not chunk_sizes or sum(chunk_sizes) == 0:
             raise WorkbenchError("no activations to train on: the data source is empty")
         self.chunk_sizes = chunk_sizes
         self.load = load
+        self.prefetch = prefetch
         self.buffer_chunks = max(1, buffer_chunks)
         self.seed = seed
         self.epoch_tokens = sum(chunk_sizes)
@@ -65,20 +70,25 @@ class ChunkedShuffleStream:
     def _buffer_tokens(self, epoch: int, number: int, chunks: list[int]) -> torch.Tensor:
         data = self.load(chunks)
         perm = torch.randperm(len(data), generator=_seeded(self.seed, epoch, number + 1))
-        return data[perm]
+        return data[perm.to(data.device)]
 
     def tokens_from(self, position: int) -> Iterator[torch.Tensor]:
         """Pieces of the stream starting at token `position`, one buffer (or part) at a time."""
         epoch, offset = divmod(position, self.epoch_tokens)
+        buffers = self._buffers(epoch)
         while True:
-            for number, chunks in enumerate(self._buffers(epoch)):
+            upcoming = self._buffers(epoch + 1)
+            for number, chunks in enumerate(buffers):
                 size = sum(self.chunk_sizes[c] for c in chunks)
                 if offset >= size:
                     offset -= size
                     continue
-                yield self._buffer_tokens(epoch, number, chunks)[offset:]
+                tokens = self._buffer_tokens(epoch, number, chunks)[offset:]
+                if self.prefetch is not None:
+                    self.prefetch(buffers[number + 1] if number + 1 < len(buffers) else upcoming[0])
+                yield tokens
                 offset = 0
-            epoch += 1
+            epoch, buffers = epoch + 1, upcoming
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         pending: list[torch.Tensor] = []
@@ -95,36 +105,41 @@ class ChunkedShuffleStream:
 class StoreSource:
     """Activations of one hook from a capture store, streamed in shuffled chunks.
 
-    start / stop: train on token_index in [start, stop) only (e.g. keep a held-out tail)."""
+    start / stop: train on token_index in [start, stop) only (e.g. keep a held-out tail).
+    device: where batches are delivered, in the stored dtype (the trainer converts there);
+    resident: hold the whole range on that device (None: when it fits, see
+    workbench.store.activation_loader)."""
 
     def __init__(
         self, store: Any, hook: str, chunk_tokens: int = 65536, buffer_chunks: int = 4, seed: int = 0,
-        start: int = 0, stop: int | None = None,
+        start: int = 0, stop: int | None = None, device: str | torch.device = "cpu", resident: bool | None = None,
     ) -> None:
-        hooks = store.info()["hooks"]
+        from workbench.store.activation_loader import HookActivationLoader
+
+        hooks = store.hooks
         if hook not in hooks:
             stored = ", ".join(sorted(hooks)) or "none"
             raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {stored}); capture it or pick a stored one")
-        self.store, self.hook = store, hook
-        self.d_in = int(math.prod(hooks[hook]["shape"]))
-        n = store.n_tokens() if stop is None else min(stop, store.n_tokens())
-        if n - start <= 0:
-            raise WorkbenchError(f"store {store.root} holds no tokens in [{start}, {n}); run `workbench capture` first")
         if chunk_tokens <= 0:
             raise WorkbenchError("--chunk-tokens must be positive")
+        self.store, self.hook = store, hook
+        self.d_in = int(math.prod(hooks[hook]["shape"]))
+        files = store.activation_files(hook)
+        held = files[-1].first + files[-1].rows if files else 0
+        n = held if stop is None else min(stop, held)
+        if n - start <= 0:
+            raise WorkbenchError(f"store {store.root} holds no tokens in [{start}, {n}); run `workbench capture` first")
         self.n_tokens = n - start
-        starts = list(range(start, n, chunk_tokens))
-        self.ranges = [(s, min(s + chunk_tokens, n)) for s in starts]
-        self.stream = ChunkedShuffleStream([b - a for a, b in self.ranges], self._load, buffer_chunks, seed)
-
-    def _load(self, chunks: list[int]) -> torch.Tensor:
-        return torch.cat([self.store.activations(self.hook, *self.ranges[c]) for c in chunks])
+        self.ranges = [(s, min(s + chunk_tokens, n)) for s in range(start, n, chunk_tokens)]
+        self.loader = HookActivationLoader(files, hooks[hook]["dtype"], self.d_in, self.ranges, device, resident)
+        self.stream = ChunkedShuffleStream([b - a for a, b in self.ranges], self.loader.load, buffer_chunks, seed,
+                                           prefetch=self.loader.prefetch)
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         return self.stream.batches(batch_size, start_batch)
 
     def describe(self) -> dict[str, Any]:
-        info = self.store.info()
+        info = self.store.manifest.get("capture", {})
         return {
             "source": "store",
             "store": str(self.store.root),
@@ -133,6 +148,8 @@ class StoreSource:
             "context_size": info.get("ctx"),
             "dataset_path": info.get("data"),
             "store_tokens": self.n_tokens,
+            "stored_dtype": self.loader.stored_dtype,
+            "resident": self.loader.resident,
         }
 
 
