@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.errors import SAEError
 from sae.model import SparseAutoencoder
 from sae.rules import JumpReLURule, ReLURule, SparsityRule, TopKRule
-from workbench.errors import WorkbenchError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -80,15 +80,15 @@ def save_sae(folder: str | Path, model: SparseAutoencoder, input_scale: float = 
 
 
 def read_cfg(folder: str | Path) -> dict[str, Any]:
-    """cfg.json of a SAELens folder (raises a WorkbenchError if it is not one)."""
+    """cfg.json of a SAELens folder (raises an SAEError if it is not one)."""
     folder = Path(folder)
     path = folder / CFG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise WorkbenchError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
+        raise SAEError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise WorkbenchError(f"{path} is not valid JSON ({err.msg})") from err
+        raise SAEError(f"{path} is not valid JSON ({err.msg})") from err
 
 
 def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SparsityRule:
@@ -99,7 +99,7 @@ def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Sparsity
         return JumpReLURule(weights["threshold"])
     if arch == "standard":
         return ReLURule()
-    raise WorkbenchError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
+    raise SAEError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
 
 
 @torch.no_grad()
@@ -107,12 +107,12 @@ def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder
     """(model in raw activation units, cfg) from a SAELens folder."""
     cfg = read_cfg(folder)
     if cfg.get("normalize_activations", "none") != "none":
-        raise WorkbenchError(
+        raise SAEError(
             f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
             "fold the normalisation into the weights first (SAELens: fold_activation_norm_scaling_factor)"
         )
     if cfg.get("reshape_activations", "none") != "none":
-        raise WorkbenchError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
+        raise SAEError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     weights = {k: v.float() for k, v in load_file(str(Path(folder) / WEIGHTS_FILE)).items()}
     W_enc, W_dec, b_dec = weights["W_enc"], weights["W_dec"], weights["b_dec"]
     b_enc = weights.get("b_enc", torch.zeros(W_enc.shape[1]))

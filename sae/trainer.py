@@ -37,11 +37,11 @@ import torch
 from sae.code import SparseCode
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
+from sae.errors import SAEError
 from sae.io import save_sae
 from sae.losses import aux_candidates, aux_reconstruction_loss, batch_variance, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
-from workbench.errors import WorkbenchError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -70,7 +70,7 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
 def _check_finite(x: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(x).all():
-        raise WorkbenchError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower --lr) and rerun")
+        raise SAEError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower `lr`) and rerun")
 
 
 def _steps(first: int, last: int) -> str:
@@ -86,7 +86,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
         if source.d_in != config.d_in:
-            raise WorkbenchError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
+            raise SAEError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
         self.config, self.source, self.out = config, source, out
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
@@ -113,7 +113,7 @@ class Trainer:
         """A fresh run: weights and input scale initialised from the first init_tokens of the stream."""
         out_path = Path(out) if out is not None else None
         if out_path is not None and (out_path / CHECKPOINT_FILE).exists():
-            raise WorkbenchError(f"{out_path} already holds a training run; pass --resume to continue it or choose another --out")
+            raise SAEError(f"{out_path} already holds a training run; continue it with `resume` or choose another `out`")
         trainer = cls(config, source, out_path, command)
         trainer._initialise()
         return trainer
@@ -124,13 +124,13 @@ class Trainer:
         out_path = Path(out)
         path = out_path / CHECKPOINT_FILE
         if not path.is_file():
-            raise WorkbenchError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
+            raise SAEError(f"nothing to resume: {path} does not exist (start a new run without `resume`)")
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
         if config is not None:
             diffs = [f"{k}={getattr(saved, k)} (checkpoint) vs {getattr(config, k)}" for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
             if diffs:
-                raise WorkbenchError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another --out")
+                raise SAEError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another `out`")
             saved = config
         trainer = cls(saved, source, out_path, command)
         trainer._load_state(state)
@@ -149,7 +149,7 @@ class Trainer:
         _check_finite(sample, "the training data", 0)
         mean_sq = sample.pow(2).sum(dim=1).mean()
         if mean_sq <= 0:
-            raise WorkbenchError("the training activations are all zero; nothing to learn")
+            raise SAEError("the training activations are all zero; nothing to learn")
         self.input_scale = float(mean_sq.rsqrt())
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.init_weights(generator, geometric_median(sample * self.input_scale).cpu())
@@ -298,14 +298,14 @@ class Trainer:
             return
         # the flags stay down: this trainer's state is diverged and every later check fails
         if not data_ok:
-            raise WorkbenchError(
+            raise SAEError(
                 f"non-finite values (NaN or Inf) in the training data {_steps(first, last)}; "
-                "check the activations (or lower --lr) and rerun"
+                "check the activations (or lower `lr`) and rerun"
             )
         if not loss_ok:
-            raise WorkbenchError(
-                f"training diverged: the loss became {float(self._last_loss)} {_steps(first, last)}; lower --lr "
-                "(the last checkpoint in --out is intact)"
+            raise SAEError(
+                f"training diverged: the loss became {float(self._last_loss)} {_steps(first, last)}; lower `lr` "
+                "(the last checkpoint in `out` is intact)"
             )
 
     # ---- the loop ----------------------------------------------------------------------

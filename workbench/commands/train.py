@@ -44,9 +44,9 @@ def train_command(
 ) -> None:
     """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store."""
     from sae.config import TrainConfig
-    from sae.data import StoreSource
     from sae.fused_trainer import choose_trainer
     from workbench import Store
+    from workbench.training_data import StoreSource
 
     if device.startswith("cuda"):
         import torch
@@ -85,7 +85,7 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
-    from sae.evaluate import evaluate_sae
+    from workbench.evaluation import evaluate_sae
 
     result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
     if json_out:
