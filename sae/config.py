@@ -55,7 +55,10 @@ class TrainConfig:
     gba_gamma: float = 0.01
     gba_eps: float = 1e-6
     log_every: int | None = None
+    #: checkpoint every this many steps; None: every checkpoint_minutes of training (a
+    #: checkpoint of a wide SAE is hundreds of MB, too many to write every few seconds)
     checkpoint_every: int | None = None
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -107,9 +110,11 @@ class TrainConfig:
     def log_interval(self) -> int:
         return self.log_every or max(1, self.steps // 200)
 
-    @property
-    def checkpoint_interval(self) -> int:
-        return self.checkpoint_every or max(1, self.steps // 10)
+    def checkpoint_due(self, step: int, seconds_since_last: float) -> bool:
+        """Whether the run writes a checkpoint after this step (the last one always does)."""
+        if self.checkpoint_every is not None:
+            return step % self.checkpoint_every == 0
+        return seconds_since_last >= 60 * self.checkpoint_minutes
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to 0 over the last decay_fraction."""

@@ -68,6 +68,12 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return guess
 
 
+def data_tokens(described: dict[str, Any]) -> int | None:
+    """Tokens in one pass over a source, from its describe() (None for an endless stream)."""
+    held = described.get("store_tokens", described.get("tokens"))
+    return int(held) if held else None
+
+
 def _check_finite(x: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(x).all():
         raise SAEError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower `lr`) and rerun")
@@ -145,7 +151,7 @@ class Trainer:
             held += len(batch)
             if held >= cfg.init_tokens:
                 break
-        sample = torch.cat(parts)[: max(cfg.init_tokens, 1)].to(self.device)
+        sample = torch.cat(parts)[: max(cfg.init_tokens, 1)].to(self.device, torch.float32)
         _check_finite(sample, "the training data", 0)
         mean_sq = sample.pow(2).sum(dim=1).mean()
         if mean_sq <= 0:
@@ -310,29 +316,44 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, until_step: int | None = None, progress: bool = True) -> SparseAutoencoder:
-        """Train to config.steps (or until_step), checkpointing as it goes; returns the model."""
+        """Train to config.steps (or until_step), checkpointing as it goes; returns the model.
+        History rows carry the seconds since this call began (elapsed_s), so a rate can be
+        read between any two rows, and the passes made over the data so far."""
         from tqdm import tqdm
 
         cfg = self.config
         stop = min(cfg.steps, until_step) if until_step is not None else cfg.steps
+        held = data_tokens(self.source.describe())
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        last_save = started
         try:
             for batch in self.source.batches(cfg.batch_size, self.step):
                 if self.step >= stop:
                     break
                 step_metrics = self.train_step(batch)
+                now = time.perf_counter()
+                save_now = self.out is not None and self.step < stop and cfg.checkpoint_due(self.step, now - last_save)
                 log_now = self.step % cfg.log_interval == 0 or self.step == stop
-                if log_now or (self.step % cfg.checkpoint_interval == 0 and self.step < stop):
+                if log_now or save_now:
                     self.check_finite()  # the step's only host sync, and only on these steps
                 if log_now:
                     metrics = {k: float(v) for k, v in step_metrics.items()}
-                    tokens_per_s = (self.step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
-                    self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tokens_per_s, **metrics})
-                    bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
+                    tokens = self.step * cfg.batch_size
+                    tokens_per_s = (self.step - start_step) * cfg.batch_size / max(now - started, 1e-9)
+                    row = {"step": self.step, "tokens": tokens, "tokens_per_s": tokens_per_s, "elapsed_s": now - started, **metrics}
+                    if held:
+                        row["passes"] = tokens / held
+                    self.history.append(row)
+                    postfix = {"tok_s": f"{tokens_per_s:,.0f}", "fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}",
+                               "dead": f"{metrics['dead_fraction']:.2f}"}
+                    if held and cfg.tokens > held:
+                        postfix["pass"] = f"{tokens / held:.1f}/{cfg.tokens / held:.1f}"
+                    bar.set_postfix(postfix)
                 bar.update(1)
-                if self.out is not None and self.step % cfg.checkpoint_interval == 0 and self.step < stop:
+                if save_now:
                     self.save_checkpoint()
+                    last_save = time.perf_counter()
         finally:
             bar.close()
         if self.out is not None:
@@ -356,27 +377,41 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """OUT/checkpoint.pt and OUT/training.json, each replaced atomically (never from a
-        diverged state: raises first if a step since the last check went non-finite)."""
+        diverged state: raises first if a step since the last check went non-finite). A
+        write that fails (unwritable folder, full disk) leaves the last checkpoint as it was."""
         assert self.out is not None
         self.check_finite()
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{CHECKPOINT_FILE}.tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT_FILE)
+        data = self.source.describe()
+        held = data_tokens(data)
         record = {
             "command": self.command,
             "config": self.config.to_dict(),
             "step_kind": self.step_kind,
-            "data": self.source.describe(),
+            "data": data,
+            "passes": self.config.tokens / held if held else None,
             "input_scale": self.input_scale,
             "step": self.step,
             "tokens_seen": self.step * self.config.batch_size,
             "finished": self.step >= self.config.steps,
             "history": self.history,
         }
+        tmp = self.out / f".{CHECKPOINT_FILE}.tmp"
         tmp_json = self.out / f".{RECORD_FILE}.tmp"
-        tmp_json.write_text(json.dumps(record, indent=1))
-        os.replace(tmp_json, self.out / RECORD_FILE)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:  # through Python's file, so a failed write is an OSError
+                torch.save(self.state(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.out / CHECKPOINT_FILE)
+            tmp_json.write_text(json.dumps(record, indent=1))
+            os.replace(tmp_json, self.out / RECORD_FILE)
+        except OSError as err:
+            for leftover in (tmp, tmp_json):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+            raise SAEError(f"cannot write the checkpoint in {self.out} ({err.strerror or err}); the last checkpoint there "
+                           "is intact: free space or choose another `out`, then resume") from err
 
     def saelens_metadata(self) -> dict[str, Any]:
         data = self.source.describe()

@@ -17,6 +17,9 @@ from sae.data import ChunkedShuffleStream
 from workbench.errors import WorkbenchError
 from workbench.store.activation_loader import HookActivationLoader
 
+#: Windows per forward pass of a live model (CPU, CUDA): large enough to fill the device.
+FORWARD_WINDOWS = {False: 32, True: 256}
+
 
 class StoreSource:
     """Activations of one hook from a capture store, streamed in shuffled chunks.
@@ -71,23 +74,29 @@ class LiveModelSource:
     """Activations computed on the fly: context windows [N, ctx] run through a ModelHandle.
 
     A chunk is `windows_per_chunk` windows; each buffer runs its chunks through the model
-    (ModelHandle.run, stopping after the hooked block) and shuffles the tokens together.
+    (ModelHandle.run, stopping after the hooked block, `forward_windows` windows a pass) and
+    shuffles the tokens together.
     """
 
     def __init__(
-        self, handle: Any, hook: str, windows: torch.Tensor, windows_per_chunk: int = 16, buffer_chunks: int = 8, seed: int = 0
+        self, handle: Any, hook: str, windows: torch.Tensor, windows_per_chunk: int = 16, buffer_chunks: int = 8, seed: int = 0,
+        forward_windows: int = 32,
     ) -> None:
         self.handle, self.hook, self.windows = handle, handle.resolve_hooks([hook])[0], windows
-        self.windows_per_chunk = windows_per_chunk
+        self.windows_per_chunk, self.forward_windows = windows_per_chunk, forward_windows
         self.d_in = int(math.prod(handle.hook_shapes([self.hook])[self.hook]))
         n_chunks = math.ceil(len(windows) / windows_per_chunk)
         sizes = [min(windows_per_chunk, len(windows) - c * windows_per_chunk) * windows.shape[1] for c in range(n_chunks)]
         self.stream = ChunkedShuffleStream(sizes, self._load, buffer_chunks, seed)
 
+    @torch.no_grad()
     def _load(self, chunks: list[int]) -> torch.Tensor:
+        """The chunks' activations on the model's device, in its dtype (the trainer converts)."""
         rows = torch.cat([self.windows[c * self.windows_per_chunk : (c + 1) * self.windows_per_chunk] for c in chunks])
-        acts = self.handle.run(rows, [self.hook], stop_at_layer=self.handle.stop_layer_for([self.hook]))[self.hook]
-        return acts.reshape(-1, self.d_in).float().cpu()
+        stop = self.handle.stop_layer_for([self.hook])
+        parts = [self.handle.run(rows[i : i + self.forward_windows], [self.hook], stop_at_layer=stop)[self.hook]
+                 for i in range(0, len(rows), self.forward_windows)]
+        return torch.cat(parts).reshape(-1, self.d_in)
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         return self.stream.batches(batch_size, start_batch)
@@ -99,4 +108,30 @@ class LiveModelSource:
             "model_name": self.handle.name,
             "context_size": int(self.windows.shape[1]),
             "windows": int(len(self.windows)),
+            "tokens": int(self.windows.numel()),
         }
+
+
+def live_model_source(
+    model: str, data: str, hook: str, ctx: int, tokens: int, chunk_tokens: int, buffer_chunks: int, seed: int, device: str
+) -> LiveModelSource:
+    """`workbench train --model`: the first windows of `data` that hold `tokens` tokens (fewer
+    if the data runs out, then cycled), run through `model` on `device` as training asks."""
+    from workbench.capture.texts import load_corpus
+    from workbench.capture.windows import iter_windows
+    from workbench.models.registry import load_model
+
+    if ctx < 2:
+        raise WorkbenchError(f"--ctx {ctx} is too short: a window needs room for text")
+    handle = load_model(model, device=device)
+    wanted = math.ceil(tokens / ctx)
+    rows = []
+    for ids, _ in iter_windows(handle, load_corpus(data).documents, ctx):
+        rows.append(torch.from_numpy(ids))
+        if len(rows) == wanted:
+            break
+    if not rows:
+        raise WorkbenchError(f"--data {data} holds no complete window of --ctx {ctx} tokens")
+    windows = torch.stack(rows)
+    return LiveModelSource(handle, hook, windows, windows_per_chunk=max(1, chunk_tokens // ctx), buffer_chunks=buffer_chunks, seed=seed,
+                            forward_windows=FORWARD_WINDOWS[handle.device.type == "cuda"])

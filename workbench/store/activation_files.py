@@ -53,6 +53,16 @@ def _values(chunk: pa.Array, dtype: str, d: int) -> torch.Tensor:
     return flat.view(-1, d)
 
 
+def pooled_empty(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised [rows, d] CPU tensor in Arrow's memory pool. Large torch allocations
+    come fresh from the OS each time, and touching new pages costs more than the copy that
+    fills them; the pool keeps freed chunks and hands them out again."""
+    nbytes = rows * d * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(rows, d, dtype=dtype)
+    return torch.frombuffer(pa.allocate_buffer(nbytes), dtype=dtype).view(rows, d)
+
+
 def read_activation_rows(file: ActivationFile, dtype: str, d: int, lo: int, hi: int, out: torch.Tensor) -> None:
     """Copy rows [lo, hi) of the file (file-relative) into out [hi - lo, d] (any dtype, any
     device: a float32 out converts, a 16-bit out of the stored dtype copies the bits)."""

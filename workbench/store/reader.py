@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.store.activation_files import ActivationFile, fill_rows, list_activation_files
+from workbench.store.activation_files import ActivationFile, fill_rows, list_activation_files, pooled_empty
 from workbench.store.layout import (
     ACT_PREFIX,
     TOKENS_TABLE,
@@ -189,7 +189,7 @@ class Store:
         lo, hi = max(start or 0, 0), min(total if stop is None else stop, total)
         for chunk_lo in range(lo, hi, chunk_tokens):
             chunk_hi = min(chunk_lo + chunk_tokens, hi)
-            out = torch.empty(chunk_hi - chunk_lo, d, dtype=dtype)
+            out = pooled_empty(chunk_hi - chunk_lo, d, dtype)
             fill_rows(files, stored, d, chunk_lo, chunk_hi, out)
             yield out
 
@@ -199,6 +199,6 @@ class Store:
         files = self.activation_files(hook)
         total = files[-1].first + files[-1].rows if files else 0
         lo, hi = max(start or 0, 0), min(total if stop is None else stop, total)
-        out = torch.empty(max(hi - lo, 0), d)
+        out = pooled_empty(max(hi - lo, 0), d, torch.float32)
         fill_rows(files, stored, d, lo, hi, out)
         return out
