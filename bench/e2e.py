@@ -63,9 +63,9 @@ class Preset:
 PRESETS = {
     "cpu": Preset("tiny-relu", "blocks.2.hook_resid_post", 200_000, 128, 32, "cpu", 1536, 16, 1024, 1_000_000),
     "gpu": Preset("gpt2-shaped:768:12", "blocks.6.hook_resid_post", 2_000_000, 128, 64, "cuda", 24576, 32, 4096,
-                  50_000_000, live_tokens=10_000_000),
+                  20_000_000, live_tokens=10_000_000),
     "gpu-2048": Preset("gpt2-shaped:2048:4", "blocks.2.hook_resid_post", 2_000_000, 128, 64, "cuda", 65536, 64, 4096,
-                       20_000_000, rules=["topk"], live_tokens=4_000_000),
+                       20_000_000, rules=["topk"], dtype="bfloat16", live_tokens=4_000_000),
 }
 
 
@@ -87,11 +87,12 @@ def build_checkpoint(spec: str, folder: Path) -> Path:
     return folder
 
 
-def workbench(*args: str) -> tuple[float, str]:
-    """Run `workbench ARGS` as a user does; (wall seconds, stdout). Fails loudly."""
+def workbench(*args: str, code: Path = REPO) -> tuple[float, str]:
+    """Run `workbench ARGS` as a user does, from the checkout `code`; (wall seconds, stdout)."""
     start = time.perf_counter()
+    path = os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}, cwd=code)
     if done.returncode != 0:
         raise SystemExit(f"workbench {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start, done.stdout
@@ -162,6 +163,43 @@ def read_rates(store_path: Path, hook: str) -> tuple[float, float, float]:
     return n / ours_s, n / raw_s, nbytes / 1e9
 
 
+SOURCE_RATE = """
+import sys, time, torch
+try:
+    from workbench.training_data import StoreSource
+    extra = {"device": sys.argv[3]}
+except ImportError:  # code from before the store source moved to workbench
+    from sae.data import StoreSource
+    extra = {}
+from workbench import Store
+device, batch, tokens = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+source = StoreSource(Store.open(sys.argv[1]), sys.argv[2], **extra)
+start, seen = None, 0
+for x in source.batches(batch):
+    x = x.to(device, torch.float32)
+    if start is None:
+        torch.cuda.synchronize() if device == "cuda" else None
+        start = time.perf_counter()
+        continue
+    seen += len(x)
+    if seen >= tokens:
+        break
+torch.cuda.synchronize() if device == "cuda" else None
+print(seen / (time.perf_counter() - start))
+"""
+
+
+def source_rate(code: Path, store_path: Path, preset: Preset, tokens: int) -> float:
+    """Tokens/s of the code's StoreSource alone, batches delivered to the device as float32
+    (no training), in a process run from `code` (this checkout or an older one)."""
+    done = subprocess.run([sys.executable, "-c", SOURCE_RATE, str(store_path), preset.hook, preset.device,
+                           str(preset.batch_size), str(tokens)], capture_output=True, text=True, cwd=code,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])})
+    if done.returncode != 0:
+        raise SystemExit(f"the source rate in {code} failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.split()[-1])
+
+
 def in_memory_train_rate(store_path: Path, preset: Preset, rule: str) -> tuple[float, float]:
     """The trainer `workbench train` picks, on the store's activations already on the device:
     (steady tok/s, final FVU)."""
@@ -189,7 +227,7 @@ def train_args(store_or_model: list[str], preset: Preset, rule: str, out: Path, 
     return args if rule == "gba" else [*args, "--k", str(preset.k)]
 
 
-def run(preset: Preset, work: Path) -> list[dict]:
+def run(preset: Preset, work: Path, baseline: Path | None = None) -> list[dict]:
     rows: list[dict] = []
 
     def row(stage: str, ours: float, counterpart: float | None, against: str, unit: str = "tok/s", **extra) -> None:
@@ -211,6 +249,11 @@ def run(preset: Preset, work: Path) -> list[dict]:
     ours, raw, gb = read_rates(store, preset.hook)
     row("read iter_activations", ours, raw, f"raw pyarrow read of the files ({gb:.2f} GB)")
 
+    batches = min(preset.train_tokens, 20 * preset.capture_tokens)
+    row("store -> device batches", source_rate(REPO, store, preset, batches), None, "-")
+    if baseline is not None:
+        row("  same, baseline code", source_rate(baseline, store, preset, min(batches, 4 * preset.capture_tokens)), None, "-")
+
     store_rate = {}
     for rule in preset.rules:
         out = work / f"run-{rule}"
@@ -225,6 +268,12 @@ def run(preset: Preset, work: Path) -> list[dict]:
               f"resident {record['data'].get('resident')}, fvu {record['history'][-1]['fvu']:.4f} (in memory {fvu:.4f})")
 
     rule = preset.rules[0]
+    if baseline is not None:
+        tokens = min(preset.train_tokens, 4 * preset.capture_tokens)
+        wall, _ = workbench(*train_args(["--store", str(store)], preset, rule, work / "run-baseline", tokens), code=baseline)
+        record = json.loads((work / "run-baseline" / "training.json").read_text())
+        row(f"train {rule} (baseline code)", tokens / wall, store_rate[rule], "ours, steady (its history has no elapsed_s)",
+            wall_s=wall, tokens_per_s_logged=record["history"][-1]["tokens_per_s"])
     live_tokens = preset.live_tokens or preset.train_tokens
     out = work / "run-live"
     wall, _ = workbench(*train_args(["--model", model, "--ctx", str(preset.ctx)], preset, rule, out, live_tokens))
@@ -267,6 +316,8 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--baseline", default=None, help="an older checkout of the project (e.g. `git archive` of a commit) "
+                        "whose store source and train command run beside ours")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.rules:
@@ -278,7 +329,7 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        rows = run(preset, work)
+        rows = run(preset, work, Path(args.baseline).resolve() if args.baseline else None)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

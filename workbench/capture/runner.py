@@ -39,6 +39,9 @@ from workbench.store.writer import BatchWriter, remove_partial_batches
 WRITER_THREADS_ON_ACCELERATOR = 6
 
 
+#: `--dtype auto`: the stored precision follows the model's (see storage_dtype_for).
+AUTO_DTYPE = "auto"
+
 @dataclass
 class CaptureSettings:
     """What a capture asks for; a resumed capture must ask for exactly the same."""
@@ -50,7 +53,7 @@ class CaptureSettings:
     ctx: int = 128
     batch_size: int = 32
     store: str = "stores/default"
-    dtype: str = "float32"
+    dtype: str = "auto"
     probes: list[str] = field(default_factory=list)
     device: str = "cpu"
 
@@ -65,6 +68,13 @@ class CaptureReport:
     exhausted: bool
 
 
+def storage_dtype_for(handle: ModelHandle) -> str:
+    """`--dtype auto`: a model that computes in bfloat16 (or float16) is stored at 2 bytes a
+    value, losing nothing it had; a float32 model's activations are stored as float32."""
+    compute = next(handle.model.parameters()).dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(compute, "float32")
+
+
 def check_settings(settings: CaptureSettings) -> None:
     """Reject impossible settings before anything is loaded or written."""
     if settings.tokens <= 0:
@@ -73,8 +83,8 @@ def check_settings(settings: CaptureSettings) -> None:
         raise WorkbenchError(f"--ctx must be at least 2 (got {settings.ctx})")
     if settings.batch_size <= 0:
         raise WorkbenchError(f"--batch-size must be positive (got {settings.batch_size})")
-    if settings.dtype not in STORAGE_DTYPES:
-        raise WorkbenchError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got {settings.dtype})")
+    if settings.dtype not in (AUTO_DTYPE, *STORAGE_DTYPES):
+        raise WorkbenchError(f"--dtype must be one of {AUTO_DTYPE}, {', '.join(STORAGE_DTYPES)} (got {settings.dtype})")
     if not settings.hooks and not settings.probes:
         raise WorkbenchError("nothing to capture: give --hooks and/or --probes")
 
@@ -158,6 +168,8 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
 
         handle = load_model(settings.model, device=settings.device)
     settings.hooks = handle.resolve_hooks(settings.hooks)
+    if settings.dtype == AUTO_DTYPE:
+        settings.dtype = storage_dtype_for(handle)
     probes: list[Probe] = []
     if settings.probes:
         from workbench.capture.probes.registry import make_probes

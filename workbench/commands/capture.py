@@ -24,7 +24,8 @@ def capture_command(
     batch_size: int = typer.Option(32, "--batch-size", help="windows per forward pass"),
     store: str = typer.Option(..., "--store", help="store folder (created if missing; resumed if it holds this capture)"),
     probes: str = typer.Option("", "--probes", help="per-batch reductions: lazy,experts,sinks,routing or all"),
-    dtype: str = typer.Option("float32", "--dtype", help="stored precision of activations: float32, float16 or bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", help="stored precision of activations: float32, float16, bfloat16, or auto "
+                              "(bfloat16 for a model that runs in bf16, else float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
 ) -> None:
     """Run the model over the data and record tokens, activations and probes into a store."""
