@@ -133,3 +133,12 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last(stor
     line = again.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot write the checkpoint") and "intact" in line and "Traceback" not in again.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_capture_stores_a_bf16_model_at_two_bytes_by_default():
+    from workbench.capture.runner import storage_dtype_for
+
+    handle = handle_for(dense_config())
+    assert storage_dtype_for(handle) == "float32"
+    handle.model.to(torch.bfloat16)
+    assert storage_dtype_for(handle) == "bfloat16"
