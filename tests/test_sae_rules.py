@@ -109,3 +109,22 @@ def test_every_rule_trains_under_bf16_autocast(arch, fused_encoder):
     for name, p in trainer.model.named_parameters():
         if p.requires_grad:
             assert p.dtype == torch.float32 and not torch.equal(p.detach(), before[name]), name
+
+
+def test_gba_statistics_from_the_code_match_the_dense_definition():
+    """GBA's selection reads z once: its code is JumpReLU's, and the firing counts and peak
+    margins it buffers from that code equal their dense definitions over the whole z."""
+    g = torch.Generator().manual_seed(11)
+    rule = GBARule(200, groups=4)
+    rule.threshold.copy_(torch.rand(200, generator=g))
+    rule.threshold[:20] = 5.0  # never fire: their peak stays 0
+    rule.peak[20:40] = 9.0  # an earlier, larger peak survives
+    peak_before = rule.peak.clone()
+    z = torch.randn(64, 200, generator=g).to(torch.bfloat16)
+    code = rule.train().select(z)
+    biased = z.float() - rule.threshold
+    assert torch.equal(code.to_dense(200).float(), torch.where(biased > 0, z.float(), 0.0))
+    assert torch.equal(rule.fire_count, (biased > 0).sum(dim=0).float())
+    assert torch.equal(rule.peak, torch.maximum(peak_before, biased.max(dim=0).values.clamp(min=0)))
+    assert int(rule.buffer_tokens) == 64 and float(rule.peak[:20].max()) == 0.0
+    assert code.width == int((biased > 0).sum(dim=1).max())
