@@ -5,8 +5,9 @@ For topk, mutual-choice and gba, each with its default aux loss and precision (o
 bf16 encoder product), the trainer sae.fused_trainer.choose_trainer(config, "auto") picks
 is started on a GPU-resident TensorSource (a fixed random low-rank-plus-noise tensor), so
 the data path is not what is timed. Trainer.fit runs --warmup steps, then --steps more
-between two CUDA synchronisations. Checks: no non-finite loss (Trainer.check_finite), and
-the logged FVU falls from the first log to the last. One table line per rule.
+between two CUDA synchronisations. Checks: the rule trains without an error (such as a
+dtype mismatch) or a non-finite loss (Trainer.check_finite), and the logged FVU falls from
+the first log to the last. One table line per rule.
 
     python3 bench/gpu_rules.py [--large] [--steps 100] [--warmup 300]   # 768x24576 k32 B4096 (--large: 2048x65536 k64)
     python3 bench/gpu_rules.py --device cpu --tiny                      # the same checks, tiny, here
@@ -30,7 +31,6 @@ import torch
 from sae.config import TrainConfig
 from sae.data import TensorSource
 from sae.fused_trainer import choose_trainer
-from workbench.errors import WorkbenchError
 
 RULES = ("topk", "mutual-choice", "gba")
 
@@ -67,8 +67,8 @@ def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         trainer.check_finite()
-    except WorkbenchError as e:
-        failure, elapsed = str(e), float("nan")
+    except Exception as e:  # noqa: BLE001 - a rule that fails to train is this table's finding, the others still run
+        failure, elapsed = f"{type(e).__name__}: {str(e).splitlines()[0]}", float("nan")
     fvus = [h["fvu"] for h in trainer.history]
     if not failure and not (len(fvus) >= 2 and fvus[-1] < fvus[0]):
         failure = f"FVU did not fall: {fvus[0]:.3f} -> {fvus[-1]:.3f}"
