@@ -45,12 +45,20 @@ class SparseCode:
 
 
 def code_from_mask(acts: torch.Tensor, keep: torch.Tensor) -> SparseCode:
-    """Pack the kept entries of non-negative acts [B, d_sae] into the narrowest padded code.
+    """Pack ReLU(acts) at the kept entries of acts [B, d_sae] into the narrowest padded code.
 
-    The width is the largest number of kept entries in any row (at least 1). Values are
-    gathered from `acts`, so gradients flow back to the kept pre-activations only.
+    The width is the largest number of kept entries in any row (at least 1); each row lists
+    its kept columns in ascending order, padded with value 0 at column 0. Only keep is read
+    whole (one nonzero pass, no sort); values are gathered from `acts`, so gradients flow
+    back to the kept pre-activations only.
     """
-    kept = acts * keep
-    width = max(int(keep.sum(dim=1).max().item()) if keep.numel() else 0, 1)
-    _, indices = torch.topk(kept.detach(), width, dim=1, sorted=False)
-    return SparseCode(indices=indices, values=kept.gather(1, indices))
+    counts = keep.sum(dim=1)
+    width = max(int(counts.max()) if keep.numel() else 0, 1)
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: each row's columns in order
+    slot = torch.arange(len(rows), device=keep.device) - (counts.cumsum(0) - counts)[rows]
+    indices = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    indices[rows, slot] = cols
+    present = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+    present[rows, slot] = True
+    values = torch.where(present, acts.gather(1, indices).relu(), torch.zeros((), dtype=acts.dtype, device=acts.device))
+    return SparseCode(indices=indices, values=values)

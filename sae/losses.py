@@ -27,13 +27,15 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 def aux_candidates(z: torch.Tensor, weights: torch.Tensor, k_aux: int) -> torch.Tensor:
     """Per row, the k_aux features of largest z among those with weight > 0: LongTensor[B, k].
 
-    k = min(k_aux, number of candidates); an empty [B, 0] when there are none."""
-    n_candidates = int((weights > 0).sum())
-    k = min(k_aux, n_candidates)
+    k = min(k_aux, number of candidates); an empty [B, 0] when there are none. The top-k
+    reads the candidates' columns of z only (no masked copy of the whole z)."""
+    candidates = torch.nonzero(weights > 0).squeeze(1)
+    k = min(k_aux, len(candidates))
     if k <= 0:
         return torch.zeros(z.shape[0], 0, dtype=torch.long, device=z.device)
-    masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
-    return torch.topk(masked, k, dim=1, sorted=False).indices
+    if len(candidates) == z.shape[1]:
+        return torch.topk(z, k, dim=1, sorted=False).indices
+    return candidates[torch.topk(z.index_select(1, candidates), k, dim=1, sorted=False).indices]
 
 
 def aux_reconstruction_loss(

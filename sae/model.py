@@ -76,11 +76,12 @@ class SparseAutoencoder(nn.Module):
 
     def decode_directions(self, code: SparseCode) -> torch.Tensor:
         """sum_j a_j W_dec[i_j], without b_dec (what AuxK reconstructs the residual with).
-        Always fp32: a bf16 autocast around training reaches the encoder product only."""
+        In W_dec's dtype (fp32): a bf16 autocast around training reaches the encoder product
+        only, though the code's values come out of it in bf16."""
         fraction = SPARSE_DECODE_MAX_FRACTION["cuda" if self.W_dec.is_cuda else "cpu"]
         with torch.autocast(self.W_dec.device.type, enabled=False):
             if code.width > max(1, int(self.d_sae * fraction)):
-                return code.to_dense(self.d_sae) @ self.W_dec
+                return code.to_dense(self.d_sae).to(self.W_dec.dtype) @ self.W_dec
             return sparse_decode(code.indices, code.values, self.W_dec)
 
     def forward(

@@ -99,6 +99,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
         self.on_cuda = self.device.type == "cuda"
+        #: The encoder product's autocast dtype: bf16 on CUDA under --precision bf16, else None
+        #: (no autocast; the CPU trains fp32). Tests set it to run CUDA's precision on CPU autocast.
+        self.autocast_dtype = torch.bfloat16 if self.on_cuda and config.precision == "bf16" else None
         #: fused Adam (one kernel over all parameters) on CUDA; the CPU keeps torch's default
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
                                           fused=True if self.on_cuda else None)
@@ -216,8 +219,8 @@ class Trainer:
         return batch.to(self.device, torch.float32) * self.input_scale
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.on_cuda and self.config.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _set_lr(self, lr: float) -> None:

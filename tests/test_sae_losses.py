@@ -126,3 +126,19 @@ def test_aux_zipf_reduces_to_auxk_when_only_dead_features_are_below_the_curve():
     zipf = aux_zipf_loss(z, residual, density, W_dec, k_aux=3, fit_fraction=1.0)
     auxk = auxk_loss(z, residual, density == 0, W_dec, k_aux=3)
     assert float(zipf) == pytest.approx(float(auxk), rel=1e-4)
+
+
+@pytest.mark.parametrize("n_candidates", [0, 5, 40, 64])
+def test_aux_candidates_are_the_largest_z_among_weighted_features(n_candidates):
+    """Per row, the k_aux weighted features of largest z: the same set as a top-k over z with
+    the other features masked to -inf (what it avoids building), for none, some and all."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(32, 64, generator=g)
+    weights = torch.zeros(64)
+    weights[torch.randperm(64, generator=g)[:n_candidates]] = torch.rand(n_candidates, generator=g) + 0.1
+    chosen = aux_candidates(z, weights, 8)
+    assert chosen.shape == (32, min(8, n_candidates))
+    if n_candidates:
+        masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
+        expected = masked.topk(min(8, n_candidates), dim=1).indices
+        assert torch.equal(chosen.sort(dim=1).values, expected.sort(dim=1).values)

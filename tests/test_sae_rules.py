@@ -83,3 +83,48 @@ def test_gba_biases_stay_in_range_and_group_frequencies_approach_targets():
     err_after = (after.log() - targets.log()).abs()
     assert torch.all(err_after < err_before), (before, after, targets)
     assert after[0] > after[1] > after[2]  # the groups end ordered like their targets
+
+
+@pytest.mark.parametrize("fused_encoder", [True, False])
+@pytest.mark.parametrize("arch", ["topk", "mutual-choice", "gba"])
+def test_every_rule_trains_under_bf16_autocast(arch, fused_encoder):
+    """The default precision on CUDA (bf16 encoder product under autocast), run through CPU's
+    autocast, which casts matmuls as CUDA's does: each rule with its default aux loss takes
+    finite steps that move the weights, through the fused encoder (CUDA's path) and the plain one."""
+    feats = SyntheticFeatures.make(n=96, d=24, mean_active=3, kind="zipf", seed=8)
+    config = TrainConfig(arch=arch, d_in=24, d_sae=128, k=None if arch == "gba" else 4, tokens=256 * 4, batch_size=256,
+                         lr=2e-3, dead_tokens=256, gba_every=2, init_tokens=512)
+    trainer = Trainer.start(config, SyntheticSource(feats, seed=9))
+    trainer.autocast_dtype = torch.bfloat16
+    trainer.model.fused_encoder = fused_encoder
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    batches = SyntheticSource(feats, seed=10).batches(256)
+    aux = []
+    for _ in range(3):
+        metrics = trainer.train_step(next(batches))
+        assert torch.isfinite(trainer._last_loss) and torch.isfinite(metrics["fvu"])
+        aux.append(float(metrics["aux"]))
+    if config.aux != "none":
+        assert max(aux) > 0, aux  # the aux loss took part (bf16 values through its decode too)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and not torch.equal(p.detach(), before[name]), name
+
+
+def test_gba_statistics_from_the_code_match_the_dense_definition():
+    """GBA's selection reads z once: its code is JumpReLU's, and the firing counts and peak
+    margins it buffers from that code equal their dense definitions over the whole z."""
+    g = torch.Generator().manual_seed(11)
+    rule = GBARule(200, groups=4)
+    rule.threshold.copy_(torch.rand(200, generator=g))
+    rule.threshold[:20] = 5.0  # never fire: their peak stays 0
+    rule.peak[20:40] = 9.0  # an earlier, larger peak survives
+    peak_before = rule.peak.clone()
+    z = torch.randn(64, 200, generator=g).to(torch.bfloat16)
+    code = rule.train().select(z)
+    biased = z.float() - rule.threshold
+    assert torch.equal(code.to_dense(200).float(), torch.where(biased > 0, z.float(), 0.0))
+    assert torch.equal(rule.fire_count, (biased > 0).sum(dim=0).float())
+    assert torch.equal(rule.peak, torch.maximum(peak_before, biased.max(dim=0).values.clamp(min=0)))
+    assert int(rule.buffer_tokens) == 64 and float(rule.peak[:20].max()) == 0.0
+    assert code.width == int((biased > 0).sum(dim=1).max())

@@ -92,16 +92,19 @@ class GBARule(SparsityRule):
 
     @torch.no_grad()
     def select(self, z: torch.Tensor) -> SparseCode:
-        """JumpReLU, and in training mode buffer each neuron's firing count and peak."""
+        """JumpReLU, and in training mode buffer each neuron's firing count and peak. Both
+        come from the code: a neuron fires exactly where it is kept, and its peak margin
+        max(z - threshold, 0) is over its kept entries (0 if none), so z is read only once."""
+        code = self.infer(z)
         if self.training:
-            biased = z - self.threshold
-            self.fire_count += (biased > 0).sum(dim=0).to(self.fire_count.dtype)
-            self.peak.copy_(torch.maximum(self.peak, biased.max(dim=0).values.clamp(min=0).to(self.peak.dtype)))
+            self.fire_count += code.fired(len(self.threshold)).to(self.fire_count.dtype)
+            margin = (code.values - self.threshold[code.indices]).clamp(min=0).to(self.peak.dtype)
+            self.peak.scatter_reduce_(0, code.indices.reshape(-1), margin.reshape(-1), reduce="amax")
             self.buffer_tokens += z.shape[0]
-        return self.infer(z)
+        return code
 
     def infer(self, z: torch.Tensor) -> SparseCode:
-        return code_from_mask(z.relu(), z > self.threshold)
+        return code_from_mask(z, z > self.threshold)
 
     def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
         return {"threshold": self.threshold.detach().clone()}

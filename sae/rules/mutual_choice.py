@@ -34,34 +34,36 @@ class MutualChoiceRule(SparsityRule):
         """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its
         row_cap (8k) largest candidates first, and the code is trimmed to the widest row
         actually kept; if any row may hold more of the batch's winners than row_cap (its
-        overflow count), the selection is redone exactly over the whole matrix."""
+        overflow count), the selection is redone exactly over the whole matrix. One host
+        read (the overflow and the widest row together); nothing after batch_topk is dense."""
         z = z.detach()
         selected = batch_topk(z, self.k, cap=self.row_cap)
-        if int(selected.overflow) == 0:
-            kept = selected.values > 0
-            kept_values = selected.values[kept]
-            width = max(int(kept.sum(dim=1).max()), 1)
-            values, position = selected.values.topk(width, dim=1, sorted=False)
+        kept = selected.values > 0
+        overflow, widest = torch.stack([selected.overflow, kept.sum(dim=1).max()]).tolist()
+        if overflow == 0:
+            values, position = selected.values.topk(max(widest, 1), dim=1, sorted=False)
             code = SparseCode(indices=selected.indices.gather(1, position), values=values.to(z.dtype))
+            smallest = torch.where(kept, selected.values, torch.inf).amin()
         else:
             acts = z.relu()
             budget = min(self.k * z.shape[0], acts.numel())
             kept_values, kept_flat = torch.topk(acts.reshape(-1), budget, sorted=False)
             keep = torch.zeros(acts.numel(), dtype=torch.bool, device=z.device).index_fill_(0, kept_flat, True)
             code = code_from_mask(acts, keep.view_as(acts))
-        if self.training and kept_values.numel():
-            self._update_theta(kept_values)
+            smallest = torch.where(kept_values > 0, kept_values, torch.inf).amin()
+        if self.training:
+            self._update_theta(smallest)
         return code
 
     @torch.no_grad()
-    def _update_theta(self, kept_values: torch.Tensor) -> None:
-        """theta <- EMA of the smallest kept value (the first batch sets it directly)."""
-        smallest = kept_values.min().clamp(min=0).to(self.theta.dtype)
-        if int(self.theta_updates) == 0:
-            self.theta.copy_(smallest)
-        else:
-            self.theta.mul_(self.theta_decay).add_((1 - self.theta_decay) * smallest)
-        self.theta_updates += 1
+    def _update_theta(self, smallest: torch.Tensor) -> None:
+        """theta <- EMA of the smallest kept value (the first batch sets it directly); a batch
+        that kept nothing (smallest = inf) leaves it. On the device: no host read."""
+        found = torch.isfinite(smallest)
+        smallest = smallest.clamp(min=0).to(self.theta.dtype)
+        ema = self.theta * self.theta_decay + (1 - self.theta_decay) * smallest
+        self.theta.copy_(torch.where(found, torch.where(self.theta_updates == 0, smallest, ema), self.theta))
+        self.theta_updates += found.long()
 
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z.relu(), z > self.theta)

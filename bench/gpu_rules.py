@@ -1,0 +1,109 @@
+"""Each training rule's step through the project's trainer on a GPU: tokens/s, peak memory,
+and checks that it trains (a device benchmark; exits 1 if a check fails).
+
+For topk, mutual-choice and gba, each with its default aux loss and precision (on CUDA the
+bf16 encoder product), the trainer sae.fused_trainer.choose_trainer(config, "auto") picks
+is started on a GPU-resident TensorSource (a fixed random low-rank-plus-noise tensor), so
+the data path is not what is timed. Trainer.fit runs --warmup steps, then --steps more
+between two CUDA synchronisations. Checks: the rule trains without an error (such as a
+dtype mismatch) or a non-finite loss (Trainer.check_finite), and the logged FVU falls from
+the first log to the last. One table line per rule.
+
+    python3 bench/gpu_rules.py [--large] [--steps 100] [--warmup 300]   # 768x24576 k32 B4096 (--large: 2048x65536 k64)
+    python3 bench/gpu_rules.py --device cpu --tiny                      # the same checks, tiny, here
+
+On CPU the trainer is switched to CUDA's path (bf16 autocast, the fused encoder) so the
+check covers it. GBA's codes are wide until its biases settle (half of d_sae at the start),
+hence the long default warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from sae.config import TrainConfig
+from sae.data import TensorSource
+from sae.fused_trainer import choose_trainer
+
+RULES = ("topk", "mutual-choice", "gba")
+
+
+def low_rank_data(n: int, d_in: int, device: str, seed: int = 0) -> torch.Tensor:
+    """[n, d_in]: a rank-d_in/8 signal with a decaying spectrum, plus isotropic noise."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rank = max(d_in // 8, 2)
+    basis = torch.randn(rank, d_in, generator=gen, device=device)
+    scales = torch.arange(1, rank + 1, device=device, dtype=torch.float32).pow(-0.5)
+    coords = torch.randn(n, rank, generator=gen, device=device) * scales
+    return coords @ basis + 0.1 * torch.randn(n, d_in, generator=gen, device=device)
+
+
+def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: int, steps: int, device: str) -> dict:
+    config = TrainConfig(arch=arch, d_in=data.shape[1], d_sae=d_sae, k=None if arch == "gba" else k, batch_size=B,
+                         tokens=(warmup + steps) * B, device=device, warmup_steps=0, decay_fraction=0.0,
+                         init_tokens=B, log_every=max(1, (warmup + steps) // 20), seed=0)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer = choose_trainer(config, "auto").start(config, TensorSource(data), out=None, command=[])
+    if not cuda:
+        trainer.autocast_dtype, trainer.model.fused_encoder = torch.bfloat16, True
+    failure = ""
+    try:
+        trainer.fit(until_step=warmup, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.fit(until_step=warmup + steps, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        trainer.check_finite()
+    except Exception as e:  # noqa: BLE001 - a rule that fails to train is this table's finding, the others still run
+        failure, elapsed = f"{type(e).__name__}: {str(e).splitlines()[0]}", float("nan")
+    fvus = [h["fvu"] for h in trainer.history]
+    if not failure and not (len(fvus) >= 2 and fvus[-1] < fvus[0]):
+        failure = f"FVU did not fall: {fvus[0]:.3f} -> {fvus[-1]:.3f}"
+    return {
+        "rule": arch, "aux": config.aux, "step": trainer.step_kind, "tok_s": steps * B / elapsed,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "fvu0": fvus[0] if fvus else float("nan"), "fvu": fvus[-1] if fvus else float("nan"),
+        "l0": trainer.history[-1]["l0"] if trainer.history else float("nan"), "failure": failure,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--large", action="store_true", help="2048x65536 k64 instead of 768x24576 k32")
+    ap.add_argument("--tiny", action="store_true", help="32x256 k8 B256, a few steps: checks the script runs")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 100; --tiny 10)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps before timing (default 300; --tiny 20)")
+    args = ap.parse_args()
+    d_in, d_sae, k, B = (32, 256, 8, 256) if args.tiny else (2048, 65536, 64, 4096) if args.large else (768, 24576, 32, 4096)
+    steps = args.steps or (10 if args.tiny else 100)
+    warmup = args.warmup if args.warmup is not None else (20 if args.tiny else 300)
+    data = low_rank_data(16 * B, d_in, args.device)
+    print(f"{d_in}x{d_sae} k{k} B{B} on {torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, "
+          f"{warmup} warm-up + {steps} timed steps")
+    print(f"{'rule':<14} {'aux':<9} {'step':<9} {'tok/s':>12} {'peak GiB':>9} {'FVU first->last':>16} {'L0':>7}  check")
+    failed = False
+    for arch in args.rules.split(","):
+        r = run_rule(arch, data, d_sae, k, B, warmup, steps, args.device)
+        failed |= bool(r["failure"])
+        print(f"{r['rule']:<14} {r['aux']:<9} {r['step']:<9} {r['tok_s']:>12,.0f} {r['peak_gib']:>9.2f} "
+              f"{r['fvu0']:>7.3f} -> {r['fvu']:<6.3f} {r['l0']:>7.1f}  {r['failure'] or 'ok'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
