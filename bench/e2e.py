@@ -41,6 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+#: Steps the baseline code trains and reads (it can be slow: a short run gives its rate).
+BASELINE_STEPS = 250
 
 
 @dataclass
@@ -252,7 +254,7 @@ def run(preset: Preset, work: Path, baseline: Path | None = None) -> list[dict]:
     batches = min(preset.train_tokens, 20 * preset.capture_tokens)
     row("store -> device batches", source_rate(REPO, store, preset, batches), None, "-")
     if baseline is not None:
-        row("  same, baseline code", source_rate(baseline, store, preset, min(batches, 4 * preset.capture_tokens)), None, "-")
+        row("  same, baseline code", source_rate(baseline, store, preset, BASELINE_STEPS * preset.batch_size), None, "-")
 
     store_rate = {}
     for rule in preset.rules:
@@ -269,7 +271,7 @@ def run(preset: Preset, work: Path, baseline: Path | None = None) -> list[dict]:
 
     rule = preset.rules[0]
     if baseline is not None:
-        tokens = min(preset.train_tokens, 4 * preset.capture_tokens)
+        tokens = BASELINE_STEPS * preset.batch_size
         wall, _ = workbench(*train_args(["--store", str(store)], preset, rule, work / "run-baseline", tokens), code=baseline)
         record = json.loads((work / "run-baseline" / "training.json").read_text())
         row(f"train {rule} (baseline code)", tokens / wall, store_rate[rule], "ours, steady (its history has no elapsed_s)",
