@@ -28,6 +28,18 @@ def _open_store(store: Any) -> Any:
     return store
 
 
+def check_finite_activations(x: torch.Tensor, store: Any, hook: str, first_token: int) -> None:
+    """Refuse a chunk of stored activations holding NaN or Inf (token first_token is row 0):
+    metrics and feature tables over them would be NaN, as training on them would."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        at = first_token + int(bad.nonzero()[0, 0])
+        raise WorkbenchError(
+            f"store {store.root} holds non-finite values (NaN or Inf) in {hook} (first at token_index {at}); "
+            "nothing was written: recapture the store without them"
+        )
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
@@ -39,6 +51,7 @@ def reconstruction_metrics(
     sae = sae.to(device).eval()
     stop = None if tokens is None else start + tokens
     for x in store.iter_activations(hook, chunk_tokens=chunk_tokens, start=start, stop=stop):
+        check_finite_activations(x, store, hook, start + stats.tokens)
         x = x.to(device)
         code = sae.encode(x)
         stats.update(x, sae.decode(code), code)

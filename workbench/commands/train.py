@@ -48,11 +48,9 @@ def train_command(
     from sae.fused_trainer import choose_trainer
     from workbench import Store
 
-    if device.startswith("cuda"):
-        import torch
+    from workbench.models.device import check_device
 
-        if not torch.cuda.is_available():
-            raise WorkbenchError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    check_device(device)
     opened = Store.open(store)
     source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed)
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
@@ -86,7 +84,9 @@ def eval_command(
 ) -> None:
     """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
     from sae.evaluate import evaluate_sae
+    from workbench.models.device import check_device
 
+    check_device(device)
     result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
     if json_out:
         print(json.dumps(result, indent=1))
