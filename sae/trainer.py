@@ -30,6 +30,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,9 @@ class Trainer:
         if not path.is_file():
             raise WorkbenchError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
         try:  # weights_only: a checkpoint is tensors and plain values; a pickle that runs code is refused
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the refusal says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             saved = TrainConfig.from_dict(state["config"])
         except CHECKPOINT_ERRORS as err:
             raise _not_a_checkpoint(path, err) from err
