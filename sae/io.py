@@ -119,14 +119,16 @@ def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     W_enc = weights["W_enc"]
     if W_enc.ndim != 2:
         raise WorkbenchError(f"{path}: W_enc has shape {list(W_enc.shape)}, not [d_in, d_sae]")
-    d_in, d_sae = W_enc.shape
-    expected = {"W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], "threshold": [d_sae]}
+    # the sizes cfg.json gives (else W_enc's) are what every tensor must fit
+    d_in, d_sae = (cfg.get(key, n) for key, n in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])))
+    if not (isinstance(d_in, int) and isinstance(d_sae, int)):
+        raise WorkbenchError(f"{folder / CFG_FILE}: d_in and d_sae must be integers (got {d_in!r}, {d_sae!r})")
+    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], "threshold": [d_sae]}
     for key, shape in expected.items():
         if key in weights and list(weights[key].shape) != shape:
-            raise WorkbenchError(f"{path}: {key} has shape {list(weights[key].shape)}, but W_enc {[d_in, d_sae]} needs {shape}")
-    for key, size in (("d_in", d_in), ("d_sae", d_sae)):
-        if key in cfg and cfg[key] != size:
-            raise WorkbenchError(f"{path}: W_enc is {[d_in, d_sae]} but {CFG_FILE} says {key}={cfg[key]}")
+            raise WorkbenchError(
+                f"{path}: {key} has shape {list(weights[key].shape)}, not {shape} (d_in={d_in}, d_sae={d_sae}): not one SAE"
+            )
     return weights
 
 
