@@ -83,10 +83,12 @@ class Store:
         if not root.is_dir():
             raise WorkbenchError(f"no store at {root}: run `workbench capture --store {root} ...` first")
         manifest = read_manifest(root)
-        if manifest is None:
-            if not holds_only_leftovers(root):
-                raise WorkbenchError(f"{root} is not a workbench store (no store.json)")
+        if manifest is None and holds_only_leftovers(root):
             manifest = {}  # a capture is creating it: an empty store until its manifest lands
+        elif manifest is None:
+            manifest = read_manifest(root)  # a capture writes store.json first: it may have landed meanwhile
+            if manifest is None:
+                raise WorkbenchError(f"{root} is not a workbench store (no store.json)")
         return cls(root, manifest)
 
     # ---- what the store holds ----------------------------------------------------------
