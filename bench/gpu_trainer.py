@@ -20,7 +20,7 @@
     on the host between two synchronised points of the batch stream.
 (c) Checks of the CUDA step itself, for both trainers: no host-device sync inside train_step
     (torch.cuda.set_sync_debug_mode("warn") over steps on CPU and on GPU batches: warnings
-    are counted), and the NaN/Inf guard (NaN data: one WorkbenchError naming the steps, and
+    are counted), and the NaN/Inf guard (NaN data: one SAEError naming the steps, and
     the checkpoint on disk is from before them and finite).
 
 (p) (--parts p) Where a Trainer.train_step goes: host time to issue one step against the
@@ -57,9 +57,9 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
+from sae.errors import SAEError
 from sae.fused_trainer import FusedTopKTrainer
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 CONFIGS = [(768, 24576, 32, 4096), (2048, 65536, 64, 4096)]
 SMOKE_CONFIGS = [(16, 96, 4, 64), (24, 128, 8, 64)]
@@ -435,7 +435,7 @@ def part_c(cuda: bool) -> dict:
             try:
                 trainer.fit(progress=False)
                 out["nan_guard" + tag] = "NO ERROR RAISED"
-            except WorkbenchError as exc:
+            except SAEError as exc:
                 out["nan_guard_error" + tag] = str(exc)
             ckpt = Path(tmp) / "run" / "checkpoint.pt"
             if ckpt.exists():

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from sae.config import TrainConfig
-from sae.data import StoreSource
-from sae.evaluate import reconstruction_metrics
 from sae.io import load_sae
 from sae.trainer import Trainer
 from workbench import Store
+from workbench.evaluation import store_reconstruction_metrics
+from workbench.training_data import StoreSource
 
 
 def ensure_store(args: argparse.Namespace) -> Store:
@@ -121,7 +121,7 @@ def main() -> None:
         folder = out / name.split()[0].lower().strip(",") / ("const" if "constant" in name else "default")
         seconds = train(folder)
         sae, _ = load_sae(folder)
-        metrics = reconstruction_metrics(sae, store, args.hook, start=train_stop)
+        metrics = store_reconstruction_metrics(sae, store, args.hook, start=train_stop)
         row = {"run": name, "fvu": metrics["fvu"], "l0": metrics["l0"], "dead": metrics["dead_fraction"],
                "seconds": seconds, "eval_tokens": metrics["tokens"]}  # fmt: skip
         rows.append(row)

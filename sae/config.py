@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from sae.errors import SAEError
 
 ARCHS = ("topk", "mutual-choice", "gba")
 PRECISIONS = ("bf16", "fp32")
@@ -55,36 +55,39 @@ class TrainConfig:
     gba_gamma: float = 0.01
     gba_eps: float = 1e-6
     log_every: int | None = None
+    #: checkpoint every this many steps; None: every checkpoint_minutes of training (a
+    #: checkpoint of a wide SAE is hundreds of MB, too many to write every few seconds)
     checkpoint_every: int | None = None
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise WorkbenchError(f"unknown --arch '{self.arch}': choose one of {', '.join(ARCHS)}")
+            raise SAEError(f"unknown `arch=\"{self.arch}\"`: choose one of {', '.join(ARCHS)}")
         if self.d_in <= 0 or self.d_sae <= 0:
-            raise WorkbenchError(f"SAE width must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
+            raise SAEError(f"SAE width must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
         if self.arch in ("topk", "mutual-choice"):
             if self.k is None:
-                raise WorkbenchError(f"--arch {self.arch} needs --k (active features per token)")
+                raise SAEError(f'`arch="{self.arch}"` needs `k` (active features per token)')
             if not 0 < self.k <= self.d_sae:
-                raise WorkbenchError(f"--k {self.k} must be between 1 and d_sae={self.d_sae}; lower --k or widen the SAE")
+                raise SAEError(f"`k={self.k}` must be between 1 and d_sae={self.d_sae}; lower `k` or widen the SAE")
         if self.precision not in PRECISIONS:
-            raise WorkbenchError(f"unknown --precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
+            raise SAEError(f"unknown `precision=\"{self.precision}\"`: choose one of {', '.join(PRECISIONS)}")
         if self.batch_size <= 0:
-            raise WorkbenchError("--batch-size must be positive")
+            raise SAEError(f"`batch_size={self.batch_size}` must be positive")
         if self.tokens < self.batch_size:
-            raise WorkbenchError(f"--tokens {self.tokens} is less than one batch ({self.batch_size}); train on more tokens")
+            raise SAEError(f"`tokens={self.tokens}` is less than one batch ({self.batch_size}); train on more tokens")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise WorkbenchError(f"--lr must be a positive number, got {self.lr}")
+            raise SAEError(f"`lr` must be a positive number, got {self.lr}")
         if self.aux is None:
             self.aux = DEFAULT_AUX[self.arch]
         if self.aux not in AUX_LOSSES:
-            raise WorkbenchError(f"unknown aux loss '{self.aux}': choose one of {', '.join(AUX_LOSSES)}")
+            raise SAEError(f"unknown aux loss `aux=\"{self.aux}\"`: choose one of {', '.join(AUX_LOSSES)}")
         if self.arch == "gba" and not 0 < self.gba_p_min <= self.gba_p_max <= 1:
-            raise WorkbenchError("GBA targets need 0 < p_min <= p_max <= 1")
+            raise SAEError("GBA targets need 0 < `gba_p_min` <= `gba_p_max` <= 1")
         if self.gba_every is None:
             self.gba_every = max(1, round(GBA_BUFFER_TOKENS / self.batch_size))
         if self.gba_every <= 0:
-            raise WorkbenchError("--gba-every must be a positive number of steps")
+            raise SAEError(f"`gba_every={self.gba_every}` must be a positive number of steps")
 
     # ---- derived settings --------------------------------------------------------------
     @property
@@ -107,9 +110,11 @@ class TrainConfig:
     def log_interval(self) -> int:
         return self.log_every or max(1, self.steps // 200)
 
-    @property
-    def checkpoint_interval(self) -> int:
-        return self.checkpoint_every or max(1, self.steps // 10)
+    def checkpoint_due(self, step: int, seconds_since_last: float) -> bool:
+        """Whether the run writes a checkpoint after this step (the last one always does)."""
+        if self.checkpoint_every is not None:
+            return step % self.checkpoint_every == 0
+        return seconds_since_last >= 60 * self.checkpoint_minutes
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to 0 over the last decay_fraction."""

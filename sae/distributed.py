@@ -36,15 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 from sae.code import SparseCode
 from sae.config import TrainConfig
 from sae.data import ActivationSource
+from sae.errors import SAEError
 from sae.model import SparseAutoencoder
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 
 def init_process_group() -> tuple[int, int, int]:
     """Join the torchrun job (NCCL when CUDA is present, else gloo): (rank, world, local rank)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise WorkbenchError("data-parallel training needs the torchrun environment (RANK, WORLD_SIZE); launch with torchrun --nproc_per_node N")
+        raise SAEError("data-parallel training needs the torchrun environment (RANK, WORLD_SIZE); launch with torchrun --nproc_per_node N")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,15 +56,15 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
         if not dist.is_initialized():
-            raise WorkbenchError("call sae.distributed.init_process_group() before building a DataParallelTrainer")
+            raise SAEError("call sae.distributed.init_process_group() before building a DataParallelTrainer")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if config.arch != "topk" or config.aux != "none":
-            raise WorkbenchError(
-                f"data-parallel training supports --arch topk with --aux none for now (got --arch {config.arch} --aux {config.aux}); "
+            raise SAEError(
+                f'data-parallel training supports `arch="topk"` with `aux="none"` for now (got arch {config.arch}, aux {config.aux}); '
                 "train batch-level rules or auxiliary losses in one process"
             )
         if config.batch_size % self.world:
-            raise WorkbenchError(f"--batch-size {config.batch_size} must divide evenly over {self.world} processes")
+            raise SAEError(f"`batch_size={config.batch_size}` must divide evenly over {self.world} processes")
         super().__init__(config, source, out if self.rank == 0 else None, command)
         self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.on_cuda else None)
 
@@ -94,6 +94,11 @@ def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str 
         torch.cuda.set_device(local_rank)
     try:
         trainer = DataParallelTrainer.start(config, source, out)
-        return trainer.fit(progress=trainer.rank == 0)
+        model = trainer.fit(progress=trainer.rank == 0)
+        # DDP's reducer must go, and every rank must be done with its collectives, before
+        # the group is destroyed: otherwise gloo can abort the process at exit.
+        del trainer
+        dist.barrier()
+        return model
     finally:
         dist.destroy_process_group()

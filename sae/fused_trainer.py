@@ -26,9 +26,9 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import ActivationSource
+from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep, StepStats
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 #: `--step`: auto = fused where fused_unsupported() finds nothing and the device is CUDA.
 STEPS = ("auto", "fused", "autograd")
@@ -38,29 +38,29 @@ FUSED_AUX = ("auxk", "none")
 def fused_unsupported(config: TrainConfig) -> str | None:
     """Why the fused step cannot train config (a sentence saying what to do), or None."""
     if config.arch != "topk":
-        return f"the fused step trains --arch topk only, not {config.arch}; use --step autograd"
+        return f"the fused step trains `arch=\"topk\"` only, not {config.arch}; use `step=\"autograd\"`"
     if config.aux not in FUSED_AUX:
-        return f"the fused step supports --aux {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use --step autograd"
+        return f"the fused step supports `aux` {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use `step=\"autograd\"`"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "the fused step trains in one process (data-parallel runs use the autograd step); use --step autograd"
+        return 'the fused step trains in one process (data-parallel runs use the autograd step); use `step="autograd"`'
     if torch.device(config.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return (f"the fused step runs Triton kernels, which need --device cuda (not {config.device}; "
-                "the CPU runs them only under TRITON_INTERPRET=1, slowly, for tests); use --device cuda or --step autograd")
+        return (f'the fused step runs Triton kernels, which need `device="cuda"` (not {config.device}; '
+                'the CPU runs them only under TRITON_INTERPRET=1, slowly, for tests); use `device="cuda"` or `step="autograd"`')
     return None
 
 
 def choose_trainer(config: TrainConfig, step: str = "auto") -> type[Trainer]:
     """The trainer class for `--step`: "autograd" Trainer; "fused" FusedTopKTrainer or a
-    WorkbenchError saying why not; "auto" FusedTopKTrainer on CUDA where supported, else
+    SAEError saying why not; "auto" FusedTopKTrainer on CUDA where supported, else
     Trainer."""
     if step not in STEPS:
-        raise WorkbenchError(f"unknown --step '{step}': choose one of {', '.join(STEPS)}")
+        raise SAEError(f"unknown `step=\"{step}\"`: choose one of {', '.join(STEPS)}")
     if step == "autograd":
         return Trainer
     why = fused_unsupported(config)
     if step == "fused":
         if why is not None:
-            raise WorkbenchError(f"--step fused cannot train this run: {why}")
+            raise SAEError(f'`step="fused"` cannot train this run: {why}')
         return FusedTopKTrainer
     fast = why is None and torch.device(config.device).type == "cuda"
     return FusedTopKTrainer if fast else Trainer
@@ -74,7 +74,7 @@ class FusedTopKTrainer(Trainer):
     def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
         why = fused_unsupported(config)
         if why is not None:
-            raise WorkbenchError(why)
+            raise SAEError(why)
         super().__init__(config, source, out, command)
         # shares the model's storage: the weights Trainer initialises or loads are the step's
         # --precision bf16 on CUDA: bf16 also for the decoder's loss gradient and the weights'

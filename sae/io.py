@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae.errors import SAEError
 from sae.model import SparseAutoencoder
 from sae.rules import JumpReLURule, ReLURule, SparsityRule, TopKRule
-from workbench.errors import WorkbenchError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -81,15 +81,15 @@ def save_sae(folder: str | Path, model: SparseAutoencoder, input_scale: float = 
 
 
 def read_cfg(folder: str | Path) -> dict[str, Any]:
-    """cfg.json of a SAELens folder (raises a WorkbenchError if it is not one)."""
+    """cfg.json of a SAELens folder (raises an SAEError if it is not one)."""
     folder = Path(folder)
     path = folder / CFG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise WorkbenchError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
+        raise SAEError(f"{folder} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise WorkbenchError(f"{path} is not valid JSON ({err.msg})") from err
+        raise SAEError(f"{path} is not valid JSON ({err.msg})") from err
 
 
 def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SparsityRule:
@@ -100,7 +100,7 @@ def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Sparsity
         return JumpReLURule(weights["threshold"])
     if arch == "standard":
         return ReLURule()
-    raise WorkbenchError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
+    raise SAEError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
 
 
 def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -110,23 +110,23 @@ def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     try:
         weights = {k: v.float() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise WorkbenchError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        raise SAEError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
     missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in weights]
     if cfg.get("architecture") == "jumprelu" and "threshold" not in weights:
         missing.append("threshold")
     if missing:
-        raise WorkbenchError(f"{path} lacks {', '.join(missing)}: not a complete SAELens SAE")
+        raise SAEError(f"{path} lacks {', '.join(missing)}: not a complete SAELens SAE")
     W_enc = weights["W_enc"]
     if W_enc.ndim != 2:
-        raise WorkbenchError(f"{path}: W_enc has shape {list(W_enc.shape)}, not [d_in, d_sae]")
+        raise SAEError(f"{path}: W_enc has shape {list(W_enc.shape)}, not [d_in, d_sae]")
     # the sizes cfg.json gives (else W_enc's) are what every tensor must fit
     d_in, d_sae = (cfg.get(key, n) for key, n in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])))
     if not (isinstance(d_in, int) and isinstance(d_sae, int)):
-        raise WorkbenchError(f"{folder / CFG_FILE}: d_in and d_sae must be integers (got {d_in!r}, {d_sae!r})")
+        raise SAEError(f"{folder / CFG_FILE}: d_in and d_sae must be integers (got {d_in!r}, {d_sae!r})")
     expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], "threshold": [d_sae]}
     for key, shape in expected.items():
         if key in weights and list(weights[key].shape) != shape:
-            raise WorkbenchError(
+            raise SAEError(
                 f"{path}: {key} has shape {list(weights[key].shape)}, not {shape} (d_in={d_in}, d_sae={d_sae}): not one SAE"
             )
     return weights
@@ -137,12 +137,12 @@ def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder
     """(model in raw activation units, cfg) from a SAELens folder."""
     cfg = read_cfg(folder)
     if cfg.get("normalize_activations", "none") != "none":
-        raise WorkbenchError(
+        raise SAEError(
             f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
             "fold the normalisation into the weights first (SAELens: fold_activation_norm_scaling_factor)"
         )
     if cfg.get("reshape_activations", "none") != "none":
-        raise WorkbenchError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
+        raise SAEError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     weights = _read_weights(Path(folder), cfg)
     W_enc, W_dec, b_dec = weights["W_enc"], weights["W_dec"], weights["b_dec"]
     b_enc = weights.get("b_enc", torch.zeros(W_enc.shape[1]))

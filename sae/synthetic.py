@@ -21,7 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sae.data import _seeded
-from workbench.errors import WorkbenchError
+from sae.errors import SAEError
 
 
 def feature_frequencies(n: int, mean_active: float, kind: str = "balanced", zipf_exponent: float = 1.0) -> torch.Tensor:
@@ -32,7 +32,7 @@ def feature_frequencies(n: int, mean_active: float, kind: str = "balanced", zipf
         w = torch.arange(1, n + 1, dtype=torch.float64).pow(-zipf_exponent)
         p = (w / w.sum() * mean_active).float()
     else:
-        raise WorkbenchError(f"unknown frequency kind '{kind}': use balanced or zipf")
+        raise SAEError(f"unknown frequency kind '{kind}': use balanced or zipf")
     return p.clamp(max=1.0)
 
 
@@ -62,7 +62,7 @@ class SyntheticFeatures:
     def mixed_sparsity(cls, n: int, d: int, sparsities: tuple[int, ...], values: str = "uniform", seed: int = 0) -> SyntheticFeatures:
         """The GBA paper's imbalanced case (n=128, d=42, sparsities (3, 20))."""
         if not sparsities or not all(0 < s <= n for s in sparsities):
-            raise WorkbenchError(f"each sparsity must be between 1 and n={n}, got {sparsities}")
+            raise SAEError(f"each sparsity must be between 1 and n={n}, got {sparsities}")
         base = cls.make(n, d, 1.0, values=values, seed=seed)
         mean = sum(sparsities) / len(sparsities)
         return cls(V=base.V, p=torch.full((n,), mean / n), values=values, sparsities=tuple(int(s) for s in sparsities))
@@ -87,7 +87,7 @@ class SyntheticFeatures:
         elif self.values == "exponential":
             mags = torch.empty(tokens, n).exponential_(1.0, generator=generator)
         else:
-            raise WorkbenchError(f"unknown value law '{self.values}': use uniform or exponential")
+            raise SAEError(f"unknown value law '{self.values}': use uniform or exponential")
         H = on * mags
         X = H @ self.V
         if self.noise > 0:

@@ -39,11 +39,11 @@ import torch
 from sae.code import SparseCode
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
+from sae.errors import SAEError
 from sae.io import save_sae
 from sae.losses import aux_candidates, aux_reconstruction_loss, batch_variance, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
-from workbench.errors import WorkbenchError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -70,32 +70,38 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return guess
 
 
+def data_tokens(described: dict[str, Any]) -> int | None:
+    """Tokens in one pass over a source, from its describe() (None for an endless stream)."""
+    held = described.get("store_tokens", described.get("tokens"))
+    return int(held) if held else None
+
+
 def _check_finite(x: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(x).all():
-        raise WorkbenchError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower --lr) and rerun")
+        raise SAEError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower `lr`) and rerun")
 
 
 #: What torch.load and loading the state raise on a file that is not a checkpoint of ours.
 CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, AttributeError)
 
 
-def _not_a_checkpoint(path: Path, err: BaseException) -> WorkbenchError:
+def _not_a_checkpoint(path: Path, err: BaseException) -> SAEError:
     if isinstance(err, pickle.UnpicklingError):
         first = "it holds objects other than tensors and plain values, so it was not loaded"
     else:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return WorkbenchError(f"cannot resume: {path} is not a checkpoint this trainer wrote ({first})")
+    return SAEError(f"cannot resume: {path} is not a checkpoint this trainer wrote ({first})")
 
 
 def _check_writable_folder(out: Path) -> None:
-    """Refuse an --out that is a file or lies where no folder can be made, before training."""
+    """Refuse an `out` that is a file or lies where no folder can be made, before training."""
     if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} is a file, not a folder: choose another --out")
+        raise SAEError(f"`out={out}` is a file, not a folder: choose another `out`")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise WorkbenchError(f"--out {out}: {existing} is a file, so no folder can be made there")
+        raise SAEError(f"`out={out}`: {existing} is a file, so no folder can be made there")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise WorkbenchError(f"--out {out}: {existing} is not writable")
+        raise SAEError(f"`out={out}`: {existing} is not writable")
 
 
 def _steps(first: int, last: int) -> str:
@@ -111,7 +117,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
         if source.d_in != config.d_in:
-            raise WorkbenchError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
+            raise SAEError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
         self.config, self.source, self.out = config, source, out
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
@@ -140,7 +146,7 @@ class Trainer:
         if out_path is not None:
             _check_writable_folder(out_path)
         if out_path is not None and (out_path / CHECKPOINT_FILE).exists():
-            raise WorkbenchError(f"{out_path} already holds a training run; pass --resume to continue it or choose another --out")
+            raise SAEError(f"{out_path} already holds a training run; continue it with `resume` or choose another `out`")
         trainer = cls(config, source, out_path, command)
         trainer._initialise()
         return trainer
@@ -151,7 +157,7 @@ class Trainer:
         out_path = Path(out)
         path = out_path / CHECKPOINT_FILE
         if not path.is_file():
-            raise WorkbenchError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
+            raise SAEError(f"nothing to resume: {path} does not exist (start a new run without `resume`)")
         try:  # weights_only: a checkpoint is tensors and plain values; a pickle that runs code is refused
             with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the refusal says it all
                 warnings.simplefilter("ignore")
@@ -162,7 +168,7 @@ class Trainer:
         if config is not None:
             diffs = [f"{k}={getattr(saved, k)} (checkpoint) vs {getattr(config, k)}" for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
             if diffs:
-                raise WorkbenchError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another --out")
+                raise SAEError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another `out`")
             saved = config
         trainer = cls(saved, source, out_path, command)
         try:
@@ -180,11 +186,11 @@ class Trainer:
             held += len(batch)
             if held >= cfg.init_tokens:
                 break
-        sample = torch.cat(parts)[: max(cfg.init_tokens, 1)].to(self.device)
+        sample = torch.cat(parts)[: max(cfg.init_tokens, 1)].to(self.device, torch.float32)
         _check_finite(sample, "the training data", 0)
         mean_sq = sample.pow(2).sum(dim=1).mean()
         if mean_sq <= 0:
-            raise WorkbenchError("the training activations are all zero; nothing to learn")
+            raise SAEError("the training activations are all zero; nothing to learn")
         self.input_scale = float(mean_sq.rsqrt())
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.init_weights(generator, geometric_median(sample * self.input_scale).cpu())
@@ -333,41 +339,56 @@ class Trainer:
             return
         # the flags stay down: this trainer's state is diverged and every later check fails
         if not data_ok:
-            raise WorkbenchError(
+            raise SAEError(
                 f"non-finite values (NaN or Inf) in the training data {_steps(first, last)}; "
-                "check the activations (or lower --lr) and rerun"
+                "check the activations (or lower `lr`) and rerun"
             )
         if not loss_ok:
-            raise WorkbenchError(
-                f"training diverged: the loss became {float(self._last_loss)} {_steps(first, last)}; lower --lr "
-                "(the last checkpoint in --out is intact)"
+            raise SAEError(
+                f"training diverged: the loss became {float(self._last_loss)} {_steps(first, last)}; lower `lr` "
+                "(the last checkpoint in `out` is intact)"
             )
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, until_step: int | None = None, progress: bool = True) -> SparseAutoencoder:
-        """Train to config.steps (or until_step), checkpointing as it goes; returns the model."""
+        """Train to config.steps (or until_step), checkpointing as it goes; returns the model.
+        History rows carry the seconds since this call began (elapsed_s), so a rate can be
+        read between any two rows, and the passes made over the data so far."""
         from tqdm import tqdm
 
         cfg = self.config
         stop = min(cfg.steps, until_step) if until_step is not None else cfg.steps
+        held = data_tokens(self.source.describe())
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        last_save = started
         try:
             for batch in self.source.batches(cfg.batch_size, self.step):
                 if self.step >= stop:
                     break
                 step_metrics = self.train_step(batch)
+                now = time.perf_counter()
+                save_now = self.out is not None and self.step < stop and cfg.checkpoint_due(self.step, now - last_save)
                 log_now = self.step % cfg.log_interval == 0 or self.step == stop
-                if log_now or (self.step % cfg.checkpoint_interval == 0 and self.step < stop):
+                if log_now or save_now:
                     self.check_finite()  # the step's only host sync, and only on these steps
                 if log_now:
                     metrics = {k: float(v) for k, v in step_metrics.items()}
-                    tokens_per_s = (self.step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
-                    self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "tokens_per_s": tokens_per_s, **metrics})
-                    bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
+                    tokens = self.step * cfg.batch_size
+                    tokens_per_s = (self.step - start_step) * cfg.batch_size / max(now - started, 1e-9)
+                    row = {"step": self.step, "tokens": tokens, "tokens_per_s": tokens_per_s, "elapsed_s": now - started, **metrics}
+                    if held:
+                        row["passes"] = tokens / held
+                    self.history.append(row)
+                    postfix = {"tok_s": f"{tokens_per_s:,.0f}", "fvu": f"{metrics['fvu']:.3f}", "l0": f"{metrics['l0']:.1f}",
+                               "dead": f"{metrics['dead_fraction']:.2f}"}
+                    if held and cfg.tokens > held:
+                        postfix["pass"] = f"{tokens / held:.1f}/{cfg.tokens / held:.1f}"
+                    bar.set_postfix(postfix)
                 bar.update(1)
-                if self.out is not None and self.step % cfg.checkpoint_interval == 0 and self.step < stop:
+                if save_now:
                     self.save_checkpoint()
+                    last_save = time.perf_counter()
         finally:
             bar.close()
         if self.out is not None:
@@ -391,27 +412,41 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """OUT/checkpoint.pt and OUT/training.json, each replaced atomically (never from a
-        diverged state: raises first if a step since the last check went non-finite)."""
+        diverged state: raises first if a step since the last check went non-finite). A
+        write that fails (unwritable folder, full disk) leaves the last checkpoint as it was."""
         assert self.out is not None
         self.check_finite()
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{CHECKPOINT_FILE}.tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT_FILE)
+        data = self.source.describe()
+        held = data_tokens(data)
         record = {
             "command": self.command,
             "config": self.config.to_dict(),
             "step_kind": self.step_kind,
-            "data": self.source.describe(),
+            "data": data,
+            "passes": self.config.tokens / held if held else None,
             "input_scale": self.input_scale,
             "step": self.step,
             "tokens_seen": self.step * self.config.batch_size,
             "finished": self.step >= self.config.steps,
             "history": self.history,
         }
+        tmp = self.out / f".{CHECKPOINT_FILE}.tmp"
         tmp_json = self.out / f".{RECORD_FILE}.tmp"
-        tmp_json.write_text(json.dumps(record, indent=1))
-        os.replace(tmp_json, self.out / RECORD_FILE)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:  # through Python's file, so a failed write is an OSError
+                torch.save(self.state(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.out / CHECKPOINT_FILE)
+            tmp_json.write_text(json.dumps(record, indent=1))
+            os.replace(tmp_json, self.out / RECORD_FILE)
+        except OSError as err:
+            for leftover in (tmp, tmp_json):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+            raise SAEError(f"cannot write the checkpoint in {self.out} ({err.strerror or err}); the last checkpoint there "
+                           "is intact: free space or choose another `out`, then resume") from err
 
     def saelens_metadata(self) -> dict[str, Any]:
         data = self.source.describe()

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae.config import TrainConfig
-from sae.data import StoreSource
 from sae.trainer import Trainer
 from tests.phenomena_models import capture, dense_config, handle_for, moe_config
 from workbench import Store
 from workbench.analysis.features import run_feature_pass
+from workbench.training_data import StoreSource
 
 HOOK = "blocks.1.hook_resid_post"
 RULES = {"topk": 4, "mutual-choice": 4, "gba": None}

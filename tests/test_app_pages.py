@@ -143,7 +143,7 @@ def test_comparison_shows_the_chosen_saes(demo, monkeypatch):
 def zoo_store(tmp_path_factory, tiny_relu):
     """A store of tiny-relu (a model the app can load by name, context 256) with one SAE passed over it."""
     from sae.config import TrainConfig
-    from sae.data import StoreSource
+    from workbench.training_data import StoreSource
     from sae.trainer import Trainer
     from workbench import Store
     from workbench.analysis.features import run_feature_pass

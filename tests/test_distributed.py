@@ -11,8 +11,8 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
+from sae.errors import SAEError
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,5 +61,5 @@ def test_refuses_without_torchrun(monkeypatch):
     from sae.distributed import init_process_group
 
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(WorkbenchError, match="torchrun"):
+    with pytest.raises(SAEError, match="torchrun"):
         init_process_group()

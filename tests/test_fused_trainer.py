@@ -25,9 +25,9 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
+from sae.errors import SAEError
 from sae.fused_trainer import FusedTopKTrainer, choose_trainer
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,15 +137,15 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not(monkeypat
     assert choose_trainer(config(device="cuda", arch="gba", k=None)) is Trainer
     assert choose_trainer(config(device="cuda", aux="auxk")) is FusedTopKTrainer
     assert choose_trainer(config(device="cuda", aux="aux-zipf")) is Trainer
-    with pytest.raises(WorkbenchError, match="--aux auxk or none, not aux-zipf"):
+    with pytest.raises(SAEError, match="`aux` auxk or none, not aux-zipf"):
         choose_trainer(config(device="cuda", aux="aux-zipf"), "fused")
-    with pytest.raises(WorkbenchError, match="--arch topk only, not mutual-choice"):
+    with pytest.raises(SAEError, match='`arch="topk"` only, not mutual-choice'):
         choose_trainer(config(device="cuda", arch="mutual-choice", aux="none"), "fused")
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data-parallel training is autograd
     assert choose_trainer(config(device="cuda")) is Trainer
-    with pytest.raises(WorkbenchError, match="one process"):
+    with pytest.raises(SAEError, match="one process"):
         choose_trainer(config(device="cuda"), "fused")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(WorkbenchError, match="need --device cuda"):
+    with pytest.raises(SAEError, match='need `device="cuda"`'):
         choose_trainer(config(), "fused")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.config import TrainConfig
-from sae.data import StoreSource
+from workbench.training_data import StoreSource
 from sae.trainer import Trainer
 from tests.test_capture_bad_input import _snapshot
 from tests.test_sae_store import cli

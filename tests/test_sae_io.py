@@ -11,12 +11,12 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
+from sae.errors import SAEError
 from sae.io import load_sae, save_sae
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 from sae.synthetic import SyntheticFeatures
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -89,7 +89,7 @@ def test_saelens_written_folder_loads_into_ours(tmp_path):
 
 
 def test_loading_refuses_what_it_cannot_read(tmp_path):
-    with pytest.raises(WorkbenchError, match="not an SAE folder"):
+    with pytest.raises(SAEError, match="not an SAE folder"):
         load_sae(tmp_path)
     model = SparseAutoencoder(4, 8, TopKRule(2))
     model.init_weights(torch.Generator().manual_seed(0))
@@ -97,5 +97,5 @@ def test_loading_refuses_what_it_cannot_read(tmp_path):
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg["architecture"] = "gated"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(WorkbenchError, match="gated"):
+    with pytest.raises(SAEError, match="gated"):
         load_sae(folder)

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sae.evaluate import ce_loss_score, evaluate_sae, token_windows
 from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from sae.rules import ReLURule
 from tests.app_stores import HOOK, dense_store
 from tests.cli_process import run_workbench
 from tests.phenomena_models import dense_config, handle_for
+from workbench.evaluation import ce_loss_score, evaluate_sae, token_windows
 from workbench.store.encoding import encode_activations
 
 
@@ -192,7 +192,7 @@ def test_nan_in_the_store_is_one_line(store, tmp_path, monkeypatch, capsys):
 def test_live_model_source_yields_the_stored_activations_shuffled(store):
     """The live source runs the same windows through the model: its first epoch is a
     permutation of the activations the capture stored for those windows."""
-    from sae.data import LiveModelSource
+    from workbench.training_data import LiveModelSource
 
     handle = handle_for(dense_config())
     windows = token_windows(store, 4)  # the first 4 windows = stored token_index [0, 192)

@@ -8,9 +8,9 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import ChunkedShuffleStream, TensorSource
+from sae.errors import SAEError
 from sae.synthetic import SyntheticFeatures, SyntheticSource, recovery
 from sae.trainer import Trainer
-from workbench.errors import WorkbenchError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,9 +51,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, arch):
 
 def test_resume_refuses_a_different_width(tmp_path):
     Trainer.start(config("topk"), SyntheticSource(FEATS), out=tmp_path / "run").fit(until_step=3, progress=False)
-    with pytest.raises(WorkbenchError, match="d_sae=64 \\(checkpoint\\) vs 96"):
+    with pytest.raises(SAEError, match="d_sae=64 \\(checkpoint\\) vs 96"):
         Trainer.resume(tmp_path / "run", SyntheticSource(FEATS), config("topk", d_sae=96))
-    with pytest.raises(WorkbenchError, match="--resume"):
+    with pytest.raises(SAEError, match="continue it with `resume`"):
         Trainer.start(config("topk"), SyntheticSource(FEATS), out=tmp_path / "run")
 
 
@@ -61,7 +61,7 @@ def test_nan_in_the_data_stops_with_one_clear_error_and_keeps_the_checkpoint(tmp
     data = torch.randn(4000, 16)
     data[3000, 5] = float("nan")
     trainer = Trainer.start(config("topk", tokens=4000 * 2, checkpoint_every=5), TensorSource(data), out=tmp_path / "run")
-    with pytest.raises(WorkbenchError, match="NaN or Inf"):
+    with pytest.raises(SAEError, match="NaN or Inf"):
         trainer.fit(progress=False)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] >= 5
 
@@ -75,13 +75,13 @@ def test_decoder_rows_stay_unit_norm_and_training_recovers_features():
 
 
 def test_bad_settings_are_refused_with_one_line():
-    with pytest.raises(WorkbenchError, match="--k 100 must be between 1 and d_sae=64"):
+    with pytest.raises(SAEError, match="`k=100` must be between 1 and d_sae=64"):
         config("topk", k=100)
-    with pytest.raises(WorkbenchError, match="needs --k"):
+    with pytest.raises(SAEError, match="needs `k`"):
         config("mutual-choice", k=None)
-    with pytest.raises(WorkbenchError, match="unknown --arch"):
+    with pytest.raises(SAEError, match="unknown `arch="):
         config("gated")
-    with pytest.raises(WorkbenchError, match="width 16 but the SAE expects d_in=8"):
+    with pytest.raises(SAEError, match="width 16 but the SAE expects d_in=8"):
         Trainer.start(config("topk", d_in=8), SyntheticSource(FEATS))
 
 

@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from sae.errors import SAEError
 from workbench.errors import WorkbenchError
 
 app = typer.Typer(
@@ -38,6 +39,25 @@ def _register() -> None:
     app.command("app")(app_command)
 
 
+def flag_message(err: SAEError, argv: list[str]) -> str:
+    """The SAE library's message in the words of the command argv runs: each parameter that
+    command has as an option becomes its flag (`k=20` -> --k 20, `resume` -> --resume)."""
+    command = typer.main.get_command(app)
+    for word in argv:  # down the groups (`workbench zoo train`) to the command run
+        if word not in getattr(command, "commands", {}):
+            break
+        command = command.commands[word]
+    options = {name for param in command.params for name in param.opts}
+
+    def spell(name: str, value: str | None) -> str:
+        flag = "--" + name.replace("_", "-")
+        if flag not in options:
+            return name if value is None else f"{name}={value}"
+        return flag if value is None else flag + " " + value.strip("'\"")
+
+    return err.respell(spell)
+
+
 def main() -> None:
     """Console entry point: bad input prints one line to stderr and exits 2."""
     _register()
@@ -45,6 +65,9 @@ def main() -> None:
         app(standalone_mode=False)
     except WorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SAEError as err:
+        print(f"error: {flag_message(err, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)

@@ -34,10 +34,10 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from sae.evaluate import check_finite_activations
 from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from workbench.errors import WorkbenchError
+from workbench.evaluation import finite_activations
 from workbench.store.reader import Store
 
 SAES_TABLE = "saes"
@@ -260,8 +260,7 @@ def run_feature_pass(
     acc = _Accumulator(model.d_in, model.d_sae, corr_tokens)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     offset = 0
-    for chunk in store.iter_activations(hook, chunk_tokens=chunk_tokens):
-        check_finite_activations(chunk, store, hook, offset)
+    for chunk in finite_activations(store, hook, chunk_tokens):
         x = chunk.to(device)
         code = model.encode(x)
         x_hat = model.decode(code)

@@ -15,8 +15,12 @@ from workbench.errors import WorkbenchError
 
 
 def train_command(
-    store: Path = typer.Option(..., help="Capture store folder to read activations from."),
-    hook: str = typer.Option(..., help="Stored hook to train on, e.g. blocks.2.hook_resid_post."),
+    store: Optional[Path] = typer.Option(None, help="Capture store folder to read activations from (or --model)."),
+    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model)."),
+    model: Optional[str] = typer.Option(None, help="Train with no store: run this model (any `capture` takes) over --data "
+                                        "and train on its activations as they come."),
+    data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
+    ctx: int = typer.Option(128, help="With --model: context length of each window."),
     arch: str = typer.Option("topk", help="topk | mutual-choice | gba."),
     expansion: Optional[float] = typer.Option(None, help="d_sae = expansion * d_in (default 8 unless --d-sae)."),
     d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of SAE features (overrides --expansion)."),
@@ -33,33 +37,47 @@ def train_command(
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
     dead_tokens: int = typer.Option(1_000_000, help="A feature is dead after this many tokens without firing."),
-    chunk_tokens: int = typer.Option(65536, help="Tokens per chunk read from the store."),
-    buffer_chunks: int = typer.Option(4, help="Chunks shuffled together (memory: chunk-tokens * buffer-chunks * d_in * 4 bytes)."),
+    chunk_tokens: int = typer.Option(65536, help="Tokens per chunk read from the store (with --model: run through it at once)."),
+    buffer_chunks: int = typer.Option(4, help="Chunks shuffled together (memory: chunk-tokens * buffer-chunks * d_in values)."),
+    resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
+                                            "(default: when they take at most half its free memory) or stream them."),
     gba_groups: int = typer.Option(10, help="GBA: neuron groups."),
     gba_p_max: float = typer.Option(0.1, help="GBA: highest group target frequency."),
     gba_p_min: float = typer.Option(1e-3, help="GBA: lowest group target frequency."),
     gba_every: Optional[int] = typer.Option(None, help="GBA: steps between bias updates (default: every 25,600 tokens, the paper's 50 steps of 512)."),
     gba_gamma: float = typer.Option(0.01, help="GBA: bias step size."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store."""
+    """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store (or of a
+    model run on the fly with --model)."""
     from sae.config import TrainConfig
-    from sae.data import StoreSource
     from sae.fused_trainer import choose_trainer
-    from workbench import Store
-
     from workbench.models.device import check_device
 
     check_device(device)
-    opened = Store.open(store)
-    source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed)
+    if (store is None) == (model is None):
+        raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
+    if store is not None:
+        from workbench import Store
+        from workbench.training_data import StoreSource
+
+        source = StoreSource(Store.open(store), hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
+                             device=device, resident=resident)
+    else:
+        from workbench.training_data import live_model_source
+
+        source = live_model_source(model, data, hook, ctx, tokens, chunk_tokens, buffer_chunks, seed, device)
+    held = source.describe().get("store_tokens", source.describe().get("tokens"))
+    if held and tokens > held:
+        print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
     if arch == "gba" and k is not None:
         raise WorkbenchError("--k does not apply to --arch gba (its sparsity comes from the group target frequencies)")
     config = TrainConfig(
         arch=arch, d_in=source.d_in, d_sae=width, k=k, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
-        gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma,
+        gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma, checkpoint_every=checkpoint_every,
     )
     trainer_class = choose_trainer(config, step)
     command = ["workbench", *sys.argv[1:]]
@@ -83,7 +101,7 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
-    from sae.evaluate import evaluate_sae
+    from workbench.evaluation import evaluate_sae
     from workbench.models.device import check_device
 
     check_device(device)

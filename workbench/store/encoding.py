@@ -1,13 +1,13 @@
-"""Dense activations <-> Arrow columns, in the compact layout design.md measured.
+"""Dense activations -> Arrow columns, in the compact layout design.md measured.
 
 One row per token with a fixed-size list (FLOAT[d] in DuckDB) is 1.6x smaller and far
 faster than the long (token, dim, value) layout. DuckDB has no float16, so half precision is
-stored as the raw 16-bit patterns in SMALLINT[d] (exact) and decoded here.
+stored as the raw 16-bit patterns in SMALLINT[d] (exact); workbench.store.activation_files
+reads them back.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -25,15 +25,3 @@ def encode_activations(acts: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
         bits = acts.to(torch_dtype).contiguous().view(torch.int16).cpu().numpy().reshape(-1)
         values = pa.array(bits, type=pa.int16())
     return pa.FixedSizeListArray.from_arrays(values, d)
-
-
-def decode_activations(column: pa.ChunkedArray | pa.Array, dtype: str, d: int) -> torch.Tensor:
-    """Fixed-size list column -> float32 tensor [n, d] (a writable copy, no Python loop)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    if dtype == "float32":
-        return torch.from_numpy(np.array(flat, dtype=np.float32).reshape(-1, d))
-    bits = torch.from_numpy(np.array(flat, dtype=np.int16).reshape(-1, d))
-    torch_dtype = torch.float16 if dtype == "float16" else torch.bfloat16
-    return bits.view(torch_dtype).to(torch.float32)

@@ -22,11 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.store.encoding import decode_activations
+from workbench.store.activation_files import ActivationFile, fill_rows, list_activation_files, pooled_empty
 from workbench.store.layout import (
     ACT_PREFIX,
     TOKENS_TABLE,
-    activation_file,
     activation_view,
     committed_batches,
     holds_only_leftovers,
@@ -221,53 +220,39 @@ class Store:
             raise WorkbenchError(f"hook '{hook}' is not in store {self.root} (stored hooks: {stored})")
         return self.hooks[hook]
 
-    def _batch_ranges(self) -> list[tuple[Path, int, int]]:
-        """(batch folder, first token_index, row count) for every finished batch."""
-        ranges = []
-        start = 0
-        for batch in self._batches():
-            rows = pq.ParquetFile(batch / f"{TOKENS_TABLE}.parquet").metadata.num_rows
-            ranges.append((batch, start, rows))
-            start += rows
-        return ranges
+    def activation_files(self, hook: str) -> list[ActivationFile]:
+        """The hook's file in every finished batch, with its token range (one listing)."""
+        self._hook_meta(hook)
+        return list_activation_files(self._batches(), hook)
 
-    def _iter_batch_activations(self, hook: str, lo: int, hi: int) -> Iterator[torch.Tensor]:
-        """Float32 [n, d] per batch file, clipped to token_index in [lo, hi)."""
+    def _hook_width(self, hook: str) -> tuple[str, int]:
         meta = self._hook_meta(hook)
-        d = int(torch.tensor(meta["shape"]).prod())
-        for folder, first, rows in self._batch_ranges():
-            if first + rows <= lo or first >= hi:
-                continue
-            table = pq.read_table(folder / f"{activation_file(hook)}.parquet", columns=["act"])
-            acts = decode_activations(table.column("act"), meta["dtype"], d)
-            yield acts[max(lo - first, 0) : min(hi - first, rows)]
+        return meta["dtype"], math.prod(meta["shape"])
 
     def iter_activations(
-        self, hook: str, chunk_tokens: int = 65536, start: int | None = None, stop: int | None = None
+        self, hook: str, chunk_tokens: int = 65536, start: int | None = None, stop: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Iterator[torch.Tensor]:
-        """Stream float32 activations [<= chunk_tokens, d] in token order; memory stays one chunk."""
+        """Stream activations [<= chunk_tokens, d] in token order (float32 unless dtype says
+        otherwise); memory stays one chunk. Each chunk is filled straight from the files."""
         if chunk_tokens <= 0:
             raise WorkbenchError("chunk_tokens must be positive")
-        lo = 0 if start is None else start
-        hi = 2**62 if stop is None else stop
-        pending: list[torch.Tensor] = []
-        held = 0
-        for part in self._iter_batch_activations(hook, lo, hi):
-            pending.append(part)
-            held += len(part)
-            while held >= chunk_tokens:
-                joined = torch.cat(pending)
-                yield joined[:chunk_tokens]
-                pending, held = [joined[chunk_tokens:]], held - chunk_tokens
-        if held:
-            yield torch.cat(pending)
+        stored, d = self._hook_width(hook)
+        files = self.activation_files(hook)
+        total = files[-1].first + files[-1].rows if files else 0
+        lo, hi = max(start or 0, 0), min(total if stop is None else stop, total)
+        for chunk_lo in range(lo, hi, chunk_tokens):
+            chunk_hi = min(chunk_lo + chunk_tokens, hi)
+            out = pooled_empty(chunk_hi - chunk_lo, d, dtype)
+            fill_rows(files, stored, d, chunk_lo, chunk_hi, out)
+            yield out
 
     def activations(self, hook: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Float32 activations [n, d] for token_index in [start, stop), in token order."""
-        lo = 0 if start is None else start
-        hi = 2**62 if stop is None else stop
-        parts = list(self._iter_batch_activations(hook, lo, hi))
-        if not parts:
-            d = int(torch.tensor(self._hook_meta(hook)["shape"]).prod())
-            return torch.empty(0, d)
-        return torch.cat(parts)
+        stored, d = self._hook_width(hook)
+        files = self.activation_files(hook)
+        total = files[-1].first + files[-1].rows if files else 0
+        lo, hi = max(start or 0, 0), min(total if stop is None else stop, total)
+        out = pooled_empty(max(hi - lo, 0), d, torch.float32)
+        fill_rows(files, stored, d, lo, hi, out)
+        return out

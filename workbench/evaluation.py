@@ -1,0 +1,146 @@
+"""Evaluating an SAE on a store: reconstruction metrics over the stored activations and the
+CE-loss score with the reconstruction spliced into the model's forward pass.
+
+CE score = (CE_zero_ablation - CE_with_sae) / (CE_zero_ablation - CE_clean): 1 means the
+SAE loses nothing downstream, 0 means it is as bad as deleting the activation. The model is
+loaded with workbench.models.registry.load_model(store.model_name) and the SAE is applied
+through a TransformerLens hook at the SAE's hook point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae.errors import SAEError
+from sae.evaluate import reconstruction_metrics
+from sae.io import load_sae
+from sae.model import SparseAutoencoder
+from workbench.errors import WorkbenchError
+
+
+def _open_store(store: Any) -> Any:
+    if isinstance(store, (str, Path)):
+        from workbench import Store
+
+        return Store.open(store)
+    return store
+
+
+def check_finite_activations(x: torch.Tensor, store: Any, hook: str, first_token: int) -> None:
+    """Refuse a chunk of stored activations holding NaN or Inf (token first_token is row 0):
+    metrics and feature tables over them would be NaN, as training on them would."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        at = first_token + int(bad.nonzero()[0, 0])
+        raise WorkbenchError(
+            f"store {store.root} holds non-finite values (NaN or Inf) in {hook} (first at token_index {at}); "
+            "nothing was written: recapture the store without them"
+        )
+
+
+def finite_activations(store: Any, hook: str, chunk_tokens: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    """store.iter_activations(hook, ...) with every chunk checked by check_finite_activations."""
+    offset = start
+    for x in store.iter_activations(hook, chunk_tokens=chunk_tokens, start=start, stop=stop):
+        check_finite_activations(x, store, hook, offset)
+        offset += len(x)
+        yield x
+
+
+def store_reconstruction_metrics(
+    sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
+    device: str = "cpu", start: int = 0,
+) -> dict[str, Any]:
+    """sae.evaluate.reconstruction_metrics over `tokens` stored activations of `hook` from
+    token_index `start` (all the rest if None), streamed; NaN or Inf in them is refused."""
+    stop = None if tokens is None else start + tokens
+    try:
+        return reconstruction_metrics(sae, finite_activations(store, hook, chunk_tokens, start, stop), device)
+    except SAEError:
+        raise WorkbenchError(f"store {store.root} has no activations for {hook}") from None
+
+
+def token_windows(store: Any, max_sequences: int) -> torch.Tensor:
+    """The first max_sequences complete context windows of the store, [n, ctx] token ids."""
+    ctx = store.info().get("ctx")
+    frame = store.df(
+        "SELECT seq, pos, token_id FROM tokens WHERE seq IN "
+        "(SELECT seq FROM tokens GROUP BY seq HAVING count(*) = ? ORDER BY seq LIMIT ?) ORDER BY seq, pos",
+        [ctx, max_sequences],
+    )
+    if frame.empty:
+        raise WorkbenchError(f"store {store.root} has no complete context windows to score")
+    return torch.tensor(frame["token_id"].to_numpy(), dtype=torch.long).view(-1, ctx)
+
+
+@torch.no_grad()
+def ce_loss_score(handle: Any, sae: SparseAutoencoder, hook: str, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Mean next-token CE clean, with the SAE's reconstruction at `hook`, and with the hook
+    zeroed; and the CE score from them."""
+    model = handle.model
+    device = handle.device
+    sae = sae.to(device).eval()
+
+    def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        flat = act.reshape(-1, sae.d_in).float()
+        return sae.reconstruct(flat).reshape(act.shape).to(act.dtype)
+
+    def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(act)
+
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size].to(device)
+        weight = len(batch) / len(windows)
+        totals["ce_clean"] += weight * float(model(batch, return_type="loss"))
+        totals["ce_sae"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, splice)]))
+        totals["ce_zero"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, zero)]))
+    gap = totals["ce_zero"] - totals["ce_clean"]
+    totals["ce_score"] = (totals["ce_zero"] - totals["ce_sae"]) / gap if abs(gap) > 1e-12 else float("nan")
+    totals["ce_sequences"] = len(windows)
+    return totals
+
+
+def evaluate_sae(
+    sae: str | Path | SparseAutoencoder,
+    store: Any,
+    hook: str | None = None,
+    tokens: int | None = None,
+    ce_sequences: int = 32,
+    device: str = "cpu",
+    handle: Any = None,
+) -> dict[str, Any]:
+    """All metrics for an SAE folder (ours or any SAELens folder) or model on a store.
+
+    hook defaults to the folder's metadata.hook_name; ce_sequences=0 skips the CE score,
+    which runs the store's model (handle, or load_model(store.model_name); causal LMs only).
+    """
+    store = _open_store(store)
+    cfg: dict[str, Any] = {}
+    if isinstance(sae, (str, Path)):
+        sae, cfg = load_sae(sae, device)
+    hook = hook or (cfg.get("metadata") or {}).get("hook_name")
+    if not hook:
+        raise WorkbenchError("the SAE folder names no hook (metadata.hook_name); pass --hook")
+    hooks = store.info()["hooks"]
+    if hook not in hooks:
+        raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {', '.join(sorted(hooks)) or 'none'})")
+    width = int(torch.tensor(hooks[hook]["shape"]).prod())
+    if width != sae.d_in:
+        raise WorkbenchError(f"SAE d_in={sae.d_in} does not match {hook} width {width} in store {store.root}")
+    result: dict[str, Any] = {"hook": hook, "store": str(store.root), "d_sae": sae.d_sae}
+    result.update(store_reconstruction_metrics(sae, store, hook, tokens, device=device))
+    if ce_sequences > 0:
+        if handle is None:
+            from workbench.models.registry import load_model
+
+            handle = load_model(store.model_name, device=device)
+        if handle.kind != "decoder":
+            result["ce_skipped"] = f"{store.model_name} is an encoder; the CE-loss score needs a causal LM"
+        else:
+            result.update(ce_loss_score(handle, sae, hook, token_windows(store, ce_sequences)))
+    return result

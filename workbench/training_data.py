@@ -1,0 +1,137 @@
+"""Training activations from the workbench's own data: a capture store or a live model.
+
+Both are sae.data sources ([B, d_in] batches, any start batch without replay) over
+sae.data.ChunkedShuffleStream: the store's chunks are token ranges, the live model's are
+groups of context windows run through the model; each buffer of chunks is shuffled together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from sae.data import ChunkedShuffleStream
+from workbench.errors import WorkbenchError
+from workbench.store.activation_loader import HookActivationLoader
+
+#: Windows per forward pass of a live model (CPU, CUDA): large enough to fill the device.
+FORWARD_WINDOWS = {False: 32, True: 256}
+
+
+class StoreSource:
+    """Activations of one hook from a capture store, streamed in shuffled chunks.
+
+    start / stop: train on token_index in [start, stop) only (e.g. keep a held-out tail).
+    device: where batches are delivered, in the stored dtype (the trainer converts there);
+    resident: hold the whole range on that device (None: when it fits, see
+    workbench.store.activation_loader)."""
+
+    def __init__(
+        self, store: Any, hook: str, chunk_tokens: int = 65536, buffer_chunks: int = 4, seed: int = 0,
+        start: int = 0, stop: int | None = None, device: str | torch.device = "cpu", resident: bool | None = None,
+    ) -> None:
+        hooks = store.hooks
+        if hook not in hooks:
+            stored = ", ".join(sorted(hooks)) or "none"
+            raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {stored}); capture it or pick a stored one")
+        if chunk_tokens <= 0:
+            raise WorkbenchError("--chunk-tokens must be positive")
+        self.store, self.hook = store, hook
+        self.d_in = int(math.prod(hooks[hook]["shape"]))
+        files = store.activation_files(hook)
+        held = files[-1].first + files[-1].rows if files else 0
+        n = held if stop is None else min(stop, held)
+        if n - start <= 0:
+            raise WorkbenchError(f"store {store.root} holds no tokens in [{start}, {n}); run `workbench capture` first")
+        self.n_tokens = n - start
+        self.ranges = [(s, min(s + chunk_tokens, n)) for s in range(start, n, chunk_tokens)]
+        self.loader = HookActivationLoader(files, hooks[hook]["dtype"], self.d_in, self.ranges, device, resident)
+        self.stream = ChunkedShuffleStream([b - a for a, b in self.ranges], self.loader.load, buffer_chunks, seed,
+                                           prefetch=self.loader.prefetch)
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        return self.stream.batches(batch_size, start_batch)
+
+    def describe(self) -> dict[str, Any]:
+        info = self.store.manifest.get("capture", {})
+        return {
+            "source": "store",
+            "store": str(self.store.root),
+            "hook": self.hook,
+            "model_name": self.store.model_name,
+            "context_size": info.get("ctx"),
+            "dataset_path": info.get("data"),
+            "store_tokens": self.n_tokens,
+            "stored_dtype": self.loader.stored_dtype,
+            "resident": self.loader.resident,
+        }
+
+
+class LiveModelSource:
+    """Activations computed on the fly: context windows [N, ctx] run through a ModelHandle.
+
+    A chunk is `windows_per_chunk` windows; each buffer runs its chunks through the model
+    (ModelHandle.run, stopping after the hooked block, `forward_windows` windows a pass) and
+    shuffles the tokens together.
+    """
+
+    def __init__(
+        self, handle: Any, hook: str, windows: torch.Tensor, windows_per_chunk: int = 16, buffer_chunks: int = 8, seed: int = 0,
+        forward_windows: int = 32,
+    ) -> None:
+        self.handle, self.hook, self.windows = handle, handle.resolve_hooks([hook])[0], windows
+        self.windows_per_chunk, self.forward_windows = windows_per_chunk, forward_windows
+        self.d_in = int(math.prod(handle.hook_shapes([self.hook])[self.hook]))
+        n_chunks = math.ceil(len(windows) / windows_per_chunk)
+        sizes = [min(windows_per_chunk, len(windows) - c * windows_per_chunk) * windows.shape[1] for c in range(n_chunks)]
+        self.stream = ChunkedShuffleStream(sizes, self._load, buffer_chunks, seed)
+
+    @torch.no_grad()
+    def _load(self, chunks: list[int]) -> torch.Tensor:
+        """The chunks' activations on the model's device, in its dtype (the trainer converts)."""
+        rows = torch.cat([self.windows[c * self.windows_per_chunk : (c + 1) * self.windows_per_chunk] for c in chunks])
+        stop = self.handle.stop_layer_for([self.hook])
+        parts = [self.handle.run(rows[i : i + self.forward_windows], [self.hook], stop_at_layer=stop)[self.hook]
+                 for i in range(0, len(rows), self.forward_windows)]
+        return torch.cat(parts).reshape(-1, self.d_in)
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        return self.stream.batches(batch_size, start_batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": "live-model",
+            "hook": self.hook,
+            "model_name": self.handle.name,
+            "context_size": int(self.windows.shape[1]),
+            "windows": int(len(self.windows)),
+            "tokens": int(self.windows.numel()),
+        }
+
+
+def live_model_source(
+    model: str, data: str, hook: str, ctx: int, tokens: int, chunk_tokens: int, buffer_chunks: int, seed: int, device: str
+) -> LiveModelSource:
+    """`workbench train --model`: the first windows of `data` that hold `tokens` tokens (fewer
+    if the data runs out, then cycled), run through `model` on `device` as training asks."""
+    from workbench.capture.texts import load_corpus
+    from workbench.capture.windows import iter_windows
+    from workbench.models.registry import load_model
+
+    if ctx < 2:
+        raise WorkbenchError(f"--ctx {ctx} is too short: a window needs room for text")
+    handle = load_model(model, device=device)
+    wanted = math.ceil(tokens / ctx)
+    rows = []
+    for ids, _ in iter_windows(handle, load_corpus(data).documents, ctx):
+        rows.append(torch.from_numpy(ids))
+        if len(rows) == wanted:
+            break
+    if not rows:
+        raise WorkbenchError(f"--data {data} holds no complete window of --ctx {ctx} tokens")
+    windows = torch.stack(rows)
+    return LiveModelSource(handle, hook, windows, windows_per_chunk=max(1, chunk_tokens // ctx), buffer_chunks=buffer_chunks, seed=seed,
+                            forward_windows=FORWARD_WINDOWS[handle.device.type == "cuda"])
