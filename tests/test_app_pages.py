@@ -170,3 +170,17 @@ def test_a_long_paragraph_is_cut_to_the_models_context(page, zoo_store, monkeypa
     assert at.text_area, "the page offers no text box on this store"
     paragraph = " ".join(["the river ran quietly past the old mill and the miller slept"] * 40)
     checked(at.text_area[0].set_value(paragraph).run())
+
+
+def test_a_store_whose_names_carry_sql_draws_the_lazy_neuron_page_and_runs_none(demo, tmp_path, monkeypatch):
+    """The page that ran a hostile store's SQL before identifiers were quoted: it still draws,
+    and the COPY hidden in a table folder's name writes nothing."""
+    store = tmp_path / "store"
+    shutil.copytree(demo.dense, store)
+    hostile = store / "tables" / "t\" AS SELECT 1; COPY (SELECT 'x') TO 'pwned.csv'; CREATE VIEW \"u"
+    hostile.mkdir(parents=True)
+    shutil.copy(next((store / "capture").glob("batch-*/tokens.parquet")), hostile / "part-0.parquet")
+    monkeypatch.chdir(tmp_path)
+    at = open_page("lazy_neurons", store, monkeypatch)
+    assert len(specs(at)) == 3
+    assert not list(tmp_path.rglob("pwned*"))
