@@ -130,3 +130,9 @@ def test_features_on_another_hook_of_the_same_width(store, sae, monkeypatch, cap
     assert _snapshot(store.root) == before
     code, _ = cli(monkeypatch, capsys, "features", str(sae), "--store", str(store.root), "--hook", HOOK)
     assert code == 0
+
+
+def test_an_unknown_flag_is_clicks_usage_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    code, err = cli(monkeypatch, capsys, *CAPTURE, "--store", str(tmp_path / "s"), "--no-such-flag")
+    assert code == 2 and "No such option: --no-such-flag" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
