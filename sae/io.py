@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae.errors import SAEError
@@ -102,6 +103,35 @@ def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Sparsity
     raise SAEError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
 
 
+def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The folder's tensors as float32, after checking they are whole and fit one SAE:
+    W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], b_enc and threshold [d_sae]."""
+    path = folder / WEIGHTS_FILE
+    try:
+        weights = {k: v.float() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SAEError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+    missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in weights]
+    if cfg.get("architecture") == "jumprelu" and "threshold" not in weights:
+        missing.append("threshold")
+    if missing:
+        raise SAEError(f"{path} lacks {', '.join(missing)}: not a complete SAELens SAE")
+    W_enc = weights["W_enc"]
+    if W_enc.ndim != 2:
+        raise SAEError(f"{path}: W_enc has shape {list(W_enc.shape)}, not [d_in, d_sae]")
+    # the sizes cfg.json gives (else W_enc's) are what every tensor must fit
+    d_in, d_sae = (cfg.get(key, n) for key, n in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])))
+    if not (isinstance(d_in, int) and isinstance(d_sae, int)):
+        raise SAEError(f"{folder / CFG_FILE}: d_in and d_sae must be integers (got {d_in!r}, {d_sae!r})")
+    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], "threshold": [d_sae]}
+    for key, shape in expected.items():
+        if key in weights and list(weights[key].shape) != shape:
+            raise SAEError(
+                f"{path}: {key} has shape {list(weights[key].shape)}, not {shape} (d_in={d_in}, d_sae={d_sae}): not one SAE"
+            )
+    return weights
+
+
 @torch.no_grad()
 def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
     """(model in raw activation units, cfg) from a SAELens folder."""
@@ -113,7 +143,7 @@ def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder
         )
     if cfg.get("reshape_activations", "none") != "none":
         raise SAEError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
-    weights = {k: v.float() for k, v in load_file(str(Path(folder) / WEIGHTS_FILE)).items()}
+    weights = _read_weights(Path(folder), cfg)
     W_enc, W_dec, b_dec = weights["W_enc"], weights["W_dec"], weights["b_dec"]
     b_enc = weights.get("b_enc", torch.zeros(W_enc.shape[1]))
     if not cfg.get("apply_b_dec_to_input", True):

@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,29 @@ def _check_finite(x: torch.Tensor, what: str, step: int) -> None:
         raise SAEError(f"non-finite values (NaN or Inf) in {what} at step {step}; check the activations (or lower `lr`) and rerun")
 
 
+#: What torch.load and loading the state raise on a file that is not a checkpoint of ours.
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, AttributeError)
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> SAEError:
+    if isinstance(err, pickle.UnpicklingError):
+        first = "it holds objects other than tensors and plain values, so it was not loaded"
+    else:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SAEError(f"cannot resume: {path} is not a checkpoint this trainer wrote ({first})")
+
+
+def _check_writable_folder(out: Path) -> None:
+    """Refuse an `out` that is a file or lies where no folder can be made, before training."""
+    if out.exists() and not out.is_dir():
+        raise SAEError(f"`out={out}` is a file, not a folder: choose another `out`")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SAEError(f"`out={out}`: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SAEError(f"`out={out}`: {existing} is not writable")
+
+
 def _steps(first: int, last: int) -> str:
     return f"at step {first}" if first >= last else f"between steps {first} and {last}"
 
@@ -121,6 +146,8 @@ class Trainer:
     def start(cls, config: TrainConfig, source: ActivationSource, out: str | Path | None = None, command: list[str] | None = None) -> Trainer:
         """A fresh run: weights and input scale initialised from the first init_tokens of the stream."""
         out_path = Path(out) if out is not None else None
+        if out_path is not None:
+            _check_writable_folder(out_path)
         if out_path is not None and (out_path / CHECKPOINT_FILE).exists():
             raise SAEError(f"{out_path} already holds a training run; continue it with `resume` or choose another `out`")
         trainer = cls(config, source, out_path, command)
@@ -134,15 +161,23 @@ class Trainer:
         path = out_path / CHECKPOINT_FILE
         if not path.is_file():
             raise SAEError(f"nothing to resume: {path} does not exist (start a new run without `resume`)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(state["config"])
+        try:  # weights_only: a checkpoint is tensors and plain values; a pickle that runs code is refused
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the refusal says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = TrainConfig.from_dict(state["config"])
+        except CHECKPOINT_ERRORS as err:
+            raise _not_a_checkpoint(path, err) from err
         if config is not None:
             diffs = [f"{k}={getattr(saved, k)} (checkpoint) vs {getattr(config, k)}" for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
             if diffs:
                 raise SAEError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another `out`")
             saved = config
         trainer = cls(saved, source, out_path, command)
-        trainer._load_state(state)
+        try:
+            trainer._load_state(state)
+        except CHECKPOINT_ERRORS as err:
+            raise _not_a_checkpoint(path, err) from err
         return trainer
 
     @torch.no_grad()

@@ -136,3 +136,51 @@ def test_comparison_shows_the_chosen_saes(demo, monkeypatch):
     assert len(specs(at)[0]["data"][0]["x"]) == 3
     checked(at.multiselect[0].set_value(at.multiselect[0].value[:2]).run())
     assert len(specs(at)[0]["data"][0]["x"]) == 2 and len(specs(at)[1]["data"]) == 2
+
+
+
+@pytest.fixture(scope="module")
+def zoo_store(tmp_path_factory, tiny_relu):
+    """A store of tiny-relu (a model the app can load by name, context 256) with one SAE passed over it."""
+    from sae.config import TrainConfig
+    from workbench.training_data import StoreSource
+    from sae.trainer import Trainer
+    from workbench import Store
+    from workbench.analysis.features import run_feature_pass
+    from workbench.capture.runner import CaptureSettings, run_capture
+
+    root = tmp_path_factory.mktemp("zoo") / "store"
+    hook = "blocks.0.hook_resid_post"
+    run_capture(CaptureSettings(model="tiny-relu", data="builtin", hooks=[hook], probes=["sinks"], tokens=512, ctx=64, batch_size=4,
+                                store=str(root)), handle=tiny_relu, progress=False)  # fmt: skip
+    store = Store.open(root)
+    source = StoreSource(store, hook, chunk_tokens=512)
+    trainer = Trainer.start(TrainConfig(arch="topk", d_in=source.d_in, d_sae=32, k=4, tokens=512, batch_size=128, init_tokens=256), source)
+    trainer.fit(progress=False)
+    sae = trainer.save_sae(root.parent / "sae")
+    run_feature_pass(store, sae)
+    return root, sae
+
+
+@pytest.mark.parametrize("page", ["sae_features", "attention_sinks"])
+def test_a_long_paragraph_is_cut_to_the_models_context(page, zoo_store, monkeypatch):
+    """The typed text runs through the model as one window: BOS plus the text, cut to its 256 tokens."""
+    store, sae = zoo_store
+    at = open_page(page, store, monkeypatch, saes=[sae])
+    assert at.text_area, "the page offers no text box on this store"
+    paragraph = " ".join(["the river ran quietly past the old mill and the miller slept"] * 40)
+    checked(at.text_area[0].set_value(paragraph).run())
+
+
+def test_a_store_whose_names_carry_sql_draws_the_lazy_neuron_page_and_runs_none(demo, tmp_path, monkeypatch):
+    """The page that ran a hostile store's SQL before identifiers were quoted: it still draws,
+    and the COPY hidden in a table folder's name writes nothing."""
+    store = tmp_path / "store"
+    shutil.copytree(demo.dense, store)
+    hostile = store / "tables" / "t\" AS SELECT 1; COPY (SELECT 'x') TO 'pwned.csv'; CREATE VIEW \"u"
+    hostile.mkdir(parents=True)
+    shutil.copy(next((store / "capture").glob("batch-*/tokens.parquet")), hostile / "part-0.parquet")
+    monkeypatch.chdir(tmp_path)
+    at = open_page("lazy_neurons", store, monkeypatch)
+    assert len(specs(at)) == 3
+    assert not list(tmp_path.rglob("pwned*"))

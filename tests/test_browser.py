@@ -38,10 +38,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(store: Path, saes: list[Path], log: Path) -> Iterator[str]:
-    """`workbench app --store ...` in its own process group; yields its URL once healthy."""
+def serving(store: Path, saes: list[Path], log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """`workbench app --store ... EXTRA` in its own process group; yields its URL once healthy."""
     port = free_port()
-    argv = [sys.executable, "-m", "workbench.cli", "app", "--store", str(store), "--port", str(port)]
+    argv = [sys.executable, "-m", "workbench.cli", "app", "--store", str(store), "--port", str(port), *extra]
     for folder in saes:
         argv += ["--sae", str(folder)]
     with open(log, "wb") as out:

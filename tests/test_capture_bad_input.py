@@ -91,6 +91,9 @@ def test_unwritable_store_path(tmp_path):
 
 
 def test_info_on_a_folder_that_is_not_a_store(tmp_path):
+    result = run_workbench("info", str(tmp_path))  # empty: what a starting capture has made so far
+    assert result.returncode == 0 and "being created" in result.stdout
+    (tmp_path / "notes.txt").write_text("mine")
     result = run_workbench("info", str(tmp_path))
     assert result.returncode == 2 and "not a workbench store" in result.stderr
 

@@ -116,3 +116,22 @@ def test_a_reader_process_queries_while_a_capture_writes(tmp_path):
     polls, distinct_counts, last = (int(x) for x in reader.stdout.split())
     assert last == TOKENS
     assert distinct_counts >= 3, "the reader should have seen the store grow while it was written"
+
+
+def test_two_captures_into_one_store_never_mix_and_the_loser_says_why(tmp_path):
+    """A second capture started beside a running one keeps its hands off the first one's
+    temporary batches; whichever loses a batch to the other stops with one line."""
+    store = tmp_path / "store"
+    first = start_workbench(*CAPTURE_ARGS, "--store", str(store), log=tmp_path / "first.log")
+    _wait_for_batches(store, 2, first)
+    second = start_workbench(*CAPTURE_ARGS, "--store", str(store), log=tmp_path / "second.log")
+    codes = [first.wait(timeout=180), second.wait(timeout=180)]
+    logs = [(tmp_path / name).read_text() for name in ("first.log", "second.log")]
+    for code, log in zip(codes, logs):
+        assert code in (0, 2), log[-2000:]
+        if code == 2:
+            assert "another capture" in log and "Traceback" not in log, log[-2000:]
+    rerun = run_workbench(*CAPTURE_ARGS, "--store", str(store))
+    assert rerun.returncode == 0, rerun.stderr
+    assert Store.open(store).sql("SELECT count(*), count(DISTINCT token_index) FROM tokens").fetchall() == [(TOKENS, TOKENS)]
+    assert not list((store / "capture").glob(".tmp-*"))

@@ -16,6 +16,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: The base of click's usage errors in the click typer runs on (newer typer vendors its own
+#: copy, whose classes are not the click package's), found through one typer re-exports.
+CLICK_ERROR = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+
 
 def _register() -> None:
     """Attach every command module's verbs to the app (imported here, when the command runs)."""
@@ -72,13 +76,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(2)
-        raise
+    except CLICK_ERROR as err:  # an unknown flag, a missing option: click's usage message
+        err.show()
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ through a TransformerLens hook at the SAE's hook point.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,36 @@ def _open_store(store: Any) -> Any:
     return store
 
 
+def check_finite_activations(x: torch.Tensor, store: Any, hook: str, first_token: int) -> None:
+    """Refuse a chunk of stored activations holding NaN or Inf (token first_token is row 0):
+    metrics and feature tables over them would be NaN, as training on them would."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        at = first_token + int(bad.nonzero()[0, 0])
+        raise WorkbenchError(
+            f"store {store.root} holds non-finite values (NaN or Inf) in {hook} (first at token_index {at}); "
+            "nothing was written: recapture the store without them"
+        )
+
+
+def finite_activations(store: Any, hook: str, chunk_tokens: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    """store.iter_activations(hook, ...) with every chunk checked by check_finite_activations."""
+    offset = start
+    for x in store.iter_activations(hook, chunk_tokens=chunk_tokens, start=start, stop=stop):
+        check_finite_activations(x, store, hook, offset)
+        offset += len(x)
+        yield x
+
+
 def store_reconstruction_metrics(
     sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
     device: str = "cpu", start: int = 0,
 ) -> dict[str, Any]:
     """sae.evaluate.reconstruction_metrics over `tokens` stored activations of `hook` from
-    token_index `start` (all the rest if None), streamed."""
+    token_index `start` (all the rest if None), streamed; NaN or Inf in them is refused."""
     stop = None if tokens is None else start + tokens
     try:
-        return reconstruction_metrics(sae, store.iter_activations(hook, chunk_tokens=chunk_tokens, start=start, stop=stop), device)
+        return reconstruction_metrics(sae, finite_activations(store, hook, chunk_tokens, start, stop), device)
     except SAEError:
         raise WorkbenchError(f"store {store.root} has no activations for {hook}") from None
 

@@ -44,7 +44,7 @@ else:
     layer = c1.number_input("Layer", 0, handle.n_layers - 1, 0)
     n_heads = int(handle.model.cfg.n_heads)
     head = c2.number_input("Head", 0, n_heads - 1, 0)
-    ids = handle.prefix_ids + handle.tokenize(text)[:256] + handle.suffix_ids
+    ids = handle.window_ids(text, limit=256)
     hook = f"blocks.{int(layer)}.attn.hook_pattern"
     pattern = handle.run(torch.tensor([ids]), [hook])[hook][0, int(head)].float().numpy()
     labels = [f"{i}:{t}" for i, t in enumerate(handle.token_strings(ids))]

@@ -10,11 +10,11 @@ from plotly.subplots import make_subplots
 
 from app.store_access import cached, require_store, sae_frame
 from workbench.analysis.features import stats_table
-from workbench.store.reader import Store
+from workbench.store.reader import Store, sql_identifier
 
 
 def densities(store: Store, name: str) -> np.ndarray:
-    return store.df(f"SELECT density FROM {stats_table(name)} ORDER BY density DESC")["density"].to_numpy()
+    return store.df(f"SELECT density FROM {sql_identifier(stats_table(name))} ORDER BY density DESC")["density"].to_numpy()
 
 
 st.title("SAE comparison")

@@ -123,7 +123,7 @@ if handle is None or sae_model is None:
     st.info(f"Running new text needs the model and the SAE: {reason or 'SAE folder missing'}")
 else:
     typed = st.text_area("Text", "The river ran quietly past the old mill.")
-    ids = handle.prefix_ids + handle.tokenize(typed)[:512] + handle.suffix_ids
+    ids = handle.window_ids(typed, limit=512)
     hook = str(sae_row["hook"])
     acts = handle.run(torch.tensor([ids]), [hook])[hook][0].reshape(len(ids), -1).float()
     with torch.no_grad():

@@ -17,7 +17,7 @@ import pandas as pd
 
 from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
 from workbench.errors import WorkbenchError
-from workbench.store.reader import Store, parquet_source
+from workbench.store.reader import Store, parquet_source, sql_identifier
 
 
 class TokenText:
@@ -77,7 +77,7 @@ class FeatureTables:
         if features_table(name) not in views:
             raise WorkbenchError(f"store {store.root} has no features for SAE '{name}'; run `workbench features SAE_DIR --store {store.root}`")
         self.store, self.name = store, name
-        self.stats = store.df(f"SELECT * FROM {stats_table(name)} ORDER BY feature")
+        self.stats = store.df(f"SELECT * FROM {sql_identifier(stats_table(name))} ORDER BY feature")
         self.info = store.df(f"SELECT * FROM {SAES_TABLE} WHERE name = ?", [name]).iloc[0].to_dict()
         # One in-memory DuckDB for the object's life (opening one costs tens of ms); each query
         # runs on its own cursor, so app threads never share one. The views point at files.
@@ -155,7 +155,7 @@ class FeatureTables:
             WITH hits AS (SELECT token_index FROM tokens WHERE trim(token) = trim(?))
             SELECT f.feature, count(*) AS fires, avg(f.value) AS mean_value,
                    count(*) / (SELECT count(*) FROM hits) AS share_of_token
-            FROM {features_table(self.name)} f SEMI JOIN hits USING (token_index)
+            FROM {sql_identifier(features_table(self.name))} f SEMI JOIN hits USING (token_index)
             GROUP BY f.feature ORDER BY fires DESC, mean_value DESC LIMIT ?
             """,
             [token, limit],

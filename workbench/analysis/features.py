@@ -37,6 +37,7 @@ import torch
 from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from workbench.errors import WorkbenchError
+from workbench.evaluation import finite_activations
 from workbench.store.reader import Store
 
 SAES_TABLE = "saes"
@@ -102,9 +103,13 @@ class FeaturePassReport:
 
 
 def _sae_hook(cfg: dict[str, Any], hook: str | None, folder: Path) -> str:
+    found = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if hook and found and hook != found:
+        raise WorkbenchError(
+            f"--hook {hook} is not the hook SAE {folder} was trained on ({found}); its features mean nothing there"
+        )
     if hook:
         return hook
-    found = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if not found:
         raise WorkbenchError(f"{folder}/cfg.json names no hook (metadata.hook_name); pass --hook")
     return str(found)
@@ -255,7 +260,7 @@ def run_feature_pass(
     acc = _Accumulator(model.d_in, model.d_sae, corr_tokens)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     offset = 0
-    for chunk in store.iter_activations(hook, chunk_tokens=chunk_tokens):
+    for chunk in finite_activations(store, hook, chunk_tokens):
         x = chunk.to(device)
         code = model.encode(x)
         x_hat = model.decode(code)

@@ -7,6 +7,7 @@ rows end up in the store (the last batch is cut to fit) unless the data runs out
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -25,12 +26,16 @@ from workbench.capture.probe import BatchContext, Probe
 from workbench.capture.texts import load_corpus
 from workbench.capture.windows import iter_batches, iter_windows
 from workbench.errors import WorkbenchError
+from workbench.models.device import check_device
 from workbench.models.handle import ModelHandle
+from workbench.store.crash import crash_point
 from workbench.store.encoding import STORAGE_DTYPES
 from workbench.store.layout import (
     FORMAT_VERSION,
+    WRITE_TEST_PREFIX,
     TOKENS_TABLE,
     committed_batches,
+    holds_only_leftovers,
     read_manifest,
     write_manifest,
 )
@@ -87,14 +92,26 @@ def check_settings(settings: CaptureSettings) -> None:
         raise WorkbenchError(f"--dtype must be one of {AUTO_DTYPE}, {', '.join(STORAGE_DTYPES)} (got {settings.dtype})")
     if not settings.hooks and not settings.probes:
         raise WorkbenchError("nothing to capture: give --hooks and/or --probes")
+    check_device(settings.device)
+
+
+def check_model_fits(settings: CaptureSettings, handle: ModelHandle) -> None:
+    """Reject settings the loaded model cannot run, before the store's manifest is written."""
+    if handle.n_ctx is not None and settings.ctx > handle.n_ctx:
+        raise WorkbenchError(
+            f"--ctx {settings.ctx} is longer than the context of model {handle.name} ({handle.n_ctx} tokens, "
+            f"special tokens included): use --ctx {handle.n_ctx} or less"
+        )
 
 
 def prepare_store_folder(path: Path) -> None:
     """Create the store folder, or say in one line why it cannot be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        crash_point("store-folder")
+        probe = path / f"{WRITE_TEST_PREFIX}{os.getpid()}"
         probe.write_bytes(b"")
+        crash_point("write-test")
         probe.unlink()
     except OSError as err:
         raise WorkbenchError(f"cannot write store at {path}: {err.strerror or err}") from err
@@ -162,28 +179,36 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
     corpus = load_corpus(settings.data)
     settings.data = corpus.spec
     root = Path(settings.store).expanduser()
+    created = not root.exists()
     prepare_store_folder(root)
-    if handle is None:
-        from workbench.models.registry import load_model
+    try:
+        if handle is None:
+            from workbench.models.registry import load_model
 
-        handle = load_model(settings.model, device=settings.device)
-    settings.hooks = handle.resolve_hooks(settings.hooks)
-    if settings.dtype == AUTO_DTYPE:
-        settings.dtype = storage_dtype_for(handle)
-    probes: list[Probe] = []
-    if settings.probes:
-        from workbench.capture.probes.registry import make_probes
+            handle = load_model(settings.model, device=settings.device)
+        check_model_fits(settings, handle)
+        settings.hooks = handle.resolve_hooks(settings.hooks)
+        if settings.dtype == AUTO_DTYPE:
+            settings.dtype = storage_dtype_for(handle)
+        probes: list[Probe] = []
+        if settings.probes:
+            from workbench.capture.probes.registry import make_probes
 
-        probes = make_probes(settings.probes, handle)
-        settings.probes = [p.name for p in probes]
-    shapes = handle.hook_shapes(settings.hooks) if settings.hooks else {}
+            probes = make_probes(settings.probes, handle)
+            settings.probes = [p.name for p in probes]
+        shapes = handle.hook_shapes(settings.hooks) if settings.hooks else {}
+    except BaseException:
+        if created:  # a refused command leaves no folder behind (rmdir: only if still empty)
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
 
     manifest = _manifest_for(settings, handle, shapes, corpus.fingerprint)
     old = read_manifest(root)
     if old is not None:
         _check_compatible(root, old, manifest)
         manifest = old
-    elif any(root.iterdir()):
+    elif not holds_only_leftovers(root):
         raise WorkbenchError(f"{root} is not empty and is not a workbench store: use an empty or new folder")
     else:
         write_manifest(root, manifest)

@@ -15,11 +15,11 @@ from workbench.store.reader import Store
 APP_SCRIPT = Path(__file__).resolve().parents[2] / "app" / "main.py"
 
 
-def app_argv(port: int, headless: bool) -> list[str]:
-    """The `streamlit run` command line for the app."""
+def app_argv(port: int, headless: bool, host: str = "127.0.0.1") -> list[str]:
+    """The `streamlit run` command line for the app, listening on host only."""
     return [
         sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
-        "--server.port", str(port), "--server.headless", str(headless).lower(),
+        "--server.address", host, "--server.port", str(port), "--server.headless", str(headless).lower(),
         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
     ]  # fmt: skip
 
@@ -35,7 +35,8 @@ def app_env(stores: list[str], saes: list[str]) -> dict[str, str]:
 
 def app_command(
     store: list[str] = typer.Option(..., "--store", help="store folder to browse (may still be capturing); repeat for several"),
-    port: int = typer.Option(8501, "--port", help="port of the app on localhost"),
+    port: int = typer.Option(8501, "--port", help="port of the app"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface, reachable from other machines)"),
     sae: list[str] = typer.Option([], "--sae", help="SAE folder(s) to show; each needs `workbench features DIR --store ...`"),
     headless: bool = typer.Option(True, "--headless/--open-browser", help="do not open a browser window"),
 ) -> None:
@@ -47,9 +48,9 @@ def app_command(
             raise WorkbenchError(f"--sae {folder} is not an SAE folder (no cfg.json)")
     if not 0 < port < 65536:
         raise WorkbenchError(f"--port {port} is not a port number")
-    print(f"workbench app on http://localhost:{port} (stores: {', '.join(store)}); Ctrl-C stops it", flush=True)
+    print(f"workbench app on http://{host}:{port} (stores: {', '.join(store)}); Ctrl-C stops it", flush=True)
     try:
-        done = subprocess.run(app_argv(port, headless), env=app_env(store, sae))
+        done = subprocess.run(app_argv(port, headless, host), env=app_env(store, sae))
     except KeyboardInterrupt:
         return
     if done.returncode not in (0, -2, 130):

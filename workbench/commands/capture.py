@@ -46,6 +46,9 @@ def info_command(store: str = typer.Argument(..., help="store folder")) -> None:
     info = Store.open(store).info()
     console = Console()
     model = info["model"]
+    if not model:
+        console.print(f"[bold]{info['path']}[/bold]: being created (its capture has not yet written store.json)")
+        return
     console.print(f"[bold]{info['path']}[/bold]: model {model['name']} ({model['kind']}, {model['n_layers']} layers, "
                   f"d_model {model['d_model']}, weights {model['fingerprint']})")
     done = "complete" if info["tokens"] == info["tokens_requested"] else f"of {info['tokens_requested']} requested"

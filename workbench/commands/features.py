@@ -18,6 +18,9 @@ def features_command(
 ) -> None:
     """Encode the stored activations with an SAE; write sparse feature activations and stats."""
     from workbench.analysis.features import features_table, run_feature_pass  # torch + SAE code load only here
+    from workbench.models.device import check_device
+
+    check_device(device)
 
     report = run_feature_pass(
         Store.open(store), sae, name=name, hook=hook, chunk_tokens=chunk_tokens, corr_tokens=corr_tokens, device=device

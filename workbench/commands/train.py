@@ -53,12 +53,9 @@ def train_command(
     model run on the fly with --model)."""
     from sae.config import TrainConfig
     from sae.fused_trainer import choose_trainer
+    from workbench.models.device import check_device
 
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise WorkbenchError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    check_device(device)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
     if store is not None:
@@ -105,7 +102,9 @@ def eval_command(
 ) -> None:
     """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
     from workbench.evaluation import evaluate_sae
+    from workbench.models.device import check_device
 
+    check_device(device)
     result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
     if json_out:
         print(json.dumps(result, indent=1))

@@ -78,6 +78,12 @@ class ModelHandle:
             return None
         return deepest + 1
 
+    @property
+    def n_ctx(self) -> int | None:
+        """The longest window the model takes, special tokens included (None if it does not say)."""
+        n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
+        return int(n_ctx) if n_ctx else None
+
     # ---- running -----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -134,6 +140,15 @@ class ModelHandle:
     def tokenize_many(self, texts: list[str]) -> list[list[int]]:
         """Token ids of several texts at once (the Rust tokenizer works them in parallel)."""
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    def window_ids(self, text: str, limit: int | None = None) -> list[int]:
+        """One window of a text for a forward pass: the special tokens framing the text's tokens,
+        cut so the whole window fits the model's context (and limit, if given)."""
+        longest = min(n for n in (self.n_ctx, limit) if n is not None) if (self.n_ctx or limit) else None
+        body = self.tokenize(text)
+        if longest is not None:
+            body = body[: max(longest - len(self.prefix_ids) - len(self.suffix_ids), 0)]
+        return self.prefix_ids + body + self.suffix_ids
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Readable string of each token id (decoded one by one, so spaces show)."""

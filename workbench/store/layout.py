@@ -21,16 +21,22 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.store.crash import crash_point
 
 MANIFEST = "store.json"
 FORMAT_VERSION = 1
 BATCH_GLOB = "batch-*"
 TOKENS_TABLE = "tokens"
 ACT_PREFIX = "act."
+#: Names of what a writer leaves while it works: a temporary file or folder being filled
+#: (renamed into place when whole) and capture's probe that the folder is writable.
+TMP_PREFIX = ".tmp-"
+WRITE_TEST_PREFIX = ".write-test-"
 
 
 def batch_dir_name(batch: int) -> str:
@@ -60,6 +66,39 @@ def committed_batches(root: Path) -> list[Path]:
     return sorted(capture_dir(root).glob(BATCH_GLOB))
 
 
+def temporary_name(label: str, prefix: str = TMP_PREFIX) -> str:
+    """A unique name for something being written, carrying the writer's process id so a later
+    writer can tell a killed run's leftover (removed) from a live run's work (kept)."""
+    return f"{prefix}{os.getpid()}-{label}-{uuid.uuid4().hex[:8]}"
+
+
+def writer_alive(name: str, prefix: str) -> bool:
+    """Whether the process that named this temporary (temporary_name) is still running here."""
+    pid = name[len(prefix):].split("-")[0]
+    if not pid.isdigit():
+        return False  # not named by a live writer of this layout
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def holds_only_leftovers(root: Path) -> bool:
+    """True for a folder a capture may take as a fresh store: empty, or holding only what a
+    capture killed before its first manifest landed leaves (write probes, temporaries, an
+    empty capture/ or one with temporary batches only)."""
+    for entry in root.iterdir():
+        if entry.name.startswith((TMP_PREFIX, WRITE_TEST_PREFIX)):
+            continue
+        if entry == capture_dir(root) and entry.is_dir() and all(p.name.startswith(TMP_PREFIX) for p in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 def read_manifest(root: Path) -> dict[str, Any] | None:
     path = root / MANIFEST
     if not path.exists():
@@ -72,11 +111,13 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file so readers see the old or the new content, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=path.parent)
+    crash_point("manifest-temporary")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    crash_point("manifest-written")
     os.replace(tmp, path)
 
 

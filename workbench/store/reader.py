@@ -9,6 +9,8 @@ and streamed batch file by batch file, so data larger than memory can be walked.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from workbench.store.layout import (
     TOKENS_TABLE,
     activation_view,
     committed_batches,
+    holds_only_leftovers,
     read_manifest,
     tables_dir,
 )
@@ -36,6 +39,34 @@ def parquet_source(files: list[str]) -> str:
     """SQL for reading exactly these Parquet files (paths quoted, never user text)."""
     quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     return f"read_parquet([{quoted}])"
+
+
+def sql_identifier(name: str) -> str:
+    """A name quoted as a DuckDB identifier (inner double quotes doubled), so a table name
+    read from a store can never end the identifier and run SQL of its own."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+#: Columns and DuckDB types of the tokens table (workbench.capture.batch_tables writes it).
+EMPTY_TOKENS_COLUMNS = (
+    ("token_index", "BIGINT"), ("seq", "BIGINT"), ("pos", "INTEGER"), ("doc", "BIGINT"), ("token_id", "INTEGER"), ("token", "VARCHAR"),
+)
+
+#: Names a reader accepts from the store's folders: derived table folders (what write_table
+#: allows) and batch file stems (tokens, probe tables, act.<TransformerLens hook name>).
+TABLE_NAME = re.compile(r"[A-Za-z0-9_]+")
+BATCH_FILE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def _valid_names(names: list[str], pattern: re.Pattern[str], where: Path) -> list[str]:
+    """The names that match pattern; each other one is skipped with a warning."""
+    kept = []
+    for name in names:
+        if pattern.fullmatch(name):
+            kept.append(name)
+        else:
+            warnings.warn(f"store {where}: skipping {name!r} (not a workbench table name)", stacklevel=3)
+    return kept
 
 
 class Store:
@@ -51,13 +82,19 @@ class Store:
         if not root.is_dir():
             raise WorkbenchError(f"no store at {root}: run `workbench capture --store {root} ...` first")
         manifest = read_manifest(root)
-        if manifest is None:
-            raise WorkbenchError(f"{root} is not a workbench store (no store.json)")
+        if manifest is None and holds_only_leftovers(root):
+            manifest = {}  # a capture is creating it: an empty store until its manifest lands
+        elif manifest is None:
+            manifest = read_manifest(root)  # a capture writes store.json first: it may have landed meanwhile
+            if manifest is None:
+                raise WorkbenchError(f"{root} is not a workbench store (no store.json)")
         return cls(root, manifest)
 
     # ---- what the store holds ----------------------------------------------------------
     @property
     def model_name(self) -> str:
+        if "model" not in self.manifest:
+            raise WorkbenchError(f"store {self.root} is still being created: its capture has not yet written store.json")
         return self.manifest["model"]["name"]
 
     @property
@@ -67,16 +104,19 @@ class Store:
     def _batches(self) -> list[Path]:
         return committed_batches(self.root)
 
-    def _batch_tables(self) -> list[str]:
+    def _batch_tables(self, batches: list[Path] | None = None) -> list[str]:
         """Table names in the batch folders (tokens, act.<hook>, probe tables); all batches hold the same."""
-        batches = self._batches()
-        return sorted(p.stem for p in batches[0].glob("*.parquet")) if batches else []
+        batches = self._batches() if batches is None else batches
+        if not batches:
+            return []
+        return _valid_names(sorted(p.stem for p in batches[0].glob("*.parquet")), BATCH_FILE_NAME, batches[0])
 
     def _derived_tables(self) -> list[str]:
         folder = tables_dir(self.root)
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return _valid_names(names, TABLE_NAME, folder)
 
     def n_tokens(self) -> int:
         """Tokens in finished batches (from Parquet footers; no data read)."""
@@ -84,10 +124,11 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         capture = self.manifest.get("capture", {})
+        views = self.views().keys()
         probe_tables = [t for t in self._batch_tables() if t != TOKENS_TABLE and not t.startswith(ACT_PREFIX)]
         return {
             "path": str(self.root),
-            "model": self.manifest["model"],
+            "model": self.manifest.get("model", {}),
             "hooks": self.hooks,
             "tokens": self.n_tokens(),
             "tokens_requested": capture.get("tokens"),
@@ -97,7 +138,7 @@ class Store:
             "probes": capture.get("probes", []),
             "probe_tables": probe_tables,
             "tables": self._derived_tables(),
-            "views": sorted(self.views()),
+            "views": sorted(views | (self._empty_views().keys() if TOKENS_TABLE not in views else set())),
         }
 
     # ---- SQL ---------------------------------------------------------------------------
@@ -111,7 +152,7 @@ class Store:
         views: dict[str, list[str]] = {}
         batches = self._batches()
         if batches:
-            for table in sorted(p.stem for p in batches[0].glob("*.parquet")):
+            for table in self._batch_tables(batches):
                 name = activation_view(table[len(ACT_PREFIX):]) if table.startswith(ACT_PREFIX) else table
                 views[name] = [str(b / f"{table}.parquet") for b in batches]
         for table in self._derived_tables():
@@ -121,9 +162,22 @@ class Store:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A fresh in-memory DuckDB with one view per table (a snapshot); close it when done."""
         con = duckdb.connect(":memory:")
-        for name, files in self.views().items():
-            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {parquet_source(files)}')
+        views = self.views()
+        for name, files in views.items():
+            con.execute(f"CREATE VIEW {sql_identifier(name)} AS SELECT * FROM {parquet_source(files)}")
+        if TOKENS_TABLE not in views:  # no batch yet: the capture's views exist, with no rows
+            for name, columns in self._empty_views().items():
+                con.execute(f"CREATE VIEW {sql_identifier(name)} AS SELECT {columns} WHERE false")
         return con
+
+    def _empty_views(self) -> dict[str, str]:
+        """View name -> typed columns of the capture tables before their first batch lands."""
+        views = {TOKENS_TABLE: ", ".join(f"NULL::{kind} AS {column}" for column, kind in EMPTY_TOKENS_COLUMNS)}
+        for hook, meta in self.hooks.items():
+            width = math.prod(int(n) for n in meta["shape"])
+            element = "FLOAT" if meta["dtype"] == "float32" else "SMALLINT"
+            views[activation_view(hook)] = f"NULL::BIGINT AS token_index, NULL::{element}[{width}] AS act"
+        return views
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run SQL over the store's views; the relation prints as a table in notebooks."""

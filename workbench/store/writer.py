@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import WorkbenchError
-from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, tables_dir
+from workbench.store.crash import crash_point
+from workbench.store.layout import (
+    ACT_PREFIX,
+    TMP_PREFIX,
+    WRITE_TEST_PREFIX,
+    batch_dir_name,
+    capture_dir,
+    tables_dir,
+    temporary_name,
+    writer_alive,
+)
+
+#: A replaced table's old folder, renamed aside until the new one is in place.
+RETIRED_PREFIX = ".old-"
 
 
 def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int | None = None) -> None:
@@ -40,10 +52,12 @@ def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int
 def commit_batch(root: Path, batch: int, tables: dict[str, pa.Table]) -> Path:
     """Write one batch's tables and publish them with a single rename."""
     final = capture_dir(root) / batch_dir_name(batch)
-    tmp = capture_dir(root) / f".tmp-{batch_dir_name(batch)}-{uuid.uuid4().hex[:8]}"
+    tmp = capture_dir(root) / temporary_name(batch_dir_name(batch))
     tmp.mkdir(parents=True)
+    crash_point("batch-folder")
     for name, table in tables.items():
         _write_parquet(table, tmp / f"{name}.parquet", dense=name.startswith(ACT_PREFIX))
+        crash_point("batch-file")
     try:
         os.rename(tmp, final)
     except OSError as err:
@@ -52,12 +66,28 @@ def commit_batch(root: Path, batch: int, tables: dict[str, pa.Table]) -> Path:
     return final
 
 
+def remove_leftovers(folder: Path, prefixes: tuple[str, ...] = (TMP_PREFIX,)) -> int:
+    """Delete what killed writers left in folder (names starting with one of prefixes whose
+    writing process is gone); a live writer's temporaries are kept. Returns how many."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.iterdir():
+        prefix = next((p for p in prefixes if path.name.startswith(p)), None)
+        if prefix is None or writer_alive(path.name, prefix):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def remove_partial_batches(root: Path) -> int:
-    """Delete temporary folders a killed capture left behind; returns how many."""
-    leftovers = list(capture_dir(root).glob(".tmp-*"))
-    for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(leftovers)
+    """Delete what a killed capture left behind (temporary batches, a half-written manifest,
+    its write probe); returns how many."""
+    return remove_leftovers(capture_dir(root)) + remove_leftovers(root, (TMP_PREFIX, WRITE_TEST_PREFIX))
 
 
 def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | None = None) -> Path:
@@ -68,12 +98,13 @@ def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | No
     if not name.replace("_", "").isalnum():
         raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
     target = tables_dir(root) / name
-    staging = tables_dir(root) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    remove_leftovers(tables_dir(root), (TMP_PREFIX, RETIRED_PREFIX))
+    staging = tables_dir(root) / temporary_name(name)
     staging.mkdir(parents=True)
     _write_parquet(table, staging / "part-0.parquet", dense=False, row_group_size=row_group_size)
     retired = None
     if target.exists():
-        retired = tables_dir(root) / f".old-{name}-{uuid.uuid4().hex[:8]}"
+        retired = tables_dir(root) / temporary_name(name, RETIRED_PREFIX)
         os.rename(target, retired)
     os.rename(staging, target)
     if retired is not None:
