@@ -12,7 +12,10 @@ readers open an in-memory DuckDB with views over the finished files:
           act.blocks.1.hook_resid_post.parquet
           <probe table>.parquet
       capture/.tmp-...                 a batch being written (ignored by readers)
-      tables/<name>/part-*.parquet     derived tables: analyses, SAE features
+      tables/<name>/part-*.parquet     a derived table written on its own
+      tables/<group>/current           a table group: derived tables published together
+      tables/<group>/<unit>/<name>.parquet   (an SAE's feature tables, an analysis's tables;
+                                       see table_group.py)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ FORMAT_VERSION = 1
 BATCH_GLOB = "batch-*"
 TOKENS_TABLE = "tokens"
 ACT_PREFIX = "act."
+GROUP_MANIFEST = "current"
 
 
 def batch_dir_name(batch: int) -> str:
@@ -53,6 +57,11 @@ def capture_dir(root: Path) -> Path:
 
 def tables_dir(root: Path) -> Path:
     return root / "tables"
+
+
+def is_table_group(folder: Path) -> bool:
+    """Whether a folder under tables/ is a table group (it holds a GROUP_MANIFEST)."""
+    return (folder / GROUP_MANIFEST).is_file()
 
 
 def committed_batches(root: Path) -> list[Path]:

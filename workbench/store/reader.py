@@ -29,6 +29,7 @@ from workbench.store.layout import (
     read_manifest,
     tables_dir,
 )
+from workbench.store.table_group import derived_views
 from workbench.store.writer import write_table
 
 
@@ -96,7 +97,7 @@ class Store:
             "data": capture.get("data"),
             "probes": capture.get("probes", []),
             "probe_tables": probe_tables,
-            "tables": self._derived_tables(),
+            "tables": sorted(derived_views(self.root, self._derived_tables())),
             "views": sorted(self.views()),
         }
 
@@ -114,8 +115,7 @@ class Store:
             for table in sorted(p.stem for p in batches[0].glob("*.parquet")):
                 name = activation_view(table[len(ACT_PREFIX):]) if table.startswith(ACT_PREFIX) else table
                 views[name] = [str(b / f"{table}.parquet") for b in batches]
-        for table in self._derived_tables():
-            views[table] = [str(p) for p in sorted((tables_dir(self.root) / table).glob("*.parquet"))]
+        views.update(derived_views(self.root, self._derived_tables()))
         return views
 
     def connect(self) -> duckdb.DuckDBPyConnection:
