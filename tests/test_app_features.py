@@ -56,7 +56,7 @@ def test_rows_stats_and_fvu_match_a_direct_encode(store, tmp_path):
 
 def test_layout_is_sorted_by_feature_then_value_in_small_row_groups(store, tmp_path):
     report = run_feature_pass(store, random_sae(tmp_path / "sorted", TopKRule(8)))
-    path = next((store.root / "tables" / features_table(report.name)).glob("*.parquet"))
+    [path] = store.views()[features_table(report.name)]
     table = pq.read_table(path)
     feature, value = table["feature"].to_numpy(), table["value"].to_numpy()
     assert np.all(np.diff(feature) >= 0)

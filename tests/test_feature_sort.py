@@ -1,4 +1,4 @@
-"""The feature rows' external sort: spilled, merged runs give exactly the in-memory sort."""
+"""The feature pass's external sort: spilled, merged runs give exactly the in-memory sort."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from sae.rules import TopKRule
+from tests.app_stores import dense_store
+from tests.test_app_features import random_sae
 from workbench.analysis.feature_sort import RowSorter
+from workbench.analysis.features import features_table, run_feature_pass
 
 
 def in_memory_sort(feature: np.ndarray, value: np.ndarray, token_index: np.ndarray) -> np.ndarray:
@@ -35,3 +39,17 @@ def test_runs_merge_to_the_stable_sort_with_ties_across_runs(tmp_path, run_rows,
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1000] * 20
     assert not any((tmp_path / "scratch").iterdir())
 
+
+def test_a_spilled_pass_writes_the_in_memory_sort_of_a_store(tmp_path):
+    store = dense_store(tmp_path / "store", tokens=3000)
+    folder = random_sae(tmp_path / "sae", TopKRule(5))
+    run_feature_pass(store, folder, name="whole")
+    run_feature_pass(store, folder, name="spilled", sort_rows=200)  # 75 runs, merged in two rounds
+    [whole], [spilled] = (store.views()[features_table(n)] for n in ("whole", "spilled"))
+    table, reference = pq.read_table(spilled), pq.read_table(whole)
+    assert table.equals(reference) and table.schema == reference.schema and table.num_rows == 15_000
+    feature, value, token_index = (table[c].to_numpy() for c in ("feature", "value", "token_index"))
+    order = in_memory_sort(feature, value, token_index)
+    np.testing.assert_array_equal(order, np.arange(len(order)))
+    groups = [pq.ParquetFile(p).metadata.num_row_groups for p in (spilled, whole)]
+    assert groups[0] == groups[1]
