@@ -102,6 +102,18 @@ def test_feature_page_examples_and_contexts(store, tmp_path):
         tables.page(10_000, text)
 
 
+def test_token_text_holds_ids_and_windows_stay_in_their_sequence(store):
+    text, tokens = TokenText(store), store.tokens()
+    seq, strings = tokens["seq"].to_numpy(), tokens["token"].tolist()
+    assert len(text) == len(tokens) and text.token_id.dtype == np.int32
+    assert len(text.strings) == tokens["token_id"].max() + 1  # the vocabulary's strings, not one per token
+    for t in range(len(tokens)):
+        want = np.arange(max(t - 6, 0), min(t + 3, len(tokens)))
+        got = text.window(t, 6, 2)
+        np.testing.assert_array_equal(got, want[seq[want] == seq[t]])
+        assert text.text(got) == [strings[i] for i in got]
+
+
 def test_token_search_counts_firings_on_that_token(store, tmp_path):
     report = run_feature_pass(store, random_sae(tmp_path / "search", TopKRule(4), d_sae=32))
     found = FeatureTables(store, report.name).search_token(" e ")

@@ -16,11 +16,12 @@ from tests.cli_process import run_workbench
 from tests.test_app_features import random_sae
 from workbench import Store
 from workbench.analysis.features import FEATURES_GROUP, run_feature_pass
-from workbench.store.crash_points import CRASH_AT
+from workbench.errors import WorkbenchError
 from workbench.store.table_group import STAGING_PREFIX, TableUnit
 
-#: The steps of a pass, in order; a kill at any before "published" must leave the old set.
-STEPS = ["encoded", "wrote:features_s", "wrote:feature_stats_s", "wrote:feature_corr_s", "wrote:saes", "renamed", "published"]
+#: The steps of a pass, in order; a kill at any before "group-published" must leave the old set.
+STEPS = ["features-encoded", "group-member-features_s", "group-member-feature_stats_s", "group-member-feature_corr_s", "group-member-saes",
+         "group-renamed", "group-published"]
 
 
 def feature_set(store: Store) -> int:
@@ -42,9 +43,9 @@ def test_a_killed_rerun_never_mixes_two_passes_and_the_next_run_completes(tmp_pa
     new = random_sae(tmp_path / "new", TopKRule(5), d_sae=64, seed=1)
     args = ("features", str(new), "--store", str(store.root), "--name", "s", "--sort-rows", "1000")
     for step in STEPS:
-        done = run_workbench(*args, env={CRASH_AT: step})
+        done = run_workbench(*args, env={"WORKBENCH_CRASH_AT": step})
         assert done.returncode == -signal.SIGKILL, (step, done.stderr)
-        assert feature_set(store) == (64 if step == "published" else 32), step
+        assert feature_set(store) == (64 if step == "group-published" else 32), step
         assert set(store.df("SELECT name FROM saes")["name"]) == {"s", "other"}
     done = run_workbench(*args)
     assert done.returncode == 0, done.stderr
@@ -66,6 +67,9 @@ def test_a_unit_that_raises_publishes_nothing(tmp_path):
         raise RuntimeError("the pass failed half way")
     assert store.views() == before and feature_set(store) == 32
     assert not list((store.root / "tables" / FEATURES_GROUP).glob(f"{STAGING_PREFIX}*"))
+    with pytest.raises(WorkbenchError, match="is a table group"):  # a plain table of its name would replace the group
+        store.write_table(FEATURES_GROUP, pd.DataFrame({"x": [1]}))
+    assert store.views() == before
 
 
 def test_a_hostile_manifest_is_skipped_member_by_member(tmp_path):

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 
 from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
 from workbench.errors import WorkbenchError
-from workbench.store.layout import TOKENS_TABLE
 from workbench.store.reader import Store, parquet_source
 
 
@@ -29,7 +28,7 @@ class TokenText:
     holding its text as Python objects."""
 
     def __init__(self, store: Store) -> None:
-        files = store.views().get(TOKENS_TABLE, [])
+        files = store.views().get("tokens", [])
         self.token_id = np.empty(sum(pq.ParquetFile(f).metadata.num_rows for f in files), np.int32)
         starts, previous, at = [], None, 0
         for path in files:  # batch files in token order, each read alone

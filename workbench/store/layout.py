@@ -34,7 +34,6 @@ FORMAT_VERSION = 1
 BATCH_GLOB = "batch-*"
 TOKENS_TABLE = "tokens"
 ACT_PREFIX = "act."
-GROUP_MANIFEST = "current"
 
 
 def batch_dir_name(batch: int) -> str:
@@ -57,11 +56,6 @@ def capture_dir(root: Path) -> Path:
 
 def tables_dir(root: Path) -> Path:
     return root / "tables"
-
-
-def is_table_group(folder: Path) -> bool:
-    """Whether a folder under tables/ is a table group (it holds a GROUP_MANIFEST)."""
-    return (folder / GROUP_MANIFEST).is_file()
 
 
 def committed_batches(root: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from workbench.store.layout import (
     read_manifest,
     tables_dir,
 )
-from workbench.store.table_group import derived_views
+from workbench.store.table_group import derived_views, is_table_group
 from workbench.store.writer import write_table
 
 
@@ -155,6 +155,8 @@ class Store:
 
     def write_table(self, name: str, table: pa.Table | pd.DataFrame, row_group_size: int | None = None) -> None:
         """Store or replace a derived table, visible to sql() as a view of that name."""
+        if is_table_group(tables_dir(self.root) / name):
+            raise WorkbenchError(f"'{name}' is a table group of store {self.root} (tables published together); pick another name")
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         write_table(self.root, name, table, row_group_size)

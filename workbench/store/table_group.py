@@ -39,10 +39,11 @@ import pandas as pd
 import pyarrow as pa
 
 from workbench.errors import WorkbenchError
-from workbench.store.crash_points import crash_point
-from workbench.store.layout import GROUP_MANIFEST, is_table_group, tables_dir, write_atomic
+from workbench.store.crash import crash_point
+from workbench.store.layout import tables_dir, write_atomic
 from workbench.store.writer import _write_parquet, fsync_file
 
+GROUP_MANIFEST = "current"
 STAGING_PREFIX = ".tmp-"
 GROUP_LOCK = ".lock"
 TABLE_NAME = re.compile(r"[0-9A-Za-z_]+")
@@ -50,6 +51,11 @@ TABLE_NAME = re.compile(r"[0-9A-Za-z_]+")
 MEMBER_FILE = re.compile(r"[0-9a-f]{16}/[0-9A-Za-z_]+\.parquet")
 
 T = TypeVar("T")
+
+
+def is_table_group(folder: Path) -> bool:
+    """Whether a folder under tables/ is a table group (it holds a manifest)."""
+    return (folder / GROUP_MANIFEST).is_file()
 
 
 def group_members(folder: Path) -> dict[str, list[str]]:
@@ -145,7 +151,7 @@ class TableUnit:
             raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
         result = write(self.staging / f"{name}.parquet")
         self.members[name] = [f"{self.unit}/{name}.parquet"]
-        crash_point(f"wrote:{name}")
+        crash_point(f"group-member-{name}")
         return result
 
     def write_table(self, name: str, table: pa.Table | pd.DataFrame, row_group_size: int | None = None) -> None:
@@ -162,10 +168,10 @@ class TableUnit:
         held = _lock(self.folder / GROUP_LOCK)
         try:
             os.rename(self.staging, self.folder / self.unit)
-            crash_point("renamed")
+            crash_point("group-renamed")
             members = {**group_members(self.folder), **self.members}
             write_atomic(self.folder / GROUP_MANIFEST, json.dumps({"tables": members}, indent=2, sort_keys=True))
-            crash_point("published")
+            crash_point("group-published")
             self._clean(members)
         finally:
             held.close()

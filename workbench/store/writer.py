@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import WorkbenchError
-from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, is_table_group, tables_dir
+from workbench.store.layout import ACT_PREFIX, batch_dir_name, capture_dir, tables_dir
 
 
 def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int | None = None) -> None:
@@ -73,8 +73,6 @@ def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | No
     if not name.replace("_", "").isalnum():
         raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
     target = tables_dir(root) / name
-    if is_table_group(target):
-        raise WorkbenchError(f"{target} is a table group (tables published together); its tables are written as a unit")
     staging = tables_dir(root) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     _write_parquet(table, staging / "part-0.parquet", dense=False, row_group_size=row_group_size)
