@@ -8,15 +8,17 @@ Captures two stores of tiny-relu's blocks.1.hook_resid_post with the real comman
 (`workbench capture --model tiny-relu --data builtin --ctx 128 --batch-size 32`), trains one
 TopK SAE on the small store (`workbench train --arch topk --expansion 8 --k 16 --tokens 200000
 --batch-size 1024`), then runs `workbench features` on each store as its own process and reads
-that process's peak resident memory from the kernel (os.wait4). It does the same for loading
-the app's TokenText of each store. Stores and SAE already in --folder are reused; rerun the
-same command to measure again. Prints a markdown table and the ratios.
+that process's peak resident memory from the kernel (os.wait4), the median of --repeat runs
+(the encode loop's allocations make one run's peak vary by some tens of MiB). It does the same
+for loading the app's TokenText of each store. Stores and SAE already in --folder are reused;
+rerun the same command to measure again. Prints a markdown table and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/feature-pass-memory")
     parser.add_argument("--small", type=int, default=40_000)
     parser.add_argument("--large", type=int, default=400_000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (the median is reported)")
     args = parser.parse_args()
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,8 +62,8 @@ def main() -> None:
     if not (sae / "cfg.json").exists():
         subprocess.run(workbench("train", "--store", str(stores[0]), "--hook", HOOK, "--arch", "topk", "--expansion", "8", "--k", "16",
                                  "--tokens", "200000", "--batch-size", "1024", "--out", str(sae)), check=True)  # fmt: skip
-    features = [peak_mb(workbench("features", str(sae), "--store", str(s))) for s in stores]
-    text = [peak_mb([sys.executable, "-c", TOKEN_TEXT, str(s)]) for s in stores]
+    features = [statistics.median(peak_mb(workbench("features", str(sae), "--store", str(s))) for _ in range(args.repeat)) for s in stores]
+    text = [statistics.median(peak_mb([sys.executable, "-c", TOKEN_TEXT, str(s)]) for _ in range(args.repeat)) for s in stores]
     print("| store tokens | `workbench features` peak RSS MiB | TokenText load peak RSS MiB |")
     print("|---|---|---|")
     for tokens, f, t in zip((args.small, args.large), features, text):

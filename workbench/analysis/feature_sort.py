@@ -15,6 +15,7 @@ unsigned 64-bit key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,17 @@ class _GroupedWriter:
         return self.rows
 
 
+def _row_groups(path: Path) -> Iterator[pa.Table]:
+    """A run's row groups, read one at a time (nothing read ahead)."""
+    run = pq.ParquetFile(path)
+    for i in range(run.num_row_groups):
+        yield run.read_row_group(i, use_threads=False)
+
+
 def _merge(runs: list[Path], out: _GroupedWriter) -> None:
     """k-way merge of sorted runs: each round emits, sorted, every held row that orders at or
     before the smallest last held row of the runs that still have rows on disk."""
-    batches = [pq.ParquetFile(run).iter_batches(batch_size=RUN_GROUP) for run in runs]
+    batches = [_row_groups(run) for run in runs]
     held: list[_Rows | None] = [None] * len(runs)
     on_disk = [True] * len(runs)
     while True:
@@ -148,7 +156,9 @@ class RowSorter:
         n = self.held
         order = np.lexsort((self.token[:n], _keys(self.feature[:n], self.value[:n])))
         path, out = self._new_run()
-        out.write(self.feature[:n][order], self.value[:n][order], self.token[:n][order])
+        for lo in range(0, n, RUN_GROUP):  # gathered a row group at a time: no sorted copy of the buffer
+            rows = order[lo : lo + RUN_GROUP]
+            out.write(self.feature[rows], self.value[rows], self.token[rows])
         out.close()
         self.runs.append(path)
         self.held = 0

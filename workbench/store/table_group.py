@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Self, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -202,7 +202,7 @@ class TableUnit:
             if plain != self.folder and not is_table_group(plain) and any(plain.glob("*.parquet")):
                 shutil.rmtree(plain, ignore_errors=True)
 
-    def __enter__(self) -> TableUnit:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
