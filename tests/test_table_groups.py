@@ -20,7 +20,7 @@ from workbench.errors import WorkbenchError
 from workbench.store.table_group import STAGING_PREFIX, TableUnit
 
 #: The steps of a pass, in order; a kill at any before "group-published" must leave the old set.
-STEPS = ["features-encoded", "group-member-features_s", "group-member-feature_stats_s", "group-member-feature_corr_s", "group-member-saes",
+STEPS = ["rows-spilled", "group-member-features_s", "group-member-feature_stats_s", "group-member-feature_corr_s", "group-member-saes",
          "group-renamed", "group-published"]
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workbench.store.crash import crash_point
+
 ROW_SCHEMA = pa.schema([("feature", pa.int32()), ("value", pa.float32()), ("token_index", pa.int64())])
 #: Rows sorted in memory before a run is spilled (16 bytes a row).
 RUN_ROWS = 2**21
@@ -168,6 +170,7 @@ class RowSorter:
         The runs are deleted as they are merged."""
         if self.held or not self.runs:
             self._spill()
+        crash_point("rows-spilled")
         while len(self.runs) > self.fan_in:
             rounds, self.runs = self.runs, []
             for lo in range(0, len(rounds), self.fan_in):

@@ -43,7 +43,6 @@ from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from workbench.analysis.feature_sort import RUN_ROWS, RowSorter
 from workbench.errors import WorkbenchError
-from workbench.store.crash import crash_point
 from workbench.store.reader import Store
 from workbench.store.table_group import TableUnit
 
@@ -271,7 +270,6 @@ def run_feature_pass(
         rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
         sorter.add(indices[active].numpy().astype(np.int32), values[active].numpy(), rows[active].numpy())
         offset += len(x)
-    crash_point("features-encoded")
     report = FeaturePassReport(
         name=name,
         folder=str(folder.resolve()),
