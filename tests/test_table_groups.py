@@ -72,6 +72,16 @@ def test_a_unit_that_raises_publishes_nothing(tmp_path):
     assert store.views() == before
 
 
+def test_a_pass_that_fails_while_encoding_leaves_nothing(tmp_path):
+    store = dense_store(tmp_path / "store", tokens=500)
+    run_feature_pass(store, random_sae(tmp_path / "old", TopKRule(3), d_sae=32), name="s")
+    group = store.root / "tables" / FEATURES_GROUP
+    before = sorted(p.relative_to(group) for p in group.rglob("*"))
+    with pytest.raises(WorkbenchError, match="chunk_tokens must be positive"):  # raised by the first read, after the unit opened
+        run_feature_pass(store, random_sae(tmp_path / "new", TopKRule(5), d_sae=64), name="s", chunk_tokens=0)
+    assert sorted(p.relative_to(group) for p in group.rglob("*")) == before and feature_set(store) == 32
+
+
 def test_a_hostile_manifest_is_skipped_member_by_member(tmp_path):
     store = dense_store(tmp_path / "store", tokens=500)
     run_feature_pass(store, random_sae(tmp_path / "old", TopKRule(3), d_sae=32), name="s")

@@ -260,16 +260,20 @@ def run_feature_pass(
     unit = TableUnit(store.root, FEATURES_GROUP)
     sorter = RowSorter(unit.scratch, run_rows=sort_rows)
     offset = 0
-    for chunk in store.iter_activations(hook, chunk_tokens=chunk_tokens):
-        x = chunk.to(device)
-        code = model.encode(x)
-        x_hat = model.decode(code)
-        indices, values = code.indices.cpu(), code.values.float().cpu()
-        acc.add(x.cpu(), x_hat.cpu(), indices, values)
-        active = values > 0
-        rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
-        sorter.add(indices[active].numpy().astype(np.int32), values[active].numpy(), rows[active].numpy())
-        offset += len(x)
+    try:
+        for chunk in store.iter_activations(hook, chunk_tokens=chunk_tokens):
+            x = chunk.to(device)
+            code = model.encode(x)
+            x_hat = model.decode(code)
+            indices, values = code.indices.cpu(), code.values.float().cpu()
+            acc.add(x.cpu(), x_hat.cpu(), indices, values)
+            active = values > 0
+            rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
+            sorter.add(indices[active].numpy().astype(np.int32), values[active].numpy(), rows[active].numpy())
+            offset += len(x)
+    except BaseException:  # a refused or interrupted pass leaves nothing in the store
+        unit.discard()
+        raise
     report = FeaturePassReport(
         name=name,
         folder=str(folder.resolve()),
