@@ -66,10 +66,11 @@ def require_store() -> Store:
     return store
 
 
-def version(store: Store) -> tuple[int, tuple[str, ...]]:
-    """Changes when a batch or a derived table lands: the cache key of everything derived."""
-    info = store.info()
-    return info["tokens"], tuple(info["tables"])
+def version(store: Store) -> tuple[int, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """Changes when a batch or a derived table lands, a rewritten table included (its files
+    are new): the cache key of everything derived."""
+    info, views = store.info(), store.views()
+    return info["tokens"], tuple((name, tuple(views[name])) for name in info["tables"])
 
 
 def cached(fn: Callable[..., T], store: Store, *args: Any) -> T:

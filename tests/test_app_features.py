@@ -56,7 +56,7 @@ def test_rows_stats_and_fvu_match_a_direct_encode(store, tmp_path):
 
 def test_layout_is_sorted_by_feature_then_value_in_small_row_groups(store, tmp_path):
     report = run_feature_pass(store, random_sae(tmp_path / "sorted", TopKRule(8)))
-    path = next((store.root / "tables" / features_table(report.name)).glob("*.parquet"))
+    [path] = store.views()[features_table(report.name)]
     table = pq.read_table(path)
     feature, value = table["feature"].to_numpy(), table["value"].to_numpy()
     assert np.all(np.diff(feature) >= 0)
@@ -100,6 +100,18 @@ def test_feature_page_examples_and_contexts(store, tmp_path):
     assert page.count == len(value) and len(page.values) == len(value)
     with pytest.raises(WorkbenchError, match="out of range"):
         tables.page(10_000, text)
+
+
+def test_token_text_holds_ids_and_windows_stay_in_their_sequence(store):
+    text, tokens = TokenText(store), store.tokens()
+    seq, strings = tokens["seq"].to_numpy(), tokens["token"].tolist()
+    assert len(text) == len(tokens) and text.token_id.dtype == np.int32
+    assert len(text.strings) == tokens["token_id"].max() + 1  # the vocabulary's strings, not one per token
+    for t in range(len(tokens)):
+        want = np.arange(max(t - 6, 0), min(t + 3, len(tokens)))
+        got = text.window(t, 6, 2)
+        np.testing.assert_array_equal(got, want[seq[want] == seq[t]])
+        assert text.text(got) == [strings[i] for i in got]
 
 
 def test_token_search_counts_firings_on_that_token(store, tmp_path):

@@ -12,6 +12,7 @@ import pandas as pd
 
 from workbench.capture.probes.registry import require_probe
 from workbench.store.reader import Store
+from workbench.store.table_group import TableUnit
 
 SINK_EPS = 0.3
 
@@ -85,7 +86,8 @@ def analyze_sinks(store: Store, eps: float = SINK_EPS) -> dict[str, pd.DataFrame
     alpha = key_importance(store)
     first = alpha[alpha["pos"] == 0].rename(columns={"alpha": "alpha_1"}).drop(columns="pos").reset_index(drop=True)
     hidden = hidden_sinks(store)
-    store.write_table("sink_rate_by_layer", rate)
-    store.write_table("sink_alpha_first", first)
-    store.write_table("sink_hidden_tokens", hidden)
+    with TableUnit(store.root, "analysis_sinks") as unit:  # published together
+        unit.write_table("sink_rate_by_layer", rate)
+        unit.write_table("sink_alpha_first", first)
+        unit.write_table("sink_hidden_tokens", hidden)
     return {"rate": rate, "alpha_first": first, "heads": first[first["alpha_1"] > eps].reset_index(drop=True), "hidden": hidden}

@@ -2,7 +2,7 @@
 
 One query fetches the feature's rows (feature-sorted Parquet, pruned by row-group stats);
 everything else (top examples, interval examples, the activation histogram, context
-tokens coloured by activation) is numpy over those rows and the store's tokens, which
+tokens coloured by activation) is numpy over those rows and the store's token ids, which
 TokenText holds in memory once per store. Every query binds its inputs as parameters.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
 from workbench.errors import WorkbenchError
@@ -21,25 +22,36 @@ from workbench.store.reader import Store, parquet_source, sql_identifier
 
 
 class TokenText:
-    """token_index -> (sequence, token string), held as arrays: contexts are slices."""
+    """token_index -> (sequence, token string) for a whole store at 4 bytes a token: the token
+    ids as one int32 array, where each sequence starts, and the vocabulary's strings. Only a
+    context's few tokens are ever turned into strings, so a store of any size loads without
+    holding its text as Python objects."""
 
     def __init__(self, store: Store) -> None:
-        frame = store.df("SELECT token_index, seq, token_id FROM tokens ORDER BY token_index")
+        files = store.views().get("tokens", [])
+        self.token_id = np.empty(sum(pq.ParquetFile(f).metadata.num_rows for f in files), np.int32)
+        starts, previous, at = [], None, 0
+        for path in files:  # batch files in token order, each read alone
+            table = pq.read_table(path, columns=["seq", "token_id"])
+            seq = table["seq"].to_numpy()
+            if not len(seq):
+                continue
+            self.token_id[at : at + len(seq)] = table["token_id"].to_numpy()
+            starts.append(at + np.flatnonzero(np.diff(seq, prepend=seq[0] - 1 if previous is None else previous)))
+            previous, at = seq[-1], at + len(seq)
+        self.starts = np.concatenate([*starts, np.array([at], np.int64)])
         vocab = store.df("SELECT DISTINCT token_id, token FROM tokens")
-        self.seq = frame["seq"].to_numpy(np.int64)
-        self.token_id = frame["token_id"].to_numpy(np.int64)
         strings = np.full(int(vocab["token_id"].max()) + 1 if len(vocab) else 0, "", dtype=object)
         strings[vocab["token_id"].to_numpy(np.int64)] = vocab["token"].to_numpy(object)
         self.strings = strings
 
     def __len__(self) -> int:
-        return len(self.seq)
+        return len(self.token_id)
 
     def window(self, token_index: int, left: int, right: int) -> np.ndarray:
         """Token indices around token_index within its own sequence."""
-        lo, hi = max(token_index - left, 0), min(token_index + right + 1, len(self.seq))
-        idx = np.arange(lo, hi)
-        return idx[self.seq[idx] == self.seq[token_index]]
+        seq = int(np.searchsorted(self.starts, token_index, "right")) - 1
+        return np.arange(max(token_index - left, int(self.starts[seq])), min(token_index + right + 1, int(self.starts[seq + 1])))
 
     def text(self, idx: np.ndarray) -> list[str]:
         return self.strings[self.token_id[idx]].tolist()

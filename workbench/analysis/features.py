@@ -13,8 +13,13 @@ Tables written into the store (name = the SAE's name, letters, digits and unders
                          dead fraction (no firing over the whole store), so SAEs trained on the
                          same hook are compared on the same tokens.
 
+A pass publishes its three tables and the new saes table as one unit of the table group
+FEATURES_GROUP (workbench/store/table_group.py): a reader sees every table of the previous
+pass or every table of this one, even when the pass is killed half way. The rows are sorted
+externally (feature_sort.py), so the pass's memory does not grow with the store.
+
 The page's data (top examples with context, interval examples, histograms, correlated
-features) is then computed from the feature's rows plus the store's token table, which the
+features) is then computed from the feature's rows plus the store's token ids, which the
 app holds in memory (TokenText), never by scanning all rows.
 """
 
@@ -36,11 +41,15 @@ import torch
 
 from sae.io import load_sae
 from sae.model import SparseAutoencoder
+from workbench.analysis.feature_sort import RUN_ROWS, RowSorter
 from workbench.errors import WorkbenchError
 from workbench.evaluation import finite_activations
 from workbench.store.reader import Store
+from workbench.store.table_group import TableUnit
 
 SAES_TABLE = "saes"
+#: The table group holding every SAE's feature tables and the saes table they share.
+FEATURES_GROUP = "sae_features"
 #: Rows per Parquet row group of a features table: small, so a feature's rows are a short read.
 FEATURE_ROW_GROUP = 65536
 #: Co-firing correlations need a d_sae x d_sae accumulator; above this width they are skipped.
@@ -219,23 +228,13 @@ class _Accumulator:
         })
 
 
-def _sorted_rows(token_index: np.ndarray, feature: np.ndarray, value: np.ndarray) -> pa.Table:
-    """Rows ordered by feature, then value descending (top examples are the first rows)."""
-    order = np.lexsort((-value, feature))
-    return pa.table({
-        "feature": pa.array(feature[order]),
-        "value": pa.array(value[order]),
-        "token_index": pa.array(token_index[order]),
-    })
-
-
-def _record_sae(store: Store, report: FeaturePassReport) -> None:
-    """Insert or replace this SAE's row of the saes table."""
+def _sae_rows(store: Store, report: FeaturePassReport) -> pd.DataFrame:
+    """The saes table with this SAE's row inserted or replaced."""
     row = pd.DataFrame([asdict(report)])
-    if SAES_TABLE in store.info()["tables"]:
+    if SAES_TABLE in store.views():
         old = store.df(f"SELECT * FROM {SAES_TABLE} WHERE name <> ?", [report.name])
         row = pd.concat([old, row], ignore_index=True) if len(old) else row
-    store.write_table(SAES_TABLE, row.sort_values("name").reset_index(drop=True))
+    return row.sort_values("name").reset_index(drop=True)
 
 
 @torch.no_grad()
@@ -247,8 +246,11 @@ def run_feature_pass(
     chunk_tokens: int = 16384,
     corr_tokens: int = 100_000,
     device: str = "cpu",
+    sort_rows: int = RUN_ROWS,
 ) -> FeaturePassReport:
-    """Encode every stored activation of the SAE's hook and write the feature tables."""
+    """Encode every stored activation of the SAE's hook and publish the feature tables and
+    the SAE's saes row as one unit. Rows are sorted externally, sort_rows at a time, so
+    memory does not grow with the store."""
     started = time.perf_counter()
     folder = Path(folder)
     model, cfg = load_sae(folder, device=device)
@@ -257,23 +259,26 @@ def run_feature_pass(
     if not re.fullmatch(r"[0-9A-Za-z_]+", name):
         raise WorkbenchError(f"SAE name '{name}' must be letters, digits and underscores")
     _check_fits(store, cfg, hook, model, folder)
+    if sort_rows <= 0:
+        raise WorkbenchError(f"--sort-rows must be positive, got {sort_rows}")
     acc = _Accumulator(model.d_in, model.d_sae, corr_tokens)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    unit = TableUnit(store.root, FEATURES_GROUP)
+    sorter = RowSorter(unit.scratch, run_rows=sort_rows)
     offset = 0
-    for chunk in finite_activations(store, hook, chunk_tokens):
-        x = chunk.to(device)
-        code = model.encode(x)
-        x_hat = model.decode(code)
-        indices, values = code.indices.cpu(), code.values.float().cpu()
-        acc.add(x.cpu(), x_hat.cpu(), indices, values)
-        active = values > 0
-        rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
-        parts.append((rows[active].numpy(), indices[active].numpy().astype(np.int32), values[active].numpy()))
-        offset += len(x)
-    token_index, feature, value = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    store.write_table(features_table(name), _sorted_rows(token_index, feature, value), row_group_size=FEATURE_ROW_GROUP)
-    store.write_table(stats_table(name), acc.stats())
-    store.write_table(corr_table(name), acc.correlations())
+    try:
+        for chunk in finite_activations(store, hook, chunk_tokens):
+            x = chunk.to(device)
+            code = model.encode(x)
+            x_hat = model.decode(code)
+            indices, values = code.indices.cpu(), code.values.float().cpu()
+            acc.add(x.cpu(), x_hat.cpu(), indices, values)
+            active = values > 0
+            rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
+            sorter.add(indices[active].numpy().astype(np.int32), values[active].numpy(), rows[active].numpy())
+            offset += len(x)
+    except BaseException:  # a refused or interrupted pass leaves nothing in the store
+        unit.discard()
+        raise
     report = FeaturePassReport(
         name=name,
         folder=str(folder.resolve()),
@@ -282,12 +287,17 @@ def run_feature_pass(
         d_in=model.d_in,
         d_sae=model.d_sae,
         tokens=acc.tokens,
-        rows=len(value),
-        l0=len(value) / max(acc.tokens, 1),
+        rows=sorter.rows,
+        l0=sorter.rows / max(acc.tokens, 1),
         fvu=acc.fvu(),
         dead_fraction=float((acc.count == 0).float().mean()),
         corr_tokens=acc.corr_seen,
         seconds=time.perf_counter() - started,
     )
-    _record_sae(store, report)
+    with unit:
+        unit.write_file(features_table(name), lambda path: sorter.finish(path, FEATURE_ROW_GROUP))
+        unit.write_table(stats_table(name), acc.stats())
+        unit.write_table(corr_table(name), acc.correlations())
+        report.seconds = time.perf_counter() - started  # the sort and the writes count too
+        unit.write_table(SAES_TABLE, _sae_rows(store, report))
     return report

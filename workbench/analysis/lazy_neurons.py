@@ -11,6 +11,7 @@ import pandas as pd
 
 from workbench.capture.probes.registry import require_probe
 from workbench.store.reader import Store
+from workbench.store.table_group import TableUnit
 
 DENSE_FREQUENCY = 0.99
 
@@ -83,6 +84,7 @@ def analyze_lazy(store: Store, min_frequency: float = DENSE_FREQUENCY) -> dict[s
         ),
         on=["layer", "rule"],
     )
-    store.write_table("lazy_layer_summary", summary)
-    store.write_table("lazy_neuron_frequency", counts)
+    with TableUnit(store.root, "analysis_lazy") as unit:  # published together
+        unit.write_table("lazy_layer_summary", summary)
+        unit.write_table("lazy_neuron_frequency", counts)
     return {"by_layer": summary, "frequencies": frequencies, "dead": dead, "dense": dense}

@@ -22,6 +22,7 @@ import pandas as pd
 
 from workbench.capture.probes.registry import require_probe
 from workbench.store.reader import Store
+from workbench.store.table_group import TableUnit
 
 
 def load_statistics(slots: np.ndarray) -> dict[str, float]:
@@ -163,8 +164,9 @@ def analyze_routing(store: Store, min_count: int = 5, capacity_factor: float = 1
          for layer, m in coactivation(store).items()],
         ignore_index=True,
     )  # fmt: skip
-    store.write_table("routing_summary", summary)
-    store.write_table("routing_expert_load", load)
-    store.write_table("routing_drop_by_position", drops)
-    store.write_table("routing_coactivation_matrix", pairs)
+    with TableUnit(store.root, "analysis_routing") as unit:  # published together
+        unit.write_table("routing_summary", summary)
+        unit.write_table("routing_expert_load", load)
+        unit.write_table("routing_drop_by_position", drops)
+        unit.write_table("routing_coactivation_matrix", pairs)
     return {"summary": summary, "load": load, "drops": drops, "coactivation": pairs}

@@ -17,6 +17,7 @@ import pandas as pd
 
 from workbench.capture.probes.registry import require_probe
 from workbench.store.reader import Store
+from workbench.store.table_group import TableUnit
 
 PERCENTILE, MAX_RATIO, LAYER_FRACTION = 99.5, 10.0, 0.75
 MASSIVE_VALUE, MASSIVE_RATIO = 100.0, 1000.0
@@ -120,6 +121,7 @@ def analyze_experts(store: Store) -> dict[str, pd.DataFrame]:
     """Super-expert table and massive-activation curve; persisted as super_experts and massive_activation_summary."""
     maxima = mark_super_experts(expert_maxima(store), int(store.info()["model"]["n_layers"]))
     massive = massive_activations(store)
-    store.write_table("super_experts", maxima)
-    store.write_table("massive_activation_summary", massive)
+    with TableUnit(store.root, "analysis_experts") as unit:  # published together
+        unit.write_table("super_experts", maxima)
+        unit.write_table("massive_activation_summary", massive)
     return {"experts": maxima, "super": maxima[maxima["is_super"]].reset_index(drop=True), "massive": massive}

@@ -12,7 +12,10 @@ readers open an in-memory DuckDB with views over the finished files:
           act.blocks.1.hook_resid_post.parquet
           <probe table>.parquet
       capture/.tmp-...                 a batch being written (ignored by readers)
-      tables/<name>/part-*.parquet     derived tables: analyses, SAE features
+      tables/<name>/part-*.parquet     a derived table written on its own
+      tables/<group>/current           a table group: derived tables published together
+      tables/<group>/<unit>/<name>.parquet   (an SAE's feature tables, an analysis's tables;
+                                       see table_group.py)
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from workbench.store.layout import (
     read_manifest,
     tables_dir,
 )
+from workbench.store.table_group import derived_views, is_table_group
 from workbench.store.writer import write_table
 
 
@@ -137,7 +138,7 @@ class Store:
             "data": capture.get("data"),
             "probes": capture.get("probes", []),
             "probe_tables": probe_tables,
-            "tables": self._derived_tables(),
+            "tables": sorted(derived_views(self.root, self._derived_tables())),
             "views": sorted(views | (self._empty_views().keys() if TOKENS_TABLE not in views else set())),
         }
 
@@ -155,8 +156,7 @@ class Store:
             for table in self._batch_tables(batches):
                 name = activation_view(table[len(ACT_PREFIX):]) if table.startswith(ACT_PREFIX) else table
                 views[name] = [str(b / f"{table}.parquet") for b in batches]
-        for table in self._derived_tables():
-            views[table] = [str(p) for p in sorted((tables_dir(self.root) / table).glob("*.parquet"))]
+        views.update(derived_views(self.root, self._derived_tables()))
         return views
 
     def connect(self) -> duckdb.DuckDBPyConnection:
@@ -209,6 +209,8 @@ class Store:
 
     def write_table(self, name: str, table: pa.Table | pd.DataFrame, row_group_size: int | None = None) -> None:
         """Store or replace a derived table, visible to sql() as a view of that name."""
+        if is_table_group(tables_dir(self.root) / name):
+            raise WorkbenchError(f"'{name}' is a table group of store {self.root} (tables published together); pick another name")
         if isinstance(table, pd.DataFrame):
             table = pa.Table.from_pandas(table, preserve_index=False)
         write_table(self.root, name, table, row_group_size)

@@ -42,6 +42,11 @@ def _write_parquet(table: pa.Table, path: Path, dense: bool, row_group_size: int
         pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=["token_index"])
     else:
         pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
+    fsync_file(path)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk, so a rename that publishes it never exposes a torn file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
