@@ -65,7 +65,7 @@ class Preset:
 PRESETS = {
     "cpu": Preset("tiny-relu", "blocks.2.hook_resid_post", 200_000, 128, 32, "cpu", 1536, 16, 1024, 1_000_000),
     "gpu": Preset("gpt2-shaped:768:12", "blocks.6.hook_resid_post", 2_000_000, 128, 64, "cuda", 24576, 32, 4096,
-                  20_000_000, live_tokens=10_000_000),
+                  20_000_000, live_tokens=4_000_000),
     "gpu-2048": Preset("gpt2-shaped:2048:4", "blocks.2.hook_resid_post", 2_000_000, 128, 64, "cuda", 65536, 64, 4096,
                        20_000_000, rules=["topk"], dtype="bfloat16", live_tokens=4_000_000),
 }

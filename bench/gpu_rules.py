@@ -20,9 +20,12 @@ hence the long default warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,7 +48,21 @@ def low_rank_data(n: int, d_in: int, device: str, seed: int = 0) -> torch.Tensor
     return coords @ basis + 0.1 * torch.randn(n, d_in, generator=gen, device=device)
 
 
-def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: int, steps: int, device: str) -> dict:
+@contextlib.contextmanager
+def profiled(on: bool) -> Iterator[Any]:
+    """torch.profiler over the block when asked (CPU and CUDA activity), else nothing."""
+    if not on:
+        yield None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield prof
+
+
+def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: int, steps: int, device: str,
+             profile: bool = False) -> dict:
     config = TrainConfig(arch=arch, d_in=data.shape[1], d_sae=d_sae, k=None if arch == "gba" else k, batch_size=B,
                          tokens=(warmup + steps) * B, device=device, warmup_steps=0, decay_fraction=0.0,
                          init_tokens=B, log_every=max(1, (warmup + steps) // 20), seed=0)
@@ -62,10 +79,15 @@ def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: 
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        trainer.fit(until_step=warmup + steps, progress=False)
-        if cuda:
-            torch.cuda.synchronize()
+        with profiled(profile) as prof:
+            trainer.fit(until_step=warmup + steps, progress=False)
+            if cuda:
+                torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
+        if prof is not None:
+            print(f"--- {arch}: the timed steps' most expensive operations")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total" if not cuda else "self_cuda_time_total", row_limit=12))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         trainer.check_finite()
     except Exception as e:  # noqa: BLE001 - a rule that fails to train is this table's finding, the others still run
         failure, elapsed = f"{type(e).__name__}: {str(e).splitlines()[0]}", float("nan")
@@ -88,6 +110,7 @@ def main() -> int:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 100; --tiny 10)")
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing (default 300; --tiny 20)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's costliest operations of the timed steps")
     args = ap.parse_args()
     d_in, d_sae, k, B = (32, 256, 8, 256) if args.tiny else (2048, 65536, 64, 4096) if args.large else (768, 24576, 32, 4096)
     steps = args.steps or (10 if args.tiny else 100)
@@ -98,7 +121,7 @@ def main() -> int:
     print(f"{'rule':<14} {'aux':<9} {'step':<9} {'tok/s':>12} {'peak GiB':>9} {'FVU first->last':>16} {'L0':>7}  check")
     failed = False
     for arch in args.rules.split(","):
-        r = run_rule(arch, data, d_sae, k, B, warmup, steps, args.device)
+        r = run_rule(arch, data, d_sae, k, B, warmup, steps, args.device, args.profile)
         failed |= bool(r["failure"])
         print(f"{r['rule']:<14} {r['aux']:<9} {r['step']:<9} {r['tok_s']:>12,.0f} {r['peak_gib']:>9.2f} "
               f"{r['fvu0']:>7.3f} -> {r['fvu']:<6.3f} {r['l0']:>7.1f}  {r['failure'] or 'ok'}", flush=True)
