@@ -142,3 +142,19 @@ def test_capture_stores_a_bf16_model_at_two_bytes_by_default():
     assert storage_dtype_for(handle) == "float32"
     handle.model.to(torch.bfloat16)
     assert storage_dtype_for(handle) == "bfloat16"
+
+
+def test_a_killed_table_replacement_is_restored_by_the_next_writer(store):
+    """A writer killed after renaming a table aside and before renaming the new one in."""
+    import pandas as pd
+
+    from workbench.store.layout import tables_dir
+
+    store.write_table("kept", pd.DataFrame({"x": [1, 2, 3]}))
+    folder = tables_dir(store.root)
+    dead_pid = 2**22 + 12345  # above any pid this machine hands out
+    (folder / "kept").rename(folder / f".old-{dead_pid}-kept-0badf00d")
+    assert "kept" not in store.views()
+    store.write_table("other", pd.DataFrame({"y": [4]}))
+    assert store.df("SELECT sum(x) AS s FROM kept")["s"][0] == 6
+    assert not any(p.name.startswith(".old-") for p in folder.iterdir())

@@ -10,6 +10,8 @@ Python runs per row and 16-bit data stays 16-bit until the caller converts it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +65,19 @@ def pooled_empty(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(pa.allocate_buffer(nbytes), dtype=dtype).view(rows, d)
 
 
-def read_activation_rows(file: ActivationFile, dtype: str, d: int, lo: int, hi: int, out: torch.Tensor) -> None:
-    """Copy rows [lo, hi) of the file (file-relative) into out [hi - lo, d] (any dtype, any
-    device: a float32 out converts, a 16-bit out of the stored dtype copies the bits)."""
-    if dtype not in STORED_TORCH_DTYPE:
-        raise WorkbenchError(f"{file.path}: unknown stored activation dtype '{dtype}'")
+def read_column(file: ActivationFile) -> pa.ChunkedArray:
+    """The file's `act` column, decoded by pyarrow (its threads; the GIL is released)."""
     try:
-        column = pq.read_table(file.path, columns=["act"], use_threads=True, memory_map=True).column("act")
+        return pq.read_table(file.path, columns=["act"], use_threads=True, memory_map=True).column("act")
     except (OSError, pa.ArrowException, KeyError) as err:
         raise WorkbenchError(f"cannot read {file.path} ({err}); the store may be damaged") from err
+
+
+def copy_rows(file: ActivationFile, column: pa.ChunkedArray, dtype: str, d: int, lo: int, hi: int, out: torch.Tensor) -> None:
+    """Copy rows [lo, hi) of the file's column (file-relative) into out [hi - lo, d] (any dtype,
+    any device: a float32 out converts, a 16-bit out of the stored dtype copies the bits)."""
+    if dtype not in STORED_TORCH_DTYPE:
+        raise WorkbenchError(f"{file.path}: unknown stored activation dtype '{dtype}'")
     row = 0
     for chunk in column.chunks:
         n = len(chunk)
@@ -90,4 +96,30 @@ def fill_rows(files: list[ActivationFile], dtype: str, d: int, lo: int, hi: int,
     for file in files:
         a, b = max(lo, file.first), min(hi, file.first + file.rows)
         if a < b:
-            read_activation_rows(file, dtype, d, a - file.first, b - file.first, out[a - lo : b - lo])
+            copy_rows(file, read_column(file), dtype, d, a - file.first, b - file.first, out[a - lo : b - lo])
+
+
+def iter_rows(
+    files: list[ActivationFile], dtype: str, d: int, lo: int, hi: int, chunk_tokens: int, out_dtype: torch.dtype,
+    ahead: int = 2,
+) -> Iterator[torch.Tensor]:
+    """Token rows [lo, hi) in chunks of chunk_tokens (the last shorter), each filled straight
+    from the files; the next `ahead` files are decoded on a thread while one is copied."""
+    touched = [f for f in files if f.first < hi and f.first + f.rows > lo]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(read_column, f) for f in touched[:ahead]]
+        out, filled, pos = None, 0, lo
+        for i, file in enumerate(touched):
+            column = pending.pop(0).result()
+            if i + ahead < len(touched):
+                pending.append(pool.submit(read_column, touched[i + ahead]))
+            a, b = max(lo, file.first), min(hi, file.first + file.rows)
+            while a < b:
+                if out is None:
+                    out, filled = pooled_empty(min(chunk_tokens, hi - pos), d, out_dtype), 0
+                take = min(b - a, len(out) - filled)
+                copy_rows(file, column, dtype, d, a - file.first, a - file.first + take, out[filled : filled + take])
+                filled, a, pos = filled + take, a + take, pos + take
+                if filled == len(out):
+                    yield out
+                    out = None

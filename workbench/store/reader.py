@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.store.activation_files import ActivationFile, fill_rows, list_activation_files, pooled_empty
+from workbench.store.activation_files import ActivationFile, fill_rows, iter_rows, list_activation_files, pooled_empty
 from workbench.store.layout import (
     ACT_PREFIX,
     TOKENS_TABLE,
@@ -243,11 +243,7 @@ class Store:
         files = self.activation_files(hook)
         total = files[-1].first + files[-1].rows if files else 0
         lo, hi = max(start or 0, 0), min(total if stop is None else stop, total)
-        for chunk_lo in range(lo, hi, chunk_tokens):
-            chunk_hi = min(chunk_lo + chunk_tokens, hi)
-            out = pooled_empty(chunk_hi - chunk_lo, d, dtype)
-            fill_rows(files, stored, d, chunk_lo, chunk_hi, out)
-            yield out
+        yield from iter_rows(files, stored, d, lo, hi, chunk_tokens, dtype)
 
     def activations(self, hook: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Float32 activations [n, d] for token_index in [start, stop), in token order."""

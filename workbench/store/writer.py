@@ -89,6 +89,23 @@ def remove_leftovers(folder: Path, prefixes: tuple[str, ...] = (TMP_PREFIX,)) ->
     return removed
 
 
+def restore_retired_tables(folder: Path) -> int:
+    """Put back a table whose writer was killed between renaming the old folder aside and
+    renaming the new one in: the retired folder (RETIRED_PREFIX + temporary_name's parts)
+    becomes the table again, so a killed replacement never loses the table. Returns how many."""
+    if not folder.is_dir():
+        return 0
+    restored = 0
+    for path in folder.iterdir():
+        if not path.name.startswith(RETIRED_PREFIX) or writer_alive(path.name, RETIRED_PREFIX):
+            continue
+        parts = path.name[len(RETIRED_PREFIX):].split("-")
+        if len(parts) == 3 and parts[1].replace("_", "").isalnum() and not (folder / parts[1]).exists():
+            os.rename(path, folder / parts[1])
+            restored += 1
+    return restored
+
+
 def remove_partial_batches(root: Path) -> int:
     """Delete what a killed capture left behind (temporary batches, a half-written manifest,
     its write probe); returns how many."""
@@ -103,6 +120,7 @@ def write_table(root: Path, name: str, table: pa.Table, row_group_size: int | No
     if not name.replace("_", "").isalnum():
         raise WorkbenchError(f"table name '{name}' must be letters, digits and underscores")
     target = tables_dir(root) / name
+    restore_retired_tables(tables_dir(root))
     remove_leftovers(tables_dir(root), (TMP_PREFIX, RETIRED_PREFIX))
     staging = tables_dir(root) / temporary_name(name)
     staging.mkdir(parents=True)
