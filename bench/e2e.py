@@ -229,7 +229,7 @@ def train_args(store_or_model: list[str], preset: Preset, rule: str, out: Path, 
     return args if rule == "gba" else [*args, "--k", str(preset.k)]
 
 
-def run(preset: Preset, work: Path, baseline: Path | None = None) -> list[dict]:
+def run(preset: Preset, work: Path, baseline: Path | None = None, evaluate: bool = True) -> list[dict]:
     rows: list[dict] = []
 
     def row(stage: str, ours: float, counterpart: float | None, against: str, unit: str = "tok/s", **extra) -> None:
@@ -284,6 +284,8 @@ def run(preset: Preset, work: Path, baseline: Path | None = None) -> list[dict]:
     record = json.loads((out / "training.json").read_text())
     row(f"train {rule} --model", steady_rate(record["history"]), store_rate[rule], "the store path", wall_s=wall)
 
+    if not evaluate:
+        return rows
     sae = work / f"run-{rule}"
     n = preset.capture_tokens
     wall, _ = workbench("eval", str(sae), "--store", str(store), "--device", preset.device)
@@ -320,6 +322,8 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--capture-tokens", type=int, default=None)
+    parser.add_argument("--no-eval", action="store_true", help="stop after training (no eval, features or page)")
     parser.add_argument("--baseline", default=None, help="an older checkout of the project (e.g. `git archive` of a commit) "
                         "whose store source and train command run beside ours")
     args = parser.parse_args()
@@ -328,12 +332,14 @@ def main() -> None:
         preset.rules = args.rules.split(",")
     if args.train_tokens:
         preset.train_tokens = args.train_tokens
+    if args.capture_tokens:
+        preset.capture_tokens = args.capture_tokens
     machine = torch.cuda.get_device_name() if preset.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"bench/e2e.py --preset {args.preset}: {machine}, torch {torch.__version__}", flush=True)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        rows = run(preset, work, Path(args.baseline).resolve() if args.baseline else None)
+        rows = run(preset, work, Path(args.baseline).resolve() if args.baseline else None, not args.no_eval)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

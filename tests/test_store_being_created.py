@@ -73,14 +73,15 @@ def test_the_next_writer_removes_what_killed_writers_left(tmp_path):
     dead_pid = int(dead.stdout)
     tables = tmp_path / "tables"
     tables.mkdir()
+    # an old copy renamed aside whose replacement did land (the writer died before deleting it)
     stale = [tables / f".tmp-{dead_pid}-features_x-0123abcd", tables / f".old-{dead_pid}-saes-0123abcd", tables / ".tmp-saes-0123abcd"]
     live = tables / temporary_name("other")  # this process is alive: another writer's work in progress
-    for folder in (*stale, live):
+    for folder in (*stale, live, tables / "saes"):
         folder.mkdir()
         (folder / "part-0.parquet").write_bytes(b"partial")
     write_manifest(tmp_path, MANIFEST)
     Store.open(tmp_path).write_table("t", pd.DataFrame({"x": [1]}))
     assert not any(p.exists() for p in stale) and live.exists()
-    assert sorted(p.name for p in tables.iterdir()) == sorted([live.name, "t"])
+    assert sorted(p.name for p in tables.iterdir()) == sorted([live.name, "saes", "t"])
     assert json.loads((tmp_path / "store.json").read_text())["model"]["name"] == "tiny-relu"
     assert os.getpid() != dead_pid
