@@ -19,6 +19,12 @@ load and kernel compilation are left out of both sides; the whole command's wall
 printed too. The GPU presets build their checkpoint offline: GPT-2's architecture with random
 weights and the zoo's tokenizer, saved by transformers, loaded by `--model DIR` like any local
 Hugging Face folder.
+
+On the lent GPU machine, whose image lacks some of the project's packages, carry them as wheels
+(python 3.12, manylinux x86_64, --no-deps): duckdb, transformer-lens and the pure-Python packages
+it imports that the image lacks (beartype, better-abc, datasets, dill, multiprocess,
+fancy-einsum, typeguard); install them with `pip install --no-index --no-deps --target
+/tmp/site .whl/*.whl` and run with PYTHONPATH=/tmp/site.
 """
 
 from __future__ import annotations
