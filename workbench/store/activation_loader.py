@@ -5,7 +5,7 @@ time. This loader answers on the training device, in the stored dtype (16-bit da
 16-bit; the trainer converts on the device), in one of two modes:
 - resident: the whole token range is read once, by a pool of threads straight from the
   Parquet buffers into pinned host memory and on to one tensor on the device (on the GPU
-  when it fits; an H200 holds billions of stored values). Every later buffer is a gather
+  when it fits). Every later buffer is a gather
   on the device: no disk, no host copy, no Python per row.
 - streaming: when the range does not fit, each buffer is read by the same pool into pinned
   memory and copied to the device on a side stream, and the stream's next buffer is read
