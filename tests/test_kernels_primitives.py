@@ -114,3 +114,18 @@ def test_feature_scatter_over_several_d_blocks(block_d, block_p):
     feature_scatter(order, offsets, k, coef, src, out, coef_sum, block_d=block_d, block_p=block_p)
     assert rel_err(out, A.t() @ src.double()) < 1e-5
     assert rel_err(coef_sum, A.sum(0)) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_feature_scatter_splits_a_busy_feature_into_runs(chunk):
+    """Every token picks feature 0 (as an auxiliary loss's few candidates are): its pairs are
+    summed in runs of `chunk` by several programs and must still add up exactly once."""
+    B, k, F, D = 40, 3, 7, 20
+    indices, coef, _, src = make_case(B, k, F, D, 3)
+    indices[:, 0] = 0
+    A = dense_codes(indices, coef, F)
+    out, coef_sum = torch.full((F, D), float("nan")), torch.full((F,), float("nan"))
+    order, offsets = sort_pairs_by_feature(indices, F)
+    feature_scatter(order, offsets, k, coef, src, out, coef_sum, chunk=chunk)
+    assert rel_err(out, A.t() @ src.double()) < 1e-5
+    assert rel_err(coef_sum, A.sum(0)) < 1e-5
