@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _feature_scatter_kernel(
@@ -78,7 +80,7 @@ def feature_scatter(
     F, D = out.shape
     if F == 0 or D == 0:
         return
-    assert src.stride(1) == 1
+    require(src.stride(1) == 1, "`src` must have contiguous rows")
     block_d = min(triton.next_power_of_2(D), block_d)
     _feature_scatter_kernel[(F, triton.cdiv(D, block_d))](
         order, offsets, coef.reshape(-1), src, out, coef_sum if coef_sum is not None else out,
