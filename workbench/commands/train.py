@@ -52,7 +52,7 @@ def train_command(
     """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store (or of a
     model run on the fly with --model)."""
     from sae.config import TrainConfig
-    from sae.fused_trainer import choose_trainer
+    from sae.trainer import Trainer
     from workbench.models.device import check_device
 
     check_device(device)
@@ -79,9 +79,8 @@ def train_command(
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
         gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma, checkpoint_every=checkpoint_every,
     )
-    trainer_class = choose_trainer(config, step)
     command = ["workbench", *sys.argv[1:]]
-    trainer = trainer_class.resume(out, source, config, command) if resume else trainer_class.start(config, source, out, command)
+    trainer = Trainer.resume(out, source, config, command, step=step) if resume else Trainer.start(config, source, out, command, step=step)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
     print(
