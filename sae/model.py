@@ -2,10 +2,10 @@
 x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
 
 Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
-not a transpose. Training on CUDA runs the encoder through sae.kernels.sparse_encode: one
-dense product, the rule's selection on the result, and a backward through the kept entries
-only (plus the auxiliary loss's entries, selected in the same pass); on CPU the same
-selection feeds plain autograd. The decode step is a
+not a transpose. On the triton backend (CUDA's default) training runs the encoder through
+sae.kernels.sparse_encode: one dense product, the rule's selection on the result, and a
+backward through the kept entries only (plus the auxiliary loss's entries, selected in the
+same pass); on the torch backend the same selection feeds plain autograd. The decode step is a
 gather-sum of the active rows of W_dec (sae.kernels.sparse_decode); when a rule keeps so
 many features per row that gathering would cost more than a dense product (GBA early in
 training), decode falls back to one.

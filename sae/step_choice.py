@@ -73,7 +73,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
                               grad_out_dtype=dtype, moments_dtype=dtype, k_aux=config.aux_k, aux_alpha=config.aux_alpha,
                               backend=backend)
         return CudaGraphStep(fused) if on_cuda else fused
-    options = dict(autocast_dtype=torch.bfloat16 if low else None, aux_k=config.aux_k, aux_alpha=config.aux_alpha)
+    options = {"autocast_dtype": torch.bfloat16 if low else None, "aux_k": config.aux_k, "aux_alpha": config.aux_alpha}
     if kind == "data-parallel":
         from sae.distributed import DataParallelStep
 
