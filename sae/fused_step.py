@@ -1,6 +1,6 @@
 """One TopK training step as a handful of kernels, with no autograd and no host sync.
 
-The step sae.trainer runs for TopK (MSE / batch variance, the decoder gradient's part
+The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
   0. xc = x - b_dec and the batch variance sae.kernels.triton_centre (one read of x)
   1. z = xc @ W_enc + b_enc               one dense product (bf16, or fp32)
@@ -15,7 +15,7 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
-With AuxK (step(x, dead_features=...)), as sae.trainer computes it through autograd: each
+With AuxK (a call with aux = the dead features), as sae.autograd_step computes it: each
 row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
 (step 3 writes e). A dead feature takes up to a whole batch of these entries, so they are
 not pairs for step 6 but dense products over the dead features' columns only (_auxk: the

@@ -5,10 +5,11 @@ one optimiser step on x, the scaled global batch on the model's device, and retu
 StepStats as device tensors (reading one is a host-device sync, so the Trainer reads them
 only when logging). aux_weights is the per-feature weight of the auxiliary loss (None: no
 auxiliary loss this step); prepare_aux turns it into the step's own form, or None where
-the step would train without it (what lets a CUDA graph replay such steps). The Trainer around a step owns the loop, the dead-feature counters, the NaN/Inf
-guard and checkpoints; the optimiser's state crosses checkpoints in torch.optim.Adam's
-state_dict layout (float32 moments, parameters numbered in model.parameters() order among
-those that train), so any step resumes any other's checkpoint.
+the step would train without it (what lets a CUDA graph replay such steps). The Trainer
+around a step owns the loop, the dead-feature counters, the NaN/Inf guard and
+checkpoints; the optimiser's state crosses checkpoints in torch.optim.Adam's state_dict
+layout (float32 moments, parameters numbered in model.parameters() order among those that
+train), so any step resumes any other's checkpoint.
 
 Implementations: sae.autograd_step.AutogradStep (every rule; torch Adam),
 sae.fused_step.FusedTopKStep (TopK as Triton kernels, Adam inside them),

@@ -146,7 +146,7 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, ch
 
 
 def reference_train_step(model64, opt, x, dead=None, k_aux=0, aux_alpha=0.0):
-    """sae.trainer.Trainer.train_step's sequence for TopK in float64; dead (bool [d_sae]):
+    """sae.autograd_step.AutogradStep's sequence for TopK in float64; dead (bool [d_sae]):
     with AuxK on those features."""
     select_aux = None if dead is None else (lambda z: aux_candidates(z, dead.double(), k_aux))
     x_hat, _, aux_code = model64(x, select_aux)
