@@ -213,13 +213,13 @@ def in_memory_train_rate(store_path: Path, preset: Preset, rule: str) -> tuple[f
     (steady tok/s, final FVU)."""
     from sae.config import TrainConfig
     from sae.data import TensorSource
-    from sae.fused_trainer import choose_trainer
+    from sae.trainer import Trainer
     from workbench import Store
 
     data = Store.open(store_path).activations(preset.hook).to(preset.device)
     config = TrainConfig(arch=rule, d_in=data.shape[1], d_sae=preset.d_sae, k=None if rule == "gba" else preset.k,
                          tokens=preset.train_tokens, batch_size=preset.batch_size, device=preset.device)
-    trainer = choose_trainer(config, "auto").start(config, TensorSource(data, seed=0))
+    trainer = Trainer.start(config, TensorSource(data, seed=0))
     trainer.fit(progress=False)
     rate, fvu = steady_rate(trainer.history), trainer.history[-1]["fvu"]
     del trainer, data

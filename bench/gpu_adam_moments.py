@@ -35,10 +35,11 @@ def train(shape, pool, x_eval, steps: int, moments_dtype: torch.dtype, every: in
     model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
     model.init_weights(torch.Generator().manual_seed(seed), b_dec=pool[0].mean(0).cpu())
     model = model.cuda()
+    model.make_encoder_feature_major()
     fused = FusedTopKStep(model, lr=LR, moments_dtype=moments_dtype)
     curve = []
     for step in range(1, steps + 1):
-        fused.step(pool[step % len(pool)])
+        fused(pool[step % len(pool)])
         if step % every == 0 or step == steps:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 curve.append({"step": step, "fvu": fvu_of(x_eval, model(x_eval)[0])})

@@ -39,10 +39,11 @@ def main() -> None:
         model64 = copy.deepcopy(model).double()
         opt = torch.optim.Adam(model64.parameters(), lr=1e-3, foreach=False)
         model = model.cuda()
+        model.make_encoder_feature_major()
         fused = FusedTopKStep(model, lr=1e-3, precision="fp32", pair_chunk=4)
         for _ in range(3):
             x = torch.randn(B, d_in, generator=gen)
-            stats = fused.step(x.cuda())
+            stats = fused(x.cuda())
             loss = reference_train_step(model64, opt, x.double())
         diffs = {name: float((p.detach().cpu().double() - getattr(model64, name)).norm() / getattr(model64, name).norm())
                  for name, p in model.named_parameters()}
@@ -51,7 +52,7 @@ def main() -> None:
               + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()), flush=True)
         bf16 = FusedTopKStep(copy.deepcopy(model), lr=1e-3, precision="bf16")
         for _ in range(3):
-            bf16.step(torch.randn(B, d_in, generator=gen).cuda())
+            bf16(torch.randn(B, d_in, generator=gen).cuda())
         same = all(torch.equal(bf16.params[lp], bf16.params[w].to(torch.bfloat16))
                    for lp, w in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")))
         print(f"  bf16 encoder and decoder copies equal torch's cast of the fp32 rows: {same}", flush=True)

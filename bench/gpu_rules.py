@@ -2,7 +2,7 @@
 and checks that it trains (a device benchmark; exits 1 if a check fails).
 
 For topk, mutual-choice and gba, each with its default aux loss and precision (on CUDA the
-bf16 encoder product), the trainer sae.fused_trainer.choose_trainer(config, "auto") picks
+bf16 encoder product), the step the Trainer picks with step "auto"
 is started on a GPU-resident TensorSource (a fixed random low-rank-plus-noise tensor), so
 the data path is not what is timed. Trainer.fit runs --warmup steps, then --steps more
 between two CUDA synchronisations. Checks: the rule trains without an error (such as a
@@ -33,7 +33,7 @@ import torch
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
-from sae.fused_trainer import choose_trainer
+from sae.trainer import Trainer
 
 RULES = ("topk", "mutual-choice", "gba")
 
@@ -70,9 +70,9 @@ def run_rule(arch: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = choose_trainer(config, "auto").start(config, TensorSource(data), out=None, command=[])
-    if not cuda:
-        trainer.autocast_dtype, trainer.model.fused_encoder = torch.bfloat16, True
+    trainer = Trainer.start(config, TensorSource(data), out=None, command=[])
+    if not cuda:  # CUDA's precision through the CPU's autocast
+        trainer.stepper.autocast_dtype = torch.bfloat16
     failure = ""
     try:
         trainer.fit(until_step=warmup, progress=False)

@@ -12,14 +12,16 @@ Our methods use the project's SparseAutoencoder (sae.model) parameters.
 - "ours (fused step, graph / no graph)": sae.fused_step.FusedTopKStep, the step as kernels
   with no autograd (split row top-k, decode + loss gradient in one gather,
   per-feature backward with Adam, renorm and the bf16 encoder copy fused), one CUDA graph.
-The earlier rows train through autograd with sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
-sparse_decode (gather-sum; per-feature backward), unit-norm decoder rows after each step.
+The other "ours" rows train through sae.autograd_step.AutogradStep (the Trainer's autograd
+step: forward, FVU loss, backward, the decoder gradient's parallel part removed, fused
+Adam, decoder renorm): on the triton backend sparse_encode (bf16 product, the rule's row
+top-k, sparse encoder backward) and sparse_decode (gather-sum; per-feature backward).
 - "ours (triton, graph)": W_enc stored feature-major, bf16 autocast, the whole step
-  (forward, backward, fused Adam, decoder renorm) captured once as a CUDA graph.
-- "ours (triton, no graph)" / "ours (row-major W_enc)": the same without the graph / with
-  the SAELens weight layout, to show what each choice is worth.
-- "ours (plain torch)": the CPU code path (embedding_bag, index_add, torch.topk) in fp32,
-  no autocast: the FVU reference (goal: triton FVU within 1% of it).
+  replayed by sae.graph_step.CudaGraphStep (Adam capturable).
+- "ours (triton, no graph)" / "ours (triton, row-major W_enc, graph)": the same without
+  the graph / with the SAELens weight layout, to show what each choice is worth.
+- "ours (torch)": the torch backend (a dense autograd encoder, torch's gather decode) in
+  fp32, no autocast: the FVU reference (goal: triton FVU within 1% of it).
 Peers run as their libraries train: SAELens training_forward_pass (MSE + its aux loss
 term; no dead mask is passed, the trainer's dead tracking is not part of the step) under
 bf16 autocast; sparsify SparseCoder.forward (its own bf16 autocast, fused encoder, Triton
@@ -51,7 +53,6 @@ from typing import Callable
 import torch
 import triton.testing
 
-from sae.kernels import sparse_decode, sparse_encode, topk_rows
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 
@@ -81,7 +82,7 @@ def synthetic_pool(d_in: int, k: int, B: int, n_batches: int, seed: int) -> list
 
 
 BF16 = torch.bfloat16
-TRAINER_SETTINGS = dict(grad_out_dtype=BF16, moments_dtype=BF16)  # FusedTopKTrainer's, --precision bf16
+TRAINER_SETTINGS = dict(grad_out_dtype=BF16, moments_dtype=BF16)  # the fused step's in the Trainer under --precision bf16
 FUSED_VARIANTS = {  # FusedTopKStep's settings, each a row (names: prefixes for --only)
     "ours (fused step, graph)": dict(graph=True, **TRAINER_SETTINGS),
     "ours (fused step, no pair chunks, graph)": dict(graph=True, **TRAINER_SETTINGS, pair_chunk=0),
@@ -108,99 +109,54 @@ class Method:
 
 
 class Ours(Method):
-    """The project's SparseAutoencoder trained through sae.kernels."""
+    """The project's SparseAutoencoder trained through sae.autograd_step.AutogradStep (the
+    model's forward: sparse_encode with the rule's selection on the triton backend),
+    optionally replayed by sae.graph_step.CudaGraphStep."""
 
-    def __init__(self, d_in, d_sae, k, x0, *, triton_path: bool, feature_major: bool, graph: bool, bf16: bool, fused_topk: bool = False):
-        self.name = "ours (" + ("triton" if triton_path else "plain torch") + (", fused top-k" if fused_topk else "") + (
-            "" if feature_major else ", row-major W_enc") + (", graph" if graph else (", no graph" if triton_path else "")) + ")"
-        self.k, self.triton_path, self.bf16, self.fused_topk = k, triton_path, bf16, fused_topk
+    def __init__(self, d_in, d_sae, k, x0, *, backend: str, feature_major: bool, graph: bool, bf16: bool):
+        from sae.autograd_step import AutogradStep
+        from sae.graph_step import CudaGraphStep
+
+        self.name = f"ours ({backend}" + ("" if feature_major else ", row-major W_enc") + (
+            ", graph" if graph else (", no graph" if backend == "triton" else "")) + ")"
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         model = model.cuda()
+        model.backend = backend
         if feature_major:
-            model.W_enc = torch.nn.Parameter(model.W_enc.detach().t().contiguous().t())
-        self.model = model
-        self.opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True, capturable=graph)
-        self.graph = None
-        if graph:
-            self.static_x = x0.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.opt.zero_grad(set_to_none=True)
-                    self._step(self.static_x)
-            torch.cuda.current_stream().wait_stream(side)
-            self.opt.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step(self.static_x)
-
-    def _forward(self, x):
-        m = self.model
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            values, indices = sparse_encode(
-                x, m.W_enc, m.b_enc, m.b_dec,
-                lambda z: topk_rows(z, self.k, fused=self.fused_topk), force_triton=self.triton_path,
-            )
-        return sparse_decode(indices, values, m.W_dec, force_triton=self.triton_path) + m.b_dec
-
-    def _step(self, x):
-        x_hat = self._forward(x)
-        loss = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        loss.backward()
-        self.opt.step()
-        self.model.normalize_decoder()
+            model.make_encoder_feature_major()
+        self.model, self.bf16 = model, bf16
+        step = AutogradStep(model, LR, autocast_dtype=BF16 if bf16 else None, capturable=graph)
+        self.train_step = CudaGraphStep(step) if graph else step
 
     def step(self, x):
-        if self.graph is not None:
-            self.static_x.copy_(x)
-            self.graph.replay()
-        else:
-            self.opt.zero_grad(set_to_none=True)
-            self._step(x)
+        self.train_step(x)
 
     @torch.no_grad()
     def reconstruct(self, x):
-        return self._forward(x)
+        with torch.autocast("cuda", dtype=BF16, enabled=self.bf16, cache_enabled=False):
+            return self.model(x)[0]
 
 
 class OursFusedStep(Method):
-    """sae.fused_step.FusedTopKStep: the TopK step as a few kernels and no autograd. With a
-    graph, the warm-up steps that capture needs are undone (state restored in place), so the
-    run trains the same number of steps as every other method. step_kwargs go to
-    FusedTopKStep (the variants' settings)."""
+    """sae.fused_step.FusedTopKStep: the TopK step as a few kernels and no autograd, with a
+    graph through sae.graph_step.CudaGraphStep. step_kwargs go to FusedTopKStep (the
+    variants' settings)."""
 
     def __init__(self, d_in, d_sae, k, x0, *, graph: bool, name: str = "ours (fused step)", **step_kwargs):
         from sae.fused_step import FusedTopKStep
+        from sae.graph_step import CudaGraphStep
 
         self.name = name
         model = SparseAutoencoder(d_in, d_sae, TopKRule(k))
         model.init_weights(torch.Generator().manual_seed(0), b_dec=x0.mean(0).cpu())
         self.model = model.cuda()
+        self.model.make_encoder_feature_major()
         self.fused = FusedTopKStep(self.model, lr=LR, **step_kwargs)
-        self.graph = None
-        if graph:
-            saved = [t.cpu() for t in self.fused.state_tensors()]  # on the host: not in the peak
-            self.static_x = x0.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.fused.step(self.static_x)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.fused.step(self.static_x)
-            for t, s in zip(self.fused.state_tensors(), saved):
-                t.copy_(s)
+        self.train_step = CudaGraphStep(self.fused) if graph else self.fused
 
     def step(self, x):
-        if self.graph is None:
-            self.fused.step(x)
-            return
-        self.static_x.copy_(x)
-        self.graph.replay()
+        self.train_step(x)
 
     @torch.no_grad()
     def reconstruct(self, x):
@@ -209,8 +165,8 @@ class OursFusedStep(Method):
 
 
 class ProjectTrainer(Method):
-    """The project's own sae.trainer.Trainer.train_step (TopK, aux none, constant lr): what
-    `workbench train` runs, host syncs for its metrics and NaN guard included."""
+    """The project's own sae.trainer.Trainer.train_step with the autograd step (TopK, aux
+    none, constant lr), host syncs for its metrics and NaN guard included."""
 
     name = "ours (project Trainer.train_step)"
 
@@ -221,7 +177,7 @@ class ProjectTrainer(Method):
 
         config = TrainConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, tokens=10**9, batch_size=len(x0), lr=LR,
                              device="cuda", aux="none", warmup_steps=0, decay_fraction=0.0, init_tokens=len(x0))
-        self.trainer = Trainer(config, TensorSource(x0.cpu()), None, [])
+        self.trainer = Trainer(config, TensorSource(x0.cpu()), None, [], step="autograd")
         self.trainer._initialise()
 
     def step(self, x):
@@ -336,12 +292,11 @@ def main() -> None:
         makers: list[tuple[str, Callable[[], Method]]] = [
             *((name, lambda name=name, kw=kw: OursFusedStep(d_in, d_sae, k, pool[0], name=name, **kw))
               for name, kw in FUSED_VARIANTS.items()),
-            ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True)),
-            ("ours (triton, fused top-k, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=True, bf16=True, fused_topk=True)),
+            ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=True, graph=True, bf16=True)),
             ("ours (project Trainer.train_step)", lambda: ProjectTrainer(d_in, d_sae, k, pool[0])),
-            ("ours (triton, no graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=True, graph=False, bf16=True)),
-            ("ours (triton, row-major W_enc, graph)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=True, feature_major=False, graph=True, bf16=True)),
-            ("ours (plain torch)", lambda: Ours(d_in, d_sae, k, pool[0], triton_path=False, feature_major=False, graph=False, bf16=False)),
+            ("ours (triton, no graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=True, graph=False, bf16=True)),
+            ("ours (triton, row-major W_enc, graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=False, graph=True, bf16=True)),
+            ("ours (torch)", lambda: Ours(d_in, d_sae, k, pool[0], backend="torch", feature_major=False, graph=False, bf16=False)),
             ("sparsify TopK", lambda: Sparsify(d_in, d_sae, k, pool[0])),
             ("SAELens TopK", lambda: SaeLens(d_in, d_sae, k, pool[0], batch=False)),
             ("SAELens BatchTopK", lambda: SaeLens(d_in, d_sae, k, pool[0], batch=True)),

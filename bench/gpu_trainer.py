@@ -3,8 +3,8 @@
 
 (a) One GPU, at 768x24576 k32 B4096 and 2048x65536 k64 B4096 (TopK, aux none, constant lr
     4e-4, the synthetic batches of bench/gpu_train.py): tokens/s of train_step on
-    device-resident batches for sae.fused_trainer.FusedTopKTrainer (what `workbench train`
-    runs on CUDA for TopK) and sae.trainer.Trainer (the autograd step), next to
+    device-resident batches for sae.trainer.Trainer with the fused step (what `workbench
+    train` runs on CUDA for TopK) and with the autograd step, next to
     bench/gpu_train.py's "ours (fused step, graph)" (the same kernels as one CUDA graph),
     in the same process so the ratios are from one run; plus peak memory and FVU on a
     held-out batch after equal tokens. With --aux auxk each trainer runs twice and the
@@ -58,7 +58,6 @@ import torch
 from sae.config import TrainConfig
 from sae.data import TensorSource
 from sae.errors import SAEError
-from sae.fused_trainer import FusedTopKTrainer
 from sae.trainer import Trainer
 
 CONFIGS = [(768, 24576, 32, 4096), (2048, 65536, 64, 4096)]
@@ -118,16 +117,17 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 # ---- (a) one GPU ---------------------------------------------------------------------------
 class TrainStep:
-    """train_step of a project trainer (Trainer: autograd; FusedTopKTrainer: what
-    `workbench train` runs on CUDA for TopK) on device-resident batches."""
+    """Trainer.train_step with one step kind ("autograd"; "fused": what `workbench train`
+    runs on CUDA for TopK, replayed as a CUDA graph unless graph=False) on device-resident
+    batches."""
 
-    def __init__(self, shape, x0: torch.Tensor, device: str, trainer_cls: type[Trainer] = Trainer, graph: bool = True) -> None:
+    def __init__(self, shape, x0: torch.Tensor, device: str, kind: str = "autograd", graph: bool = True) -> None:
         d_in, d_sae, k, B = shape
-        self.name = f"project {trainer_cls.__name__}.train_step" + ("" if graph else " (no graph)")
-        self.trainer = trainer_cls(config_for(d_in, d_sae, k, B, 10**6, device), TensorSource(x0.cpu()), None, [])
+        self.name = f"project Trainer.train_step ({kind} step)" + ("" if graph else " (no graph)")
+        self.trainer = Trainer(config_for(d_in, d_sae, k, B, 10**6, device), TensorSource(x0.cpu()), None, [], step=kind)
         self.trainer._initialise()
-        if not graph:
-            self.trainer.use_graph = False
+        if not graph and kind == "fused":
+            self.trainer.stepper = self.trainer.stepper.inner  # the fused step without its CudaGraphStep
 
     def dead_features(self) -> int:
         return int((self.trainer.tokens_since_fired >= self.trainer.config.dead_tokens).sum())
@@ -176,7 +176,7 @@ def one_gpu(ci: int, shape: tuple[int, int, int, int], steps: int, cuda: bool) -
     pool = pool_for(ci, shape, 9, cuda)
     x_eval = pool.pop()
     device = "cuda" if cuda else "cpu"
-    makers = [("project Trainer.train_step", lambda: TrainStep(shape, pool[0], device))]
+    makers = [("project Trainer.train_step (autograd step)", lambda: TrainStep(shape, pool[0], device))]
     floor = None
     if cuda:
         from gpu_train import TRAINER_SETTINGS, OursFusedStep, encoder_floor_ms
@@ -184,8 +184,8 @@ def one_gpu(ci: int, shape: tuple[int, int, int, int], steps: int, cuda: bool) -
         floor = B / encoder_floor_ms(d_in, d_sae, B) * 1e3
         makers = [
             ("ours (fused step, graph)", lambda: OursFusedStep(d_in, d_sae, k, pool[0], graph=True, **TRAINER_SETTINGS)),
-            ("project FusedTopKTrainer.train_step", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer)),
-            ("project FusedTopKTrainer.train_step (no graph)", lambda: TrainStep(shape, pool[0], device, FusedTopKTrainer, graph=False)),
+            ("project Trainer.train_step (fused step)", lambda: TrainStep(shape, pool[0], device, "fused")),
+            ("project Trainer.train_step (fused step) (no graph)", lambda: TrainStep(shape, pool[0], device, "fused", graph=False)),
             *makers,
         ]
     rows = []
@@ -266,7 +266,7 @@ def run_single(shape, steps: int, batch: int, data: torch.Tensor, x_eval: torch.
     """Trainer.fit in this process on one device: weights (CPU), tokens/s, FVU on x_eval."""
     d_in, d_sae, k, _ = shape
     source = TimedSource(TensorSource(data, seed=1), steps)
-    trainer = Trainer.start(config_for(d_in, d_sae, k, batch, steps, device), source)
+    trainer = Trainer.start(config_for(d_in, d_sae, k, batch, steps, device), source, step="autograd")
     model = trainer.fit(progress=False)
     sync()
     scale = trainer.input_scale
@@ -378,15 +378,15 @@ def part_c(cuda: bool) -> dict:
     d_in, d_sae, k, B = (256, 4096, 16, 512) if cuda else (16, 96, 4, 64)
     pool = cpu_pool(d_in, k, B, 4, seed=5)
     # no host sync inside a step (device batches, then CPU batches through pinned memory)
-    for trainer_cls in (Trainer, FusedTopKTrainer) if cuda else (Trainer,):
-        step = TrainStep((d_in, d_sae, k, B), pool[0], device, trainer_cls)
+    for kind in ("autograd", "fused") if cuda else ("autograd",):
+        step = TrainStep((d_in, d_sae, k, B), pool[0], device, kind)
         for x in pool:  # warm-up: Triton compiles, allocator fills
             step.step(x.to(device))
         gpu_batches = [x.to(device) for x in pool]
         sync()
         if not cuda:
             continue
-        for label, batches in ((f"{trainer_cls.__name__}, device batches", gpu_batches), (f"{trainer_cls.__name__}, CPU batches", pool)):
+        for label, batches in ((f"{kind} step, device batches", gpu_batches), (f"{kind} step, CPU batches", pool)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
@@ -400,38 +400,38 @@ def part_c(cuda: bool) -> dict:
             if msgs:
                 out[f"sync_warning_kinds ({label})"] = msgs
         sync()
-    if cuda:  # FusedTopKTrainer's graph replays must train as its eager steps do, bit for bit
+    if cuda:  # the fused step's graph replays must train as its eager steps do, bit for bit
         shape = (d_in, d_sae, k, B)
-        graphed, eager = TrainStep(shape, pool[0], device, FusedTopKTrainer), TrainStep(shape, pool[0], device, FusedTopKTrainer, graph=False)
+        graphed, eager = TrainStep(shape, pool[0], device, "fused"), TrainStep(shape, pool[0], device, "fused", graph=False)
         for x in pool * 3:
             graphed.step(x.to(device))
             eager.step(x.to(device))
-        pairs = zip(graphed.trainer.fused.state_tensors(), eager.trainer.fused.state_tensors())
-        out[f"graph_equals_eager (FusedTopKTrainer, {3 * len(pool)} steps, aux {AUX['aux']})"] = all(torch.equal(p, q) for p, q in pairs)
-    if cuda:  # FusedTopKTrainer resumed from its checkpoint (bf16 moments saved as float32): bit for bit
+        pairs = zip(graphed.trainer.stepper.inner.state_tensors(), eager.trainer.stepper.state_tensors())
+        out[f"graph_equals_eager (fused step, {3 * len(pool)} steps, aux {AUX['aux']})"] = all(torch.equal(p, q) for p, q in pairs)
+    if cuda:  # the fused step resumed from its checkpoint (bf16 moments saved as float32): bit for bit
         data = torch.cat(cpu_pool(d_in, k, B, 8, seed=7))
         cfg = config_for(d_in, d_sae, k, B, 8, device, log_every=4, checkpoint_every=4)
         with tempfile.TemporaryDirectory() as tmp:
-            straight = FusedTopKTrainer.start(cfg, TensorSource(data), out=Path(tmp) / "a")
+            straight = Trainer.start(cfg, TensorSource(data), out=Path(tmp) / "a", step="fused")
             straight.fit(progress=False)
-            first = FusedTopKTrainer.start(cfg, TensorSource(data), out=Path(tmp) / "b")
+            first = Trainer.start(cfg, TensorSource(data), out=Path(tmp) / "b", step="fused")
             first.fit(until_step=4, progress=False)
             del first
-            resumed = FusedTopKTrainer.resume(Path(tmp) / "b", TensorSource(data), cfg)
+            resumed = Trainer.resume(Path(tmp) / "b", TensorSource(data), cfg, step="fused")
             resumed.fit(progress=False)
             a, b = straight.state(), resumed.state()
             same = all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
             for i, moments in a["optimizer"]["state"].items():
                 same &= all(torch.equal(b["optimizer"]["state"][i][key], t) for key, t in moments.items())
-            out[f"resume_bit_exact (FusedTopKTrainer, 8 steps resumed at 4, moments {straight.fused.moments['W_dec'][0].dtype})"] = same
+            out[f"resume_bit_exact (fused step, 8 steps resumed at 4, moments {straight.stepper.inner.moments['W_dec'][0].dtype})"] = same
     # the NaN/Inf guard: NaN in the data; fit must stop with one error, checkpoint intact
     data = torch.cat(cpu_pool(d_in, k, B, 40, seed=6))
     data[len(data) // 2, 3] = float("nan")
-    for trainer_cls in (Trainer, FusedTopKTrainer) if cuda else (Trainer,):
-        tag = "" if trainer_cls is Trainer else f" ({trainer_cls.__name__})"
+    for kind in ("autograd", "fused") if cuda else ("autograd",):
+        tag = "" if kind == "autograd" else f" ({kind} step)"
         with tempfile.TemporaryDirectory() as tmp:
             cfg = config_for(d_in, d_sae, k, B, 40, device, log_every=10, checkpoint_every=5)
-            trainer = trainer_cls.start(cfg, TensorSource(data), out=Path(tmp) / "run")
+            trainer = Trainer.start(cfg, TensorSource(data), out=Path(tmp) / "run", step=kind)
             try:
                 trainer.fit(progress=False)
                 out["nan_guard" + tag] = "NO ERROR RAISED"

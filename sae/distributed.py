@@ -9,14 +9,12 @@ global batch, because each batch-level quantity is made global:
   holds it), and each rank's numerator is scaled by W to undo DDP's gradient mean;
 - the per-feature firing counts behind dead-feature tracking and densities are summed
   over ranks, and token counts are global.
-The step itself is Trainer.train_step; this class overrides only its hooks: shard (the
-rank's slice), forward_model (through DDP), loss_scale (W) and reduce (one all-reduce of
-the firing counts, squared error, L0 and loss, which also makes the NaN/Inf guard global).
-Supported now: per-row selection (arch topk) with aux "none". Batch-level rules (Mutual
-Choice's top k*B, GBA's statistics) and the auxiliary losses need the same global
+DataParallelStep is sae.autograd_step.AutogradStep with its per-process places replaced:
+shard (the rank's slice), forward (through DDP), loss_scale (W) and reduce (one all-reduce
+of the firing counts, squared error, L0 and loss, which also makes the NaN/Inf guard
+global). Supported now: per-row selection (arch topk) with aux "none". Batch-level rules
+(Mutual Choice's top k*B, GBA's statistics) and the auxiliary losses need the same global
 treatment of their own batch statistics and are refused with a clear message.
-The step stays autograd: the fused TopK step (sae.fused_trainer) applies Adam inside the
-kernel that sums each feature's gradient, so there is no gradient to all-reduce.
 
 Launch: torchrun --nproc_per_node N your_script.py, where the script builds a TrainConfig
 and a source and calls `train_data_parallel(config, source, out)`.
@@ -25,7 +23,6 @@ and a source and calls `train_data_parallel(config, source, out)`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from sae.autograd_step import AutogradStep
 from sae.code import SparseCode
 from sae.config import TrainConfig
 from sae.data import ActivationSource
@@ -43,20 +41,24 @@ from sae.trainer import Trainer
 
 def init_process_group() -> tuple[int, int, int]:
     """Join the torchrun job (NCCL when CUDA is present, else gloo): (rank, world, local rank)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SAEError("data-parallel training needs the torchrun environment (RANK, WORLD_SIZE); launch with torchrun --nproc_per_node N")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        try:
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        except ValueError as err:  # env:// rendezvous without torchrun's RANK, WORLD_SIZE, ...
+            raise SAEError("data-parallel training needs the torchrun environment (RANK, WORLD_SIZE); "
+                           "launch with torchrun --nproc_per_node N") from err
+    return dist.get_rank(), dist.get_world_size(), dist.get_node_local_rank(fallback_rank=0)
 
 
-class DataParallelTrainer(Trainer):
-    """The project's Trainer with the forward/backward split over ranks (see module doc).
-    Only rank 0 writes checkpoints and the saved SAE."""
+class DataParallelStep(AutogradStep):
+    """The autograd step with the forward/backward split over ranks (see the module doc)."""
 
-    def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
+    kind = "data-parallel"
+
+    def __init__(self, config: TrainConfig, model: SparseAutoencoder, **options: Any) -> None:
+        """options: AutogradStep's keywords."""
         if not dist.is_initialized():
-            raise SAEError("call sae.distributed.init_process_group() before building a DataParallelTrainer")
+            raise SAEError("call sae.distributed.init_process_group() before building a data-parallel step")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if config.arch != "topk" or config.aux != "none":
             raise SAEError(
@@ -65,15 +67,15 @@ class DataParallelTrainer(Trainer):
             )
         if config.batch_size % self.world:
             raise SAEError(f"`batch_size={config.batch_size}` must divide evenly over {self.world} processes")
-        super().__init__(config, source, out if self.rank == 0 else None, command)
-        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.on_cuda else None)
+        super().__init__(model, config.learning_rate, **options)
+        on_cuda = model.W_dec.device.type == "cuda"
+        self.ddp = DistributedDataParallel(model, device_ids=[model.W_dec.device.index] if on_cuda else None)
 
-    # Only the hooks of Trainer.train_step differ from one process (see the module doc).
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         per = len(x) // self.world
         return x[self.rank * per : (self.rank + 1) * per]
 
-    def forward_model(self, x: torch.Tensor, select_aux: Any) -> tuple[torch.Tensor, SparseCode, SparseCode | None]:
+    def forward(self, x: torch.Tensor, select_aux: Any) -> tuple[torch.Tensor, SparseCode, SparseCode | None]:
         return self.ddp(x, select_aux)
 
     @property
@@ -87,14 +89,15 @@ class DataParallelTrainer(Trainer):
 
 def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str | Path | None = None) -> SparseAutoencoder:
     """Train under torchrun: joins the process group, puts each rank on its GPU (cuda:LOCAL_RANK)
-    when the config asks for CUDA, trains, and leaves the process group."""
-    _, _, local_rank = init_process_group()
+    when the config asks for CUDA, trains (only rank 0 writes checkpoints and the saved
+    SAE), and leaves the process group."""
+    rank, _, local_rank = init_process_group()
     if config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")
         torch.cuda.set_device(local_rank)
     try:
-        trainer = DataParallelTrainer.start(config, source, out)
-        model = trainer.fit(progress=trainer.rank == 0)
+        trainer = Trainer.start(config, source, out if rank == 0 else None, step="data-parallel")
+        model = trainer.fit(progress=rank == 0)
         # DDP's reducer must go, and every rank must be done with its collectives, before
         # the group is destroyed: otherwise gloo can abort the process at exit.
         del trainer

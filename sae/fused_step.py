@@ -1,6 +1,6 @@
 """One TopK training step as a handful of kernels, with no autograd and no host sync.
 
-The step sae.trainer runs for TopK (MSE / batch variance, the decoder gradient's part
+The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
   0. xc = x - b_dec and the batch variance sae.kernels.triton_centre (one read of x)
   1. z = xc @ W_enc + b_enc               one dense product (bf16, or fp32)
@@ -15,7 +15,7 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
-With AuxK (step(x, dead_features=...)), as sae.trainer computes it through autograd: each
+With AuxK (a call with aux = the dead features), as sae.autograd_step computes it: each
 row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
 (step 3 writes e). A dead feature takes up to a whole batch of these entries, so they are
 not pairs for step 6 but dense products over the dead features' columns only (_auxk: the
@@ -24,38 +24,34 @@ sums; b_dec gets none of the aux reconstruction's gradient directly (it has no b
 only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
-The step shares storage with the model it trains: W_enc becomes the transpose view of a
-feature-major [d_sae, d_in] tensor, so the model is current after every step. lr and the
-step count live on the device, so a CUDA graph can capture step().
-Triton only: on CUDA, or on CPU under TRITON_INTERPRET=1 with force_triton (tests).
+The step shares storage with the model it trains, which must hold W_enc feature-major
+(SparseAutoencoder.make_encoder_feature_major), so the model is current after every step.
+lr and the step count live on the device, so sae.graph_step.CudaGraphStep can capture a
+step. Checkpoints carry the moments in torch.optim.Adam's state_dict layout and float32
+(bf16 moments convert both ways exactly), so the autograd step resumes them and back.
+Triton only: backend "triton" (on CUDA, or on CPU under TRITON_INTERPRET=1 for tests).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Any
 
 import torch
 
-from sae.kernels.backend import use_triton
+from sae.errors import SAEError
+from sae.kernels.backend import resolve_backend
 from sae.losses import batch_variance
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
-
-
-class StepStats(NamedTuple):
-    """Device tensors of one step (reading one is a host sync)."""
-
-    sq_err: torch.Tensor  # sum over the batch of ||x - x_hat||^2
-    loss: torch.Tensor  # sq_err / variance (the FVU) + aux_alpha * aux: what the step descended
-    l0: torch.Tensor  # sum over the batch of the number of positive activations
-    fired: torch.Tensor  # [d_sae] positive activations per feature
-    aux: torch.Tensor  # the AuxK loss (0 without it)
-    variance: torch.Tensor  # [1]: the batch's sum ||x - mean||^2, the FVU's denominator
+from sae.step import StepStats
 
 
 class FusedTopKStep:
-    """Trains a TopK SparseAutoencoder in place with Adam(betas, eps), no weight decay."""
+    """A TrainStep (sae.step) that trains a TopK SparseAutoencoder in place with
+    Adam(betas, eps), no weight decay."""
+
+    kind = "fused"
 
     def __init__(
         self,
@@ -69,34 +65,36 @@ class FusedTopKStep:
         aux_alpha: float = 1 / 32,
         moments_dtype: torch.dtype = torch.float32,
         pair_chunk: int = 32,
-        force_triton: bool | None = None,
+        backend: str | None = None,
     ) -> None:
         """precision: the encoder product's dtype ("bf16" or "fp32"), and the decoder
         copy's that the decode gathers (float32 rows stay the master); grad_out_dtype: how
         the reconstruction gradient is stored for the decoder's per-feature sums (bf16
         halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
-        per token and its weight in the loss, for step(x, dead_features=...); moments_dtype:
+        per token and its weight in the loss, for a call with `aux`; moments_dtype:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
         optimizer's memory traffic); pair_chunk: runs of this many pairs
         inside one feature are summed in parallel before step 6 (0: every feature's program
         walks all its pairs). On an H100 at 768 x 24576, 32 gave the fastest whole step
         (0.912-0.913 ms over three runs; none 0.913-0.917, 64 0.917-0.922; bench/gpu_train.py); it
         saves a fifth of step 6 where one feature fires on half the batch
-        (bench/kernels_feature_adam.py)."""
+        (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
+        (None: by the model's device); it must come out "triton"."""
         if not isinstance(model.rule, TopKRule) or model.tied:
-            raise ValueError("FusedTopKStep trains TopK SAEs only; other rules train through sae.trainer")
+            raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
         device = model.W_dec.device
-        if not use_triton(device, force_triton):
-            raise ValueError("FusedTopKStep runs Triton kernels: use a CUDA model (or TRITON_INTERPRET=1 and force_triton)")
+        if resolve_backend(device, backend) != "triton":
+            raise SAEError('the fused step runs Triton kernels: pass a CUDA `model`, or `backend="triton"` on CPU '
+                           "under TRITON_INTERPRET=1")
         if precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+            raise SAEError(f"`precision` must be bf16 or fp32, not {precision!r}")
+        if not model.W_enc.t().is_contiguous() or not model.W_dec.is_contiguous():
+            raise SAEError("the fused step needs `model` with W_enc feature-major and W_dec contiguous: "
+                           "call model.make_encoder_feature_major() first")
         self.model, self.k, self.betas, self.eps = model, model.rule.k, betas, eps
         self.grad_out_dtype, self.pair_chunk = grad_out_dtype, pair_chunk
         self.k_aux, self.aux_alpha = min(k_aux, model.d_sae), aux_alpha
-        with torch.no_grad():
-            W_enc_t = model.W_enc.detach().t().contiguous()
-            model.W_enc.data = W_enc_t.t()
-            model.W_dec.data = model.W_dec.data.contiguous()
+        W_enc_t = model.W_enc.data.t()
         W_dec = model.W_dec.data
         lp, dec_lp = (W_enc_t.to(torch.bfloat16), W_dec.to(torch.bfloat16)) if precision == "bf16" else (W_enc_t, W_dec)
         self.params = {"W_enc_t": W_enc_t, "W_dec": W_dec, "b_enc": model.b_enc.data, "W_enc_lp": lp, "W_dec_lp": dec_lp}
@@ -107,6 +105,7 @@ class FusedTopKStep:
         self.b_dec = model.b_dec.data
         self.b_dec_moments = (torch.zeros_like(self.b_dec), torch.zeros_like(self.b_dec))
         self.lr = torch.full((1,), float(lr), device=device)
+        self._host_lr = float(lr)  # what a checkpoint records, read without a sync
         self.step_count = torch.zeros(1, device=device)
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -123,14 +122,14 @@ class FusedTopKStep:
             torch.cuda.current_stream().wait_stream(self._side)
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor step() writes (weights, moments, step count): what a checkpoint or a
+        """Every tensor a step writes (weights, moments, step count): what a checkpoint or a
         graph's warm-up must save and restore, in place."""
         moments = [t for pair in (*self.moments.values(), self.b_dec_moments) for t in pair]
         return [*self.params.values(), self.b_dec, *moments, self.step_count]
 
-    def reload_weights(self) -> None:
-        """Call after the model's weights were written from outside step() (initialised,
-        loaded from a checkpoint): refreshes the low-precision copies step() reads."""
+    def weights_changed(self) -> None:
+        """Refresh the low-precision copies step reads, after the model's weights were
+        written from outside it (initialised, loaded from a checkpoint)."""
         for lp, master in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")):
             if self.params[lp].data_ptr() != self.params[master].data_ptr():
                 self.params[lp].copy_(self.params[master])
@@ -138,12 +137,47 @@ class FusedTopKStep:
     def set_lr(self, lr: float) -> None:
         """A device write, no sync: safe between graph replays."""
         self.lr.fill_(float(lr))
+        self._host_lr = float(lr)
+
+    def prepare_aux(self, aux_weights: torch.Tensor | None) -> torch.Tensor | None:
+        """The ids of the features with aux weight > 0 (AuxK's dead features), or None when
+        there are none: a host sync, once a step, as the autograd step's aux selection."""
+        if aux_weights is None:
+            return None
+        dead = torch.nonzero(aux_weights > 0).squeeze(1)
+        return dead if dead.numel() else None
+
+    # ---- checkpoints: the moments in torch.optim.Adam's state_dict layout --------------------
+    def _adam_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(exp_avg, exp_avg_sq) of each trained parameter, in model.parameters() order and
+        shaped like it: views of the step's tensors (W_enc's are transposes)."""
+        model, moments = self.model, self.moments
+        of = {id(model.W_enc): (moments["W_enc_t"][0].t(), moments["W_enc_t"][1].t()), id(model.b_enc): moments["b_enc"],
+              id(model.W_dec): moments["W_dec"], id(model.b_dec): self.b_dec_moments}
+        return [of[id(p)] for p in model.parameters() if p.requires_grad]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        step = self.step_count.reshape(())
+        moments = self._adam_moments()
+        state = {i: {"step": step.clone(), "exp_avg": m.contiguous().float(), "exp_avg_sq": v.contiguous().float()}
+                 for i, (m, v) in enumerate(moments)}
+        group = {"lr": self._host_lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0, "params": list(range(len(moments)))}
+        return {"state": state, "param_groups": [group]}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        for i, (m, v) in enumerate(self._adam_moments()):
+            saved = state["state"].get(i)
+            if saved:  # none before the first step
+                m.copy_(saved["exp_avg"])
+                v.copy_(saved["exp_avg_sq"])
+                self.step_count.copy_(saved["step"].reshape(1))
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, dead_features: torch.Tensor | None = None) -> StepStats:
-        """One Adam step on the batch x [B, d_in] (float32, contiguous). dead_features: the
-        ids of the features AuxK may revive this step (a non-empty LongTensor; needs
+    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> StepStats:
+        """One Adam step on the batch x [B, d_in] (float32, contiguous). aux: the ids of the
+        features AuxK may revive this step (prepare_aux; a non-empty LongTensor, needs
         k_aux > 0); None: no AuxK."""
+        dead_features = aux
         from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual
         from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs, vector_adam
@@ -169,7 +203,8 @@ class FusedTopKStep:
         db_enc = feature_sums(pairs, chunks)
         self._join()
         if dead_features is not None:
-            assert self.k_aux > 0 and dead_features.numel() > 0, "AuxK needs k_aux > 0 and a dead feature"
+            if self.k_aux <= 0 or dead_features.numel() == 0:
+                raise SAEError("AuxK needs `k_aux` > 0 and a dead feature in `aux`")
             aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
         # b_dec's gradient through the encoder, before W_enc moves, through the copy the
@@ -179,7 +214,7 @@ class FusedTopKStep:
                              self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
         if self.model.b_dec.requires_grad:
             vector_adam(self.b_dec, self.b_dec_moments, db_dec_out, db_dec_enc, self.lr, self.step_count, self.betas, self.eps)
-        return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance)
+        return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance[0], tokens=len(x))
 
     def _auxk(
         self, z_dead: torch.Tensor, dead_features: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor, db_enc: torch.Tensor

@@ -2,10 +2,10 @@
 x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
 
 Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
-not a transpose. Training on CUDA runs the encoder through sae.kernels.sparse_encode: one
-dense product, the rule's selection on the result, and a backward through the kept entries
-only (plus the auxiliary loss's entries, selected in the same pass); on CPU the same
-selection feeds plain autograd. The decode step is a
+not a transpose. On the triton backend (CUDA's default) training runs the encoder through
+sae.kernels.sparse_encode: one dense product, the rule's selection on the result, and a
+backward through the kept entries only (plus the auxiliary loss's entries, selected in the
+same pass); on the torch backend the same selection feeds plain autograd. The decode step is a
 gather-sum of the active rows of W_dec (sae.kernels.sparse_decode); when a rule keeps so
 many features per row that gathering would cost more than a dense product (GBA early in
 training), decode falls back to one.
@@ -20,6 +20,7 @@ from torch import nn
 
 from sae.code import SparseCode
 from sae.kernels import sparse_decode, sparse_encode
+from sae.kernels.backend import resolve_backend
 from sae.rules.base import SparsityRule
 
 #: Gather rows while the code is at most this fraction of d_sae wide; else one dense matmul.
@@ -43,10 +44,11 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae), requires_grad=rule.trains_encoder_bias)
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=rule.trains_decoder_bias)
-        #: Train through kernels.sparse_encode (backward over the kept entries only)? None:
-        #: on CUDA yes; on CPU no, where one dense BLAS backward beats the scatter over
-        #: B x (k + k_aux) pairs at the widths this machine trains (see BENCHMARKS.md).
-        self.fused_encoder: bool | None = None
+        #: The kernels' backend (sae.kernels.backend.resolve_backend; None: by the input's
+        #: device). "triton" trains through kernels.sparse_encode (backward over the kept
+        #: entries only); "torch" through a dense autograd product, which on CPU beats the
+        #: scatter over B x (k + k_aux) pairs at the widths this machine trains (BENCHMARKS.md).
+        self.backend: str | None = None
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
@@ -82,7 +84,7 @@ class SparseAutoencoder(nn.Module):
         with torch.autocast(self.W_dec.device.type, enabled=False):
             if code.width > max(1, int(self.d_sae * fraction)):
                 return code.to_dense(self.d_sae).to(self.W_dec.dtype) @ self.W_dec
-            return sparse_decode(code.indices, code.values, self.W_dec)
+            return sparse_decode(code.indices, code.values, self.W_dec, backend=self.backend)
 
     def forward(
         self, x: torch.Tensor, aux: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -105,8 +107,9 @@ class SparseAutoencoder(nn.Module):
             values = torch.cat([code.values, z.gather(1, extra).relu().to(code.values.dtype)], dim=1)
             return values, torch.cat([code.indices, extra], dim=1)
 
-        if self.fused_encoder if self.fused_encoder is not None else x.device.type == "cuda":
-            values, indices = sparse_encode(x, self.encoder_matrix(), self.b_enc, self.b_dec, select)
+        backend = resolve_backend(x.device, self.backend)
+        if backend == "triton":
+            values, indices = sparse_encode(x, self.encoder_matrix(), self.b_enc, self.b_dec, select, backend=backend)
         else:
             z = self.pre_acts(x)
             kept, indices = select(z.detach())
@@ -126,6 +129,14 @@ class SparseAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Inference reconstruction x_hat [B, d_in]."""
         return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def make_encoder_feature_major(self) -> None:
+        """Store W_enc as the transpose view of a contiguous [d_sae, d_in] tensor (same
+        values, same Parameter): the layout whose feature rows the kernels read in one
+        sweep (sae.fused_step needs it; sparse_encode's backward prefers it)."""
+        if self.W_enc is not None and not self.W_enc.t().is_contiguous():
+            self.W_enc.data = self.W_enc.detach().t().contiguous().t()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -6,20 +6,19 @@ input scale, per-feature counters) and writes it to OUT/checkpoint.pt; the data 
 restarted at the batch number the checkpoint reached, so an interrupted run continued from
 its checkpoint ends in the same state as an uninterrupted one.
 
-On CUDA the encoder product runs in bf16 (autocast; fp32 master weights, the decode and
-the loss stay fp32), Adam is the fused kernel, batches are copied from pinned memory
-without blocking, and the NaN/Inf guard is a pair of device-side flags that fit() reads at
-each log step and before anything is written (checkpoint, SAE), naming the steps since
-the last check: a TopK step with aux "none" never waits for the GPU. (The auxiliary
-losses read the dead-feature count once a step, sae.losses.aux_candidates, and Mutual
-Choice reads its overflow count.) On CPU the same code checks the flags every step, and
-results are bit for bit those of the per-step guard it replaced.
+The step itself is a sae.step.TrainStep (sae.step_choice.build_step picks it: the
+autograd step, the fused TopK step, the data-parallel step; on CUDA the fused one replayed
+as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
+checkpoints, where the step's optimiser state travels in torch Adam's layout. The kernels'
+backend is resolved once, from the `backend` argument or the device
+(sae.kernels.backend.resolve_backend).
 
-DataParallelTrainer (sae.distributed) reuses train_step and overrides only its hooks:
-shard (this process's part of the global batch), forward_model (through DDP),
-loss_scale (undo DDP's gradient mean) and reduce (sum batch statistics over processes).
-FusedTopKTrainer (sae.fused_trainer) replaces the whole step with FusedTopKStep's kernels
-and shares the rest, the bookkeeping after the update included (end_step).
+On CUDA batches are copied from pinned memory without blocking, and the NaN/Inf guard is
+a pair of device-side flags that fit() reads at each log step and before anything is
+written (checkpoint, SAE), naming the steps since the last check: a TopK step with aux
+"none" never waits for the GPU. (The auxiliary losses read the dead-feature count once a
+step, and Mutual Choice reads its overflow count.) On CPU the same code checks the flags
+every step.
 """
 
 from __future__ import annotations
@@ -36,14 +35,16 @@ from typing import Any
 
 import torch
 
-from sae.code import SparseCode
 from sae.config import SHAPE_KEYS, TrainConfig
 from sae.data import ActivationSource
 from sae.errors import SAEError
 from sae.io import save_sae
-from sae.losses import aux_candidates, aux_reconstruction_loss, batch_variance, zipf_underuse
+from sae.kernels.backend import resolve_backend
+from sae.losses import zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
+from sae.step import StepStats
+from sae.step_choice import build_step
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -109,27 +110,24 @@ def _steps(first: int, last: int) -> str:
 
 
 class Trainer:
-    """Build with Trainer.start (fresh) or Trainer.resume (from OUT/checkpoint.pt), then fit()."""
+    """Build with Trainer.start (fresh) or Trainer.resume (from OUT/checkpoint.pt), then fit().
+    step: sae.step_choice.STEPS ("auto": fused where it can train on CUDA); backend:
+    "triton", "torch" or None (by the device)."""
 
-    #: Which step implementation trains (training.json's "step_kind"): autograd + torch Adam
-    #: here, "fused" in sae.fused_trainer.FusedTopKTrainer.
-    step_kind = "autograd"
-
-    def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None) -> None:
+    def __init__(self, config: TrainConfig, source: ActivationSource, out: Path | None, command: list[str] | None,
+                 step: str = "auto", backend: str | None = None) -> None:
         if source.d_in != config.d_in:
             raise SAEError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
         self.config, self.source, self.out = config, source, out
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
+        self.backend = resolve_backend(self.device, backend)
         torch.manual_seed(config.seed)
         self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
+        self.model.backend = self.backend
         self.on_cuda = self.device.type == "cuda"
-        #: The encoder product's autocast dtype: bf16 on CUDA under --precision bf16, else None
-        #: (no autocast; the CPU trains fp32). Tests set it to run CUDA's precision on CPU autocast.
-        self.autocast_dtype = torch.bfloat16 if self.on_cuda and config.precision == "bf16" else None
-        #: fused Adam (one kernel over all parameters) on CUDA; the CPU keeps torch's default
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                          fused=True if self.on_cuda else None)
+        #: the training step (sae.step.TrainStep)
+        self.stepper = build_step(config, self.model, step, self.backend)
         self.step = 0
         self.input_scale = 1.0
         self.tokens_since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=self.device)
@@ -141,21 +139,28 @@ class Trainer:
         self._unchecked_from: int | None = None  # first step not yet covered by a check
         self._last_loss = torch.zeros((), device=self.device)
 
+    @property
+    def step_kind(self) -> str:
+        """Which step implementation trains (training.json's "step_kind")."""
+        return self.stepper.kind
+
     # ---- construction ------------------------------------------------------------------
     @classmethod
-    def start(cls, config: TrainConfig, source: ActivationSource, out: str | Path | None = None, command: list[str] | None = None) -> Trainer:
+    def start(cls, config: TrainConfig, source: ActivationSource, out: str | Path | None = None, command: list[str] | None = None,
+              step: str = "auto", backend: str | None = None) -> Trainer:
         """A fresh run: weights and input scale initialised from the first init_tokens of the stream."""
         out_path = Path(out) if out is not None else None
         if out_path is not None:
             _check_writable_folder(out_path)
         if out_path is not None and (out_path / CHECKPOINT_FILE).exists():
             raise SAEError(f"{out_path} already holds a training run; continue it with `resume` or choose another `out`")
-        trainer = cls(config, source, out_path, command)
+        trainer = cls(config, source, out_path, command, step, backend)
         trainer._initialise()
         return trainer
 
     @classmethod
-    def resume(cls, out: str | Path, source: ActivationSource, config: TrainConfig | None = None, command: list[str] | None = None) -> Trainer:
+    def resume(cls, out: str | Path, source: ActivationSource, config: TrainConfig | None = None, command: list[str] | None = None,
+               step: str = "auto", backend: str | None = None) -> Trainer:
         """Continue the run in OUT; config (if given) must match the checkpoint's shape settings."""
         out_path = Path(out)
         path = out_path / CHECKPOINT_FILE
@@ -173,7 +178,7 @@ class Trainer:
             if diffs:
                 raise SAEError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another `out`")
             saved = config
-        trainer = cls(saved, source, out_path, command)
+        trainer = cls(saved, source, out_path, command, step, backend)
         try:
             trainer._load_state(state)
         except CHECKPOINT_ERRORS as err:
@@ -200,18 +205,12 @@ class Trainer:
         self.model.to(self.device)
         budget = (cfg.k or 0) / cfg.d_sae if cfg.k else float(getattr(self.model.rule, "target", torch.zeros(1)).mean())
         self.density.fill_(budget)
+        self.stepper.weights_changed()
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        fused = True if self.on_cuda else None
-        for group in self.optimizer.param_groups:  # the checkpoint may come from another device
-            if group.get("fused") != fused:
-                group["fused"] = fused
-                for p in group["params"]:
-                    st = self.optimizer.state.get(p, {})
-                    if "step" in st and torch.is_tensor(st["step"]):
-                        st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+        self.stepper.load_optimizer_state(state["optimizer"])
+        self.stepper.weights_changed()
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
@@ -220,99 +219,44 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def aux_weights(self) -> torch.Tensor | None:
-        """Per-feature weight in the auxiliary loss: 1 for dead features (AuxK), the Zipf
-        deficit (aux_zipf), or None when the run has no auxiliary loss."""
+        """Per-feature weight in the auxiliary loss: 1 for dead features (AuxK; None before
+        dead_tokens tokens, when none can be dead), the Zipf deficit (aux_zipf), or None
+        when the run has no auxiliary loss."""
         if self.config.aux == "auxk":
+            if self.step * self.config.batch_size < self.config.dead_tokens:
+                return None
             return (self.tokens_since_fired >= self.config.dead_tokens).float()
         if self.config.aux == "aux-zipf":
             return zipf_underuse(self.density)
         return None
 
-    # The hooks DataParallelTrainer overrides (identity / one process here).
-    def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This process's part of the (scaled, on-device) global batch."""
-        return x
-
-    def forward_model(self, x: torch.Tensor, select_aux: Any) -> tuple[torch.Tensor, SparseCode, SparseCode | None]:
-        """The training forward pass (x_hat, code, aux_code)."""
-        return self.model(x, select_aux)
-
-    @property
-    def loss_scale(self) -> int:
-        """Multiplies this process's summed squared error in the loss (1 here; the world
-        size under DDP, whose gradient mean would otherwise divide it)."""
-        return 1
-
-    def reduce(self, stats: torch.Tensor) -> torch.Tensor:
-        """Sum a float vector of batch statistics over processes (nothing to do here)."""
-        return stats
-
-    # ---- one step ----------------------------------------------------------------------
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.on_cuda and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)  # no wait on the GPU
         return batch.to(self.device, torch.float32) * self.input_scale
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is not None:
-            return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-        return contextlib.nullcontext()
-
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            if group["lr"] != lr:
-                group["lr"] = lr
-
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
-        """One optimiser step. Metrics come back as device tensors (read them only when
-        logging: each read is a host-device sync). Non-finite data or loss only sets a device
-        flag here; check_finite() (called by fit) turns it into an error. On CPU, where
-        reading it costs nothing, every step checks it."""
-        cfg, model = self.config, self.model
-        x_all = self._to_device(batch)
-        x = self.shard(x_all)
-        lr = cfg.lr_at(self.step)
-        self._set_lr(lr)
-        model.train()
-        weights = self.aux_weights()
-        select_aux = None if weights is None else (lambda z: aux_candidates(z, weights, cfg.aux_k))
-        with self._autocast():
-            x_hat, code, aux_code = self.forward_model(x, select_aux)
-        # FVU with the global batch's variance: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-        variance = batch_variance(x_all)
-        sq = (x - x_hat).pow(2).sum()
-        scale = self.loss_scale
-        main = (sq * scale if scale != 1 else sq) / variance
-        if aux_code is not None and weights is not None:
-            aux = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.decode_directions)
-        else:
-            aux = main.new_zeros(())
-        loss = main + cfg.aux_alpha * aux
-        self._note_finite(x_all)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        model.remove_parallel_decoder_grad()
-        self.optimizer.step()
-        model.normalize_decoder()
-        with torch.no_grad():
-            local = torch.cat([code.fired(cfg.d_sae).float(), sq.detach().reshape(1),
-                               code.l0().sum().float().reshape(1), loss.detach().reshape(1)])
-            stats = self.reduce(local)
-        return self.end_step(stats[:-3], stats[-3], stats[-2], stats[-1], len(x_all), variance, aux.detach(), lr)
+        """One optimiser step through the step. Metrics come back as device tensors (read
+        them only when logging: each read is a host-device sync). Non-finite data or loss
+        only sets a device flag here; check_finite() (called by fit) turns it into an error.
+        On CPU, where reading it costs nothing, every step checks it."""
+        x = self._to_device(batch)
+        lr = self.config.lr_at(self.step)
+        self.stepper.set_lr(lr)
+        self._data_ok &= torch.isfinite(x).all()
+        stats = self.stepper(x, self.stepper.prepare_aux(self.aux_weights()))
+        return self._after_step(stats, lr)
 
     @torch.no_grad()
-    def end_step(self, fired: torch.Tensor, sq_sum: torch.Tensor, l0_sum: torch.Tensor, loss_sum: torch.Tensor, n: int,
-                 variance: torch.Tensor, aux: torch.Tensor, lr: float) -> dict[str, torch.Tensor | float]:
-        """Everything after the weights moved, shared by every step implementation: the
-        loss's NaN/Inf flag, dead-feature counters, densities, the rule's hook, the step
-        count; returns the step's metrics. fired [d_sae] float counts, sq_sum / l0_sum /
-        loss_sum device scalars summed over the n tokens of the (global) batch."""
-        cfg, model = self.config, self.model
-        self._loss_ok &= torch.isfinite(loss_sum)
-        self._last_loss = loss_sum
+    def _after_step(self, stats: StepStats, lr: float) -> dict[str, torch.Tensor | float]:
+        """The bookkeeping after the weights moved: the loss's NaN/Inf flag, dead-feature
+        counters, densities, the rule's hook, the step count; returns the step's metrics."""
+        cfg, model, n = self.config, self.model, stats.tokens
+        self._loss_ok &= torch.isfinite(stats.loss)
+        self._last_loss = stats.loss
         self.tokens_since_fired += n
-        self.tokens_since_fired.masked_fill_(fired > 0, 0)
-        self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired / n)
+        self.tokens_since_fired.masked_fill_(stats.fired > 0, 0)
+        self.density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * stats.fired / n)
         model.rule.after_step(model, self.step)
         if self._unchecked_from is None:
             self._unchecked_from = self.step
@@ -320,15 +264,12 @@ class Trainer:
         if not self.on_cuda:
             self.check_finite()
         return {
-            "fvu": sq_sum / variance,
-            "aux": aux,
-            "l0": l0_sum / n,
+            "fvu": stats.sq_err / stats.variance,
+            "aux": stats.aux,
+            "l0": stats.l0 / n,
             "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean(),
             "lr": lr,
         }
-
-    def _note_finite(self, x: torch.Tensor) -> None:
-        self._data_ok &= torch.isfinite(x).all()
 
     def check_finite(self) -> None:
         """Raise if a step since the last check saw NaN/Inf data or a non-finite loss: one
@@ -405,7 +346,7 @@ class Trainer:
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.stepper.optimizer_state(),
             "step": self.step,
             "input_scale": self.input_scale,
             "tokens_since_fired": self.tokens_since_fired.cpu(),

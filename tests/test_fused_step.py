@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep
 from sae.kernels.triton_centre import centre
 from sae.kernels.triton_decode_residual import decode_residual
@@ -145,7 +146,7 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, ch
 
 
 def reference_train_step(model64, opt, x, dead=None, k_aux=0, aux_alpha=0.0):
-    """sae.trainer.Trainer.train_step's sequence for TopK in float64; dead (bool [d_sae]):
+    """sae.autograd_step.AutogradStep's sequence for TopK in float64; dead (bool [d_sae]):
     with AuxK on those features."""
     select_aux = None if dead is None else (lambda z: aux_candidates(z, dead.double(), k_aux))
     x_hat, _, aux_code = model64(x, select_aux)
@@ -168,10 +169,11 @@ def test_fused_step_trains_like_the_trainer_in_float64(d_in, d_sae, k, B, pair_c
     model.init_weights(gen, b_dec=torch.randn(d_in, generator=gen) * 0.1)
     model64 = copy.deepcopy(model).double()
     opt = torch.optim.Adam(model64.parameters(), lr=1e-2, foreach=False)
-    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", pair_chunk=pair_chunk, force_triton=True)
+    model.make_encoder_feature_major()
+    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", pair_chunk=pair_chunk, backend="triton")
     for _ in range(3):
         x = torch.randn(B, d_in, generator=gen)
-        stats = fused.step(x)
+        stats = fused(x)
         loss = reference_train_step(model64, opt, x.double())
         torch.testing.assert_close(stats.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
@@ -187,12 +189,15 @@ def test_fused_step_with_auxk_trains_like_the_trainer_in_float64(n_dead, k_aux):
     model.init_weights(gen, b_dec=torch.randn(21, generator=gen) * 0.1)
     model64 = copy.deepcopy(model).double()
     opt = torch.optim.Adam(model64.parameters(), lr=1e-2, foreach=False)
-    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", k_aux=k_aux, aux_alpha=0.5, force_triton=True)
+    model.make_encoder_feature_major()
+    fused = FusedTopKStep(model, lr=1e-2, precision="fp32", k_aux=k_aux, aux_alpha=0.5, backend="triton")
     for _ in range(3):
         dead_features = torch.randperm(30, generator=gen)[:n_dead].sort().values
         dead = torch.zeros(30, dtype=torch.bool).index_fill_(0, dead_features, True)
         x = torch.randn(10, 21, generator=gen)
-        stats = fused.step(x, dead_features=dead_features)
+        aux = fused.prepare_aux(dead.float())
+        assert torch.equal(aux, dead_features)
+        stats = fused(x, aux)
         loss = reference_train_step(model64, opt, x.double(), dead, k_aux, aux_alpha=0.5)
         assert float(stats.aux) > 0
         torch.testing.assert_close(stats.loss.double(), loss.detach(), rtol=1e-5, atol=1e-6)
@@ -201,10 +206,14 @@ def test_fused_step_with_auxk_trains_like_the_trainer_in_float64(n_dead, k_aux):
 
 
 def test_fused_step_refuses_what_it_cannot_train():
-    with pytest.raises(ValueError, match="TopK"):
-        FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, force_triton=True)
-    with pytest.raises(ValueError, match="CUDA"):
-        FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3, force_triton=False)
+    with pytest.raises(SAEError, match="TopK"):
+        FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, backend="triton")
+    with pytest.raises(SAEError, match="CUDA"):
+        FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3)  # the CPU's backend is torch
+    with pytest.raises(SAEError, match="make_encoder_feature_major"):
+        FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3, backend="triton")
+    with pytest.raises(SAEError, match="`precision`"):
+        FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3, precision="fp16", backend="triton")
 
 
 def test_feature_adam_rounds_bf16_moments_stochastically_and_without_bias(poisoned):

@@ -1,6 +1,6 @@
-"""FusedTopKTrainer (sae.fused_trainer): the same training as the autograd Trainer (with and
-without AuxK), exact resume, checkpoints either trainer resumes, and when `--step` picks
-which. Kernels run under TRITON_INTERPRET=1 (slow: about a second a step at these shapes,
+"""The Trainer with the fused TopK step (sae.fused_step): the same training as with the
+autograd step (with and without AuxK), exact resume, checkpoints either step resumes (those
+written before the step interface included), and which step `step` picks. Kernels run under TRITON_INTERPRET=1 (slow: about a second a step at these shapes,
 mostly the top-k), so runs are a few steps long.
 
 Tolerance against the autograd Trainer: both run float32 on the CPU; the kernels sum in
@@ -17,6 +17,8 @@ would move the weights by far more than the tolerance (checked).
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -26,7 +28,7 @@ import torch
 from sae.config import TrainConfig
 from sae.data import TensorSource
 from sae.errors import SAEError
-from sae.fused_trainer import FusedTopKTrainer, choose_trainer
+from sae.step_choice import resolve_step
 from sae.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,6 +59,13 @@ def config(**kw) -> TrainConfig:
 AUXK = dict(aux="auxk", dead_tokens=8, k_aux=4, aux_alpha=0.5)
 
 
+OLD_CHECKPOINTS = Path(__file__).parent / "checkpoints_before_step_interface"
+
+
+def fused(cfg: TrainConfig, **kw) -> Trainer:
+    return Trainer.start(cfg, source(), step="fused", backend="triton", **kw)
+
+
 def source() -> TensorSource:
     return TensorSource(DATA, seed=1)
 
@@ -67,16 +76,17 @@ def run_steps(trainer: Trainer) -> list[dict[str, torch.Tensor | float]]:
 
 @pytest.mark.parametrize("aux", [dict(aux="none"), AUXK], ids=["none", "auxk"])
 def test_fused_trainer_trains_like_the_autograd_trainer(aux):
-    fused, plain = FusedTopKTrainer.start(config(**aux), source()), Trainer.start(config(**aux), source())
-    got, want = run_steps(fused), run_steps(plain)
+    fast, plain = fused(config(**aux)), Trainer.start(config(**aux), source())
+    assert (fast.step_kind, plain.step_kind) == ("fused", "autograd")
+    got, want = run_steps(fast), run_steps(plain)
     for step, (g, w) in enumerate(zip(got, want)):
         assert g.keys() == w.keys()
         for key in w:
             torch.testing.assert_close(torch.as_tensor(g[key]).double(), torch.as_tensor(w[key]).double(), **TOLERANCE, msg=f"{key} at step {step}")
     for name, param in plain.model.named_parameters():
-        torch.testing.assert_close(dict(fused.model.named_parameters())[name], param, **TOLERANCE, msg=name)
-    assert torch.equal(fused.tokens_since_fired, plain.tokens_since_fired)
-    torch.testing.assert_close(fused.density, plain.density, **TOLERANCE)
+        torch.testing.assert_close(dict(fast.model.named_parameters())[name], param, **TOLERANCE, msg=name)
+    assert torch.equal(fast.tokens_since_fired, plain.tokens_since_fired)
+    torch.testing.assert_close(fast.density, plain.density, **TOLERANCE)
     if aux["aux"] == "auxk":
         assert all(float(m["aux"]) > 0 for m in want[1:]) and float(want[0]["aux"]) == 0  # nothing dead before step 1
         assert any(0 < float(m["dead_fraction"]) * 20 < 4 for m in want[:-1])  # a step with fewer dead than k_aux
@@ -87,12 +97,12 @@ def test_fused_trainer_trains_like_the_autograd_trainer(aux):
 
 def test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path):
     cfg = config(tokens=8 * 2, **AUXK)  # nothing is dead before step 1: the resumed step has AuxK
-    straight = FusedTopKTrainer.start(cfg, source(), out=tmp_path / "a", command=["t"])
+    straight = fused(cfg, out=tmp_path / "a", command=["t"])
     straight.fit(progress=False)
-    first = FusedTopKTrainer.start(cfg, source(), out=tmp_path / "b", command=["t"])
+    first = fused(cfg, out=tmp_path / "b", command=["t"])
     first.fit(until_step=1, progress=False)
     del first
-    resumed = FusedTopKTrainer.resume(tmp_path / "b", source(), cfg, command=["t"])
+    resumed = Trainer.resume(tmp_path / "b", source(), cfg, command=["t"], step="fused", backend="triton")
     assert resumed.step == 1
     resumed.fit(progress=False)
 
@@ -109,43 +119,69 @@ def test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_
     assert [h["fvu"] for h in b["history"]] == [h["fvu"] for h in a["history"]]
 
 
-def test_either_trainer_resumes_the_others_checkpoint(tmp_path):
+def test_either_step_resumes_the_others_checkpoint(tmp_path):
     """Adam's state crosses over whole: moments (W_enc's transposed) and step count."""
     plain = Trainer.start(config(), source(), out=tmp_path / "run", command=["t"])
     plain.fit(until_step=2, progress=False)
-    fused = FusedTopKTrainer.resume(tmp_path / "run", source(), config(), command=["t"])
-    for param in plain.model.parameters():
-        saved, name = plain.optimizer.state[param], next(n for n, p in plain.model.named_parameters() if p is param)
-        m, v = fused._adam_moments()[getattr(fused.model, name)]
-        assert torch.equal(m, saved["exp_avg"]) and torch.equal(v, saved["exp_avg_sq"]), name
-    assert float(fused.fused.step_count) == 2
-    fused.fit(until_step=3, progress=False)
-    again = Trainer.resume(tmp_path / "run", source(), config(), command=["t"])
-    after = fused.state()
-    for i, param in enumerate(again.optimizer.param_groups[0]["params"]):
+    fast = Trainer.resume(tmp_path / "run", source(), config(), command=["t"], step="fused", backend="triton")
+    saved, moved = plain.stepper.optimizer_state(), fast.stepper.optimizer_state()
+    assert saved["state"].keys() == moved["state"].keys() == {0, 1, 2, 3}
+    for i, moments in saved["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(again.optimizer.state[param][key], after["optimizer"]["state"][i][key]), (i, key)
+            assert torch.equal(moved["state"][i][key], moments[key]), (i, key)
+    assert float(fast.stepper.step_count) == 2
+    fast.fit(until_step=3, progress=False)
+    again = Trainer.resume(tmp_path / "run", source(), config(), command=["t"])
+    after = fast.state()
+    for i, param in enumerate(again.stepper.optimizer.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(again.stepper.optimizer.state[param][key], after["optimizer"]["state"][i][key]), (i, key)
     again.fit(progress=False)  # torch's Adam steps on from the fused step's moments
-    assert again.step == STEPS and float(again.optimizer.state[again.model.W_enc]["step"]) == STEPS
+    assert again.step == STEPS and float(again.stepper.optimizer.state[again.model.W_enc]["step"]) == STEPS
 
 
-def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not(monkeypatch):
-    assert choose_trainer(config(device="cuda")) is FusedTopKTrainer
-    assert choose_trainer(config()) is Trainer  # the CPU runs Triton only in its interpreter
-    assert choose_trainer(config(device="cuda"), "autograd") is Trainer
-    assert choose_trainer(config(), "fused") is FusedTopKTrainer  # under TRITON_INTERPRET=1, as here
-    assert choose_trainer(config(device="cuda", arch="gba", k=None)) is Trainer
-    assert choose_trainer(config(device="cuda", aux="auxk")) is FusedTopKTrainer
-    assert choose_trainer(config(device="cuda", aux="aux-zipf")) is Trainer
+@pytest.mark.parametrize("kind", ["autograd", "fused"])
+def test_checkpoints_written_before_the_step_interface_resume_bit_for_bit(kind, tmp_path):
+    """OLD_CHECKPOINTS holds, per step, the checkpoint the trainers before sae.step wrote after
+    2 of 4 steps (the fused one with AuxK) and the state their uninterrupted run ended in:
+    resumed here, each ends there exactly on its own step, and within rounding on the other."""
+    want = torch.load(OLD_CHECKPOINTS / kind / "after_4_steps.pt", weights_only=True)
+    for step, backend in (("autograd", None), ("fused", "triton")):
+        shutil.copytree(OLD_CHECKPOINTS / kind, tmp_path / step)
+        trainer = Trainer.resume(tmp_path / step, source(), command=["t"], step=step, backend=backend)
+        assert trainer.step == 2
+        trainer.fit(progress=False)
+        got = trainer.state()
+        if step == kind:  # the same step: bit for bit
+            for name, tensor in want["model"].items():
+                assert torch.equal(got["model"][name], tensor), name
+            for i, moments in want["optimizer"]["state"].items():
+                for key, tensor in moments.items():
+                    assert torch.equal(got["optimizer"]["state"][i][key].cpu(), tensor.cpu()), (i, key)
+            assert torch.equal(got["density"], want["density"]) and torch.equal(got["tokens_since_fired"], want["tokens_since_fired"])
+        else:  # the other step: within the kernels' rounding
+            for name, tensor in want["model"].items():
+                torch.testing.assert_close(got["model"][name], tensor, **TOLERANCE, msg=name)
+
+
+def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not():
+    assert resolve_step(config(device="cuda"), "auto", "triton") == "fused"
+    assert resolve_step(config(), "auto", "torch") == "autograd"
+    assert resolve_step(config(), "auto", "triton") == "autograd"  # the CPU runs Triton only in its interpreter
+    assert resolve_step(config(device="cuda"), "autograd", "triton") == "autograd"
+    assert resolve_step(config(), "fused", "triton") == "fused"  # under TRITON_INTERPRET=1, as here
+    assert resolve_step(config(device="cuda", arch="gba", k=None), "auto", "triton") == "autograd"
+    assert resolve_step(config(device="cuda", aux="auxk"), "auto", "triton") == "fused"
+    assert resolve_step(config(device="cuda", aux="aux-zipf"), "auto", "triton") == "autograd"
     with pytest.raises(SAEError, match="`aux` auxk or none, not aux-zipf"):
-        choose_trainer(config(device="cuda", aux="aux-zipf"), "fused")
+        resolve_step(config(device="cuda", aux="aux-zipf"), "fused", "triton")
     with pytest.raises(SAEError, match='`arch="topk"` only, not mutual-choice'):
-        choose_trainer(config(device="cuda", arch="mutual-choice", aux="none"), "fused")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: data-parallel training is autograd
-    assert choose_trainer(config(device="cuda")) is Trainer
-    with pytest.raises(SAEError, match="one process"):
-        choose_trainer(config(device="cuda"), "fused")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.delenv("TRITON_INTERPRET")
+        resolve_step(config(device="cuda", arch="mutual-choice", aux="none"), "fused", "triton")
     with pytest.raises(SAEError, match='need `device="cuda"`'):
-        choose_trainer(config(), "fused")
+        resolve_step(config(), "fused", "torch")
+    with pytest.raises(SAEError, match="unknown `step="):
+        resolve_step(config(), "fast", "torch")
+    with pytest.raises(SAEError, match='need `device="cuda"`'):  # the Trainer resolves the CPU's backend to torch
+        Trainer.start(config(), source(), step="fused")
+    with pytest.raises(SAEError, match="unknown `backend="):
+        Trainer.start(config(), source(), backend="cuda")

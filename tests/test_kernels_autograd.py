@@ -10,7 +10,7 @@ import torch
 
 from sae.kernels import sparse_decode, sparse_encode, topk_rows
 
-BACKENDS = [pytest.param(True, id="triton"), pytest.param(False, id="torch")]
+BACKENDS = ["triton", "torch"]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -18,9 +18,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("force_triton", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,k,d_sae,d_in", [(6, 1, 17, 40), (5, 24, 30, 9), (4, 6, 5, 300)])
-def test_sparse_decode_grads_match_dense(force_triton, B, k, d_sae, d_in):
+def test_sparse_decode_grads_match_dense(backend, B, k, d_sae, d_in):
     gen = torch.Generator().manual_seed(B * k)
     indices = torch.randint(0, d_sae, (B, k), generator=gen)
     indices[1, :] = 2  # repeated feature within a row
@@ -30,7 +30,7 @@ def test_sparse_decode_grads_match_dense(force_triton, B, k, d_sae, d_in):
     g = torch.randn(B, d_in, generator=gen)
 
     v, Wp = values.clone().requires_grad_(), W.clone().requires_grad_()
-    out = sparse_decode(indices, v, Wp, force_triton=force_triton)
+    out = sparse_decode(indices, v, Wp, backend=backend)
     out.backward(g)
 
     v64, W64 = values.double().requires_grad_(), W.double().requires_grad_()
@@ -51,10 +51,10 @@ def dense_sae_loss(x, W_enc, b_enc, b_dec, W_dec, indices, R):
     return ((x_hat - x) ** 2).sum() + (acts * R).sum()
 
 
-@pytest.mark.parametrize("force_triton", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("feature_major", [True, False], ids=["feature-major", "row-major"])
 @pytest.mark.parametrize("B,k,d_sae,d_in", [(7, 1, 19, 33), (5, 12, 23, 10), (3, 5, 40, 260)])
-def test_sparse_encode_decode_grads_match_dense(force_triton, feature_major, B, k, d_sae, d_in):
+def test_sparse_encode_decode_grads_match_dense(backend, feature_major, B, k, d_sae, d_in):
     gen = torch.Generator().manual_seed(d_sae + k)
     x = torch.randn(B, d_in, generator=gen)
     x[-1] = 0.0  # an all-zero input row
@@ -68,8 +68,8 @@ def test_sparse_encode_decode_grads_match_dense(force_triton, feature_major, B, 
     params = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
     xp, W_encp, b_encp, b_decp, W_decp = params
 
-    values, indices = sparse_encode(xp, W_encp, b_encp, b_decp, lambda z: topk_rows(z, k), force_triton=force_triton)
-    x_hat = sparse_decode(indices, values, W_decp, force_triton=force_triton) + b_decp
+    values, indices = sparse_encode(xp, W_encp, b_encp, b_decp, lambda z: topk_rows(z, k), backend=backend)
+    x_hat = sparse_decode(indices, values, W_decp, backend=backend) + b_decp
     loss = ((x_hat - xp) ** 2).sum() + (values * R.gather(1, indices)).sum()
     loss.backward()
 

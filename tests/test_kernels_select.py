@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+from sae.errors import SAEError
 from sae.kernels import batch_topk, threshold_rows, topk_rows
 from sae.kernels.triton_topk import row_topk
 
@@ -58,9 +59,19 @@ def test_triton_row_topk_split_falls_back_when_the_guess_is_too_high():
     check_row_topk(z.to(torch.bfloat16), k, *row_topk(z.to(torch.bfloat16), k, method="split", chunk=1024))
 
 
-def test_topk_rows_fused_agrees_with_torch():
+def test_topk_rows_triton_agrees_with_torch():
     z = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(dense(*topk_rows(z, 4, fused=True), 300), dense(*topk_rows(z, 4), 300))
+    assert torch.equal(dense(*topk_rows(z, 4, backend="triton"), 300), dense(*topk_rows(z, 4), 300))
+
+
+def test_bad_kernel_input_is_an_error_naming_the_parameter():
+    z = torch.randn(8, 30)
+    with pytest.raises(SAEError, match="`k=31` must be between 1 and the 30 columns of `z`"):
+        topk_rows(z, 31, backend="triton")
+    with pytest.raises(SAEError, match="`z` must have contiguous rows"):
+        row_topk(z.t(), 2)
+    with pytest.raises(SAEError, match='unknown `backend="cuda"`'):
+        topk_rows(z, 2, backend="cuda")
 
 
 @pytest.mark.parametrize("cap", [None, 1000])

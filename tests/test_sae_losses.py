@@ -36,7 +36,7 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     x = torch.randn(128, 16, generator=g)
     dead = torch.zeros(64)
     dead[40:] = 1.0
-    model.fused_encoder = True  # the CUDA path, run here by its plain-torch backend
+    model.backend = "triton"  # the CUDA path, run here by Triton's interpreter
     x_hat, code, aux_code = model(x, lambda z: aux_candidates(z, dead, 8))
     assert aux_code.width == 8 and bool((aux_code.indices >= 40).all())
     loss = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.decode_directions)
@@ -53,7 +53,7 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     assert float(reference.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
     fused_grad = grad.clone()
     model.zero_grad()
-    model.fused_encoder = False
+    model.backend = "torch"
     x_hat, _, aux_code = model(x, lambda z: aux_candidates(z, dead, 8))
     aux_reconstruction_loss(aux_code, (x - x_hat).detach(), dead, model.decode_directions).backward()
     torch.testing.assert_close(model.W_enc.grad, fused_grad, rtol=1e-4, atol=1e-6)

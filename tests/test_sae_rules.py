@@ -85,18 +85,17 @@ def test_gba_biases_stay_in_range_and_group_frequencies_approach_targets():
     assert after[0] > after[1] > after[2]  # the groups end ordered like their targets
 
 
-@pytest.mark.parametrize("fused_encoder", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("arch", ["topk", "mutual-choice", "gba"])
-def test_every_rule_trains_under_bf16_autocast(arch, fused_encoder):
+def test_every_rule_trains_under_bf16_autocast(arch, backend):
     """The default precision on CUDA (bf16 encoder product under autocast), run through CPU's
     autocast, which casts matmuls as CUDA's does: each rule with its default aux loss takes
-    finite steps that move the weights, through the fused encoder (CUDA's path) and the plain one."""
+    finite steps that move the weights, through the fused encoder (CUDA's path, in Triton's interpreter) and the plain one."""
     feats = SyntheticFeatures.make(n=96, d=24, mean_active=3, kind="zipf", seed=8)
     config = TrainConfig(arch=arch, d_in=24, d_sae=128, k=None if arch == "gba" else 4, tokens=256 * 4, batch_size=256,
                          lr=2e-3, dead_tokens=256, gba_every=2, init_tokens=512)
-    trainer = Trainer.start(config, SyntheticSource(feats, seed=9))
-    trainer.autocast_dtype = torch.bfloat16
-    trainer.model.fused_encoder = fused_encoder
+    trainer = Trainer.start(config, SyntheticSource(feats, seed=9), backend=backend)
+    trainer.stepper.autocast_dtype = torch.bfloat16
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     batches = SyntheticSource(feats, seed=10).batches(256)
     aux = []

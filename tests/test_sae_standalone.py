@@ -44,18 +44,18 @@ for name in HIDDEN:
     except ImportError:
         hidden.append(name)
 
-import sae, sae.trainer, sae.fused_trainer, sae.fused_step, sae.io, sae.synthetic
+import sae, sae.trainer, sae.step_choice, sae.fused_step, sae.graph_step, sae.io, sae.synthetic
 import sae.distributed, sae.evaluate, sae.kernels
 import torch
 from sae.config import TrainConfig
 from sae.data import TensorSource
 from sae.evaluate import reconstruction_metrics
-from sae.fused_trainer import choose_trainer
+from sae.trainer import Trainer
 
 torch.manual_seed(0)
 data = torch.randn(2048, 16)
 config = TrainConfig(arch="topk", d_in=16, d_sae=64, k=4, tokens=8 * 128, batch_size=128, init_tokens=512)
-trainer = choose_trainer(config, "auto").start(config, TensorSource(data), sys.argv[1], command=["test"])
+trainer = Trainer.start(config, TensorSource(data), sys.argv[1], command=["test"])
 model = trainer.fit(progress=False)
 metrics = reconstruction_metrics(model, data.split(512))
 print(json.dumps({
@@ -69,7 +69,7 @@ print(json.dumps({
 
 
 def test_sae_imports_and_trains_with_workbench_and_triton_hidden(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORKBENCH_FORCE_TRITON")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -153,7 +153,7 @@ def test_width_mismatch_on_resume_is_one_line_and_keeps_the_run(store, trained, 
 
 
 def test_fused_step_without_cuda_is_one_line(store, tmp_path):
-    """Outside the Triton interpreter the CPU cannot run the fused step's kernels."""
+    """The CPU runs the fused step's kernels only with --backend triton (in Triton's interpreter)."""
     done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "64", "--k", "4", "--step", "fused",
                          "--out", str(tmp_path / "x"), env={"TRITON_INTERPRET": None})  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
@@ -164,8 +164,8 @@ def test_fused_step_without_cuda_is_one_line(store, tmp_path):
 def test_fused_step_trains_under_the_triton_interpreter_and_is_recorded(store, tmp_path):
     """The default aux (auxk) included: features die after one batch (--dead-tokens 8)."""
     done = run_workbench("train", "--store", str(store.root), "--hook", HOOK, "--d-sae", "40", "--k", "4", "--dead-tokens", "8",
-                         "--tokens", "16", "--batch-size", "8", "--step", "fused", "--out", str(tmp_path / "x"), "--no-progress",
-                         env={"TRITON_INTERPRET": "1"})  # fmt: skip
+                         "--tokens", "16", "--batch-size", "8", "--step", "fused", "--backend", "triton", "--out", str(tmp_path / "x"),
+                         "--no-progress", env={"TRITON_INTERPRET": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "fused step" in done.stdout
     record = json.loads((tmp_path / "x" / "training.json").read_text())

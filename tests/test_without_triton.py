@@ -56,7 +56,7 @@ print("triton imported:", "triton" in sys.modules)
 
 def test_cpu_paths_run_without_triton(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TRITON)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORKBENCH_FORCE_TRITON")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

@@ -1,25 +1,30 @@
-"""Choosing the implementation of the sparse primitives: Triton on CUDA, torch on CPU.
+"""Choosing the implementation of the sparse primitives: "triton" or "torch".
 
-Both backends expose gather_sum, gather_dot and feature_scatter with one signature
-(sae.kernels.torch_sparse documents them). Triton can be forced on CPU, where it runs
-under TRITON_INTERPRET=1, by an argument or WORKBENCH_FORCE_TRITON=1.
+resolve_backend makes the choice once, from an explicit argument or else from the device
+(Triton on CUDA, torch elsewhere); callers pass the resolved name down. Triton runs on the
+CPU only under its interpreter (TRITON_INTERPRET=1, set before triton is imported), which
+tests use with an explicit backend="triton". Both backends expose gather_sum, gather_dot
+and feature_scatter with one signature (sae.kernels.torch_sparse documents them).
 """
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
 
+from sae.errors import SAEError
 
-def use_triton(device: torch.device, force: bool | None = None) -> bool:
-    """Triton for CUDA tensors; for CPU tensors only when forced."""
-    if force is not None:
-        return force
-    if os.environ.get("WORKBENCH_FORCE_TRITON") == "1":
-        return True
-    return device.type == "cuda"
+BACKENDS = ("triton", "torch")
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """backend itself when given (checked), else "triton" for a CUDA device and "torch" otherwise."""
+    if backend is None:
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise SAEError(f'unknown `backend="{backend}"`: choose one of {", ".join(BACKENDS)} (or None: by the device)')
+    return backend
 
 
 def _triton_feature_scatter(indices, coef, src, out, coef_sum=None) -> None:
@@ -29,9 +34,9 @@ def _triton_feature_scatter(indices, coef, src, out, coef_sum=None) -> None:
     feature_scatter(order, offsets, indices.shape[1], coef.contiguous(), src.contiguous(), out, coef_sum)
 
 
-def sparse_ops(triton_path: bool) -> SimpleNamespace:
-    """The namespace of primitives for one backend."""
-    if triton_path:
+def sparse_ops(backend: str) -> SimpleNamespace:
+    """The namespace of primitives for one (resolved) backend."""
+    if backend == "triton":
         from sae.kernels import triton_gather
 
         return SimpleNamespace(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.kernels.backend import sparse_ops, use_triton
+from sae.kernels.backend import resolve_backend, sparse_ops
 
 
 class SparseDecode(torch.autograd.Function):
@@ -12,15 +12,15 @@ class SparseDecode(torch.autograd.Function):
     <g[b], W_dec[i_bj]>, and dW_dec accumulated per feature over the kept pairs."""
 
     @staticmethod
-    def forward(ctx, indices, values, W_dec, triton_path: bool):
+    def forward(ctx, indices, values, W_dec, backend: str):
         ctx.save_for_backward(indices, values, W_dec)
-        ctx.triton_path = triton_path
-        return sparse_ops(triton_path).gather_sum(indices, values, W_dec, out_dtype=W_dec.dtype)
+        ctx.backend = backend
+        return sparse_ops(backend).gather_sum(indices, values, W_dec, out_dtype=W_dec.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, values, W_dec = ctx.saved_tensors
-        ops = sparse_ops(ctx.triton_path)
+        ops = sparse_ops(ctx.backend)
         grad_out = grad_out.contiguous()
         d_values = d_W = None
         if ctx.needs_input_grad[1]:
@@ -32,11 +32,11 @@ class SparseDecode(torch.autograd.Function):
 
 
 def sparse_decode(
-    indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, force_triton: bool | None = None
+    indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, backend: str | None = None
 ) -> torch.Tensor:
     """Decode k sparse codes per row: indices LongTensor[B, k], values [B, k], W_dec
     [d_sae, d_in] -> [B, d_in] in W_dec's dtype. Padding entries (value 0, any valid
     index) contribute nothing to the output or to dW_dec. No dense B x d_sae tensor is
-    made in forward or backward."""
-    triton_path = use_triton(W_dec.device, force_triton)
-    return SparseDecode.apply(indices.contiguous(), values.contiguous(), W_dec, triton_path)
+    made in forward or backward. backend: sae.kernels.backend.resolve_backend's (None: by
+    W_dec's device)."""
+    return SparseDecode.apply(indices.contiguous(), values.contiguous(), W_dec, resolve_backend(W_dec.device, backend))

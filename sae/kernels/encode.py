@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from sae.kernels.backend import sparse_ops, use_triton
+from sae.kernels.backend import resolve_backend, sparse_ops
 
 Selection = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,7 +40,7 @@ def _feature_major_empty(W_enc: torch.Tensor) -> torch.Tensor:
 
 class SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, select, triton_path: bool, compute_dtype):
+    def forward(ctx, x, W_enc, b_enc, b_dec, select, backend: str, compute_dtype):
         xc = x - b_dec
         dt = compute_dtype or W_enc.dtype
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -49,7 +49,7 @@ class SparseEncode(torch.autograd.Function):
             values, indices = select(z)
             del z
         ctx.save_for_backward(xc_c, W_enc, values, indices)
-        ctx.triton_path = triton_path
+        ctx.backend = backend
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(indices)
         return values, indices
@@ -57,7 +57,7 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_values, _d_indices):
         xc, W_enc, values, indices = ctx.saved_tensors
-        ops = sparse_ops(ctx.triton_path)
+        ops = sparse_ops(ctx.backend)
         acc = torch.promote_types(W_enc.dtype, torch.float32)
         g = torch.where(values != 0, d_values, torch.zeros_like(d_values)).to(acc).contiguous()
         W_t = W_enc.t()  # [d_sae, d_in] view
@@ -87,10 +87,10 @@ def sparse_encode(
     b_enc: torch.Tensor,
     b_dec: torch.Tensor,
     select: Selection,
-    force_triton: bool | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode x [B, d_in] with W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in] and keep
     the entries `select` picks: returns (values [B, k], indices LongTensor [B, k]).
-    Gradients reach x, W_enc, b_enc and b_dec through the kept entries only."""
-    triton_path = use_triton(W_enc.device, force_triton)
-    return SparseEncode.apply(x, W_enc, b_enc, b_dec, select, triton_path, _compute_dtype(x.device))
+    Gradients reach x, W_enc, b_enc and b_dec through the kept entries only. backend:
+    sae.kernels.backend.resolve_backend's (None: by W_enc's device)."""
+    return SparseEncode.apply(x, W_enc, b_enc, b_dec, select, resolve_backend(W_enc.device, backend), _compute_dtype(x.device))

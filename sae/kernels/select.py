@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from sae.kernels.backend import use_triton
+from sae.kernels.backend import resolve_backend
 
 
 class Selected(NamedTuple):
@@ -30,12 +30,12 @@ class Selected(NamedTuple):
     overflow: torch.Tensor
 
 
-def topk_rows(z: torch.Tensor, k: int, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row, through ReLU: (float32 values, int64 indices).
-    fused (default: on CUDA) runs the Triton guess-and-verify select of
-    sae.kernels.triton_topk, else torch.topk. Both are exact; on an H100 the Triton one
+    backend "triton" (None: on CUDA, sae.kernels.backend.resolve_backend) runs the Triton
+    guess-and-verify select of sae.kernels.triton_topk, "torch" torch.topk. Both are exact; on an H100 the Triton one
     took 0.17 ms against torch.topk's 0.86 ms at 4096 x 24576 bf16 (bench/kernels_topk.py)."""
-    if fused if fused is not None else use_triton(z.device):
+    if resolve_backend(z.device, backend) == "triton":
         from sae.kernels.triton_topk import row_topk
 
         values, indices, _ = row_topk(z.contiguous(), k)

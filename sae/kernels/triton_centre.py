@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _centre_kernel(x_ptr, b_ptr, xc_ptr, colsum_ptr, sq_ptr, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -69,7 +71,8 @@ def centre(x: torch.Tensor, b_dec: torch.Tensor, dtype: torch.dtype, block_b: in
     1 / variance), the last two as one-element float32 tensors, for x [B, D] float32
     contiguous and b_dec [D] float32."""
     B, D = x.shape
-    assert x.is_contiguous() and x.dtype == b_dec.dtype == torch.float32 and b_dec.shape == (D,)
+    require(x.is_contiguous() and x.dtype == torch.float32, f"`x` must be contiguous float32 (got {x.dtype})")
+    require(b_dec.dtype == torch.float32 and b_dec.shape == (D,), f"`b_dec` must be float32 of shape ({D},) (got {b_dec.dtype} {tuple(b_dec.shape)})")
     xc = torch.empty(B, D, device=x.device, dtype=dtype)
     n_blocks = triton.cdiv(B, block_b)
     colsum = torch.empty(n_blocks, D, device=x.device)

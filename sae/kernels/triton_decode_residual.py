@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _decode_residual_kernel(
@@ -68,11 +70,13 @@ def decode_residual(
     residual: a contiguous float32 [B, D] tensor to fill with x - x_hat."""
     B, K = indices.shape
     D = W_dec.shape[1]
-    assert W_dec.is_contiguous() and x.is_contiguous() and x.dtype == torch.float32
-    assert W_dec.dtype in (torch.float32, torch.bfloat16)
+    require(x.is_contiguous() and x.dtype == torch.float32, f"`x` must be contiguous float32 (got {x.dtype})")
+    require(W_dec.is_contiguous() and W_dec.dtype in (torch.float32, torch.bfloat16),
+            f"`W_dec` must be contiguous float32 or bfloat16 (got {W_dec.dtype})")
     grad_out = torch.empty(B, D, device=x.device, dtype=grad_out_dtype)
     if residual is not None:
-        assert residual.shape == (B, D) and residual.is_contiguous() and residual.dtype == torch.float32
+        require(residual.shape == (B, D) and residual.is_contiguous() and residual.dtype == torch.float32,
+                f"`residual` must be contiguous float32 of shape ({B}, {D})")
     grad_val = torch.empty(B, K, device=x.device, dtype=torch.float32)
     sq_err = torch.empty(B, device=x.device, dtype=torch.float32)
     if B == 0:

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
 from sae.kernels.triton_scatter import sort_pairs_by_feature
 
 
@@ -310,7 +311,7 @@ def chunk_sums(
     (run, block of block_d columns, decoder or encoder): what feature_sums and feature_adam then add for a
     frequent feature instead of walking its pairs one after another. Arguments as for
     feature_adam."""
-    assert size > 0
+    require(size > 0, f"`size` must be positive (got {size})")
     P, D = pairs.row.numel(), grad_out.shape[1]
     n = P // size
     out = PairChunks(size, torch.empty(n, D, device=xc.device), torch.empty(n, D, device=xc.device),
@@ -369,13 +370,14 @@ def feature_adam(
     W_dec, W_enc_t, b_enc, W_enc_lp = params["W_dec"], params["W_enc_t"], params["b_enc"], params["W_enc_lp"]
     W_dec_lp = params.get("W_dec_lp", W_dec)
     F, D = W_dec.shape
-    assert grad_out.shape == xc.shape and pairs.offsets.numel() == F + 1
+    require(grad_out.shape == xc.shape, f"`grad_out` {tuple(grad_out.shape)} and `xc` {tuple(xc.shape)} must have one shape")
+    require(pairs.offsets.numel() == F + 1, f"`pairs` must be sorted over the {F} features of `params`")
     aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
     chunk_dec, chunk_enc, chunk_fired = (chunks.dec, chunks.enc, chunks.fired) if chunks is not None else (b_enc,) * 3  # likewise
-    assert len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "the weights' moments share one dtype"
+    require(len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "`moments` of the weight matrices must share one dtype")
     for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, W_dec_lp, aux_dec, aux_enc,
               *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
-        assert t.is_contiguous(), "feature_adam needs contiguous tensors"
+        require(t.is_contiguous(), "`params`, `moments`, `grad_out`, `xc` and `aux` must be contiguous")
     fired = torch.empty(F, device=W_dec.device, dtype=torch.float32)
     if F == 0:
         return fired
@@ -407,7 +409,8 @@ def vector_adam(
     grad - grad_minus (any float dtypes; the arithmetic is float32), in one launch (torch's
     ops take a dozen on a few thousand numbers)."""
     n = param.numel()
-    assert all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus))
+    require(all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus)),
+            f"`moments`, `grad` and `grad_minus` must be contiguous with the {n} elements of `param`")
     block = min(triton.next_power_of_2(max(n, 1)), 1024)
     beta1, beta2 = betas
     _vector_adam_kernel[(triton.cdiv(n, block),)](param, *moments, grad, grad_minus, lr, step, n, beta1, beta2,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _gather_sum_kernel(
@@ -94,7 +96,7 @@ def gather_dot(
     out = torch.empty(B, K, device=W.device, dtype=out_dtype) if out is None else out
     if B == 0 or K == 0:
         return out
-    assert g.stride(1) == 1
+    require(g.stride(1) == 1, "`g` must have contiguous rows")
     block_k = min(triton.next_power_of_2(max(K, 1)), 32)
     block_d = min(triton.next_power_of_2(D), 128)
     _gather_dot_kernel[(B, triton.cdiv(K, block_k))](

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _feature_scatter_kernel(
@@ -113,8 +115,7 @@ def feature_scatter(
     F, D = out.shape
     if F == 0 or D == 0:
         return
-    if src.stride(1) != 1:
-        raise ValueError("feature_scatter: src must be contiguous along its last dimension")
+    require(src.stride(1) == 1, "`src` must have contiguous rows")
     can_share = out.dtype == torch.float32 and (coef_sum is None or coef_sum.dtype == torch.float32)
     chunk = chunk if can_share else 1 << 40
     feature, chunk_index, shared = split_features(offsets, coef.numel(), chunk)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sae.kernels.checks import require
+
 
 @triton.jit
 def _keys(z, mask, KEY_BITS: tl.constexpr):
@@ -261,7 +263,8 @@ def row_topk(
     Dropped forms (BENCHMARKS.md): the guess and verify in one program per row, 1.2-1.5x
     slower than "split" on an H100; the whole row held in registers, 8x slower still."""
     B, N = z.shape
-    assert z.stride(1) == 1 and 0 < k <= N
+    require(z.stride(1) == 1, "`z` must have contiguous rows")
+    require(0 < k <= N, f"`k={k}` must be between 1 and the {N} columns of `z`")
     values = torch.empty(B, k, device=z.device, dtype=torch.float32)
     indices = torch.empty(B, k, device=z.device, dtype=torch.int64)
     kth = torch.empty(B, device=z.device, dtype=torch.float32)

@@ -32,7 +32,9 @@ def train_command(
     device: str = typer.Option("cpu", help="cpu | cuda."),
     precision: str = typer.Option("bf16", help="bf16 | fp32: the encoder product's precision on CUDA (CPU is always fp32)."),
     step: str = typer.Option("auto", help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
-                             "(CUDA, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd."),
+                             "(CUDA or --backend triton, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd."),
+    backend: Optional[str] = typer.Option(None, help="triton | torch: the kernels' implementation (default: triton on CUDA, "
+                                          "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
@@ -52,7 +54,7 @@ def train_command(
     """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store (or of a
     model run on the fly with --model)."""
     from sae.config import TrainConfig
-    from sae.fused_trainer import choose_trainer
+    from sae.trainer import Trainer
     from workbench.models.device import check_device
 
     check_device(device)
@@ -79,9 +81,11 @@ def train_command(
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
         gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma, checkpoint_every=checkpoint_every,
     )
-    trainer_class = choose_trainer(config, step)
     command = ["workbench", *sys.argv[1:]]
-    trainer = trainer_class.resume(out, source, config, command) if resume else trainer_class.start(config, source, out, command)
+    if resume:
+        trainer = Trainer.resume(out, source, config, command, step=step, backend=backend)
+    else:
+        trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
     print(
