@@ -12,7 +12,7 @@ Our methods use the project's SparseAutoencoder (sae.model) parameters.
 - "ours (fused step, graph / no graph)": sae.fused_step.FusedTopKStep, the step as kernels
   with no autograd (split row top-k, decode + loss gradient in one gather,
   per-feature backward with Adam, renorm and the bf16 encoder copy fused), one CUDA graph.
-The earlier rows train through autograd with sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
+The other "ours" rows train through autograd with sae.kernels: sparse_encode (bf16 product, fused row top-k, sparse encoder backward),
 sparse_decode (gather-sum; per-feature backward), unit-norm decoder rows after each step.
 - "ours (triton, graph)": W_enc stored feature-major, bf16 autocast, the whole step
   (forward, backward, fused Adam, decoder renorm) captured once as a CUDA graph.
@@ -37,7 +37,7 @@ exporter-http-transport}); then, carrying .whl:
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python bench/gpu_train.py [--configs 0,1,2] [--only PREFIXES] [--json out.json]
 The "project Trainer" row also needs duckdb (workbench imports it); .whl plus duckdb is
-over the 64 MiB a call may carry, so that row ran in a separate call without the peers.
+over the 64 MiB a call may carry, so run that row in a separate call, without the peers.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from sae.kernels import sparse_decode, sparse_encode
 from sae.rules.base import SparsityRule
 
 #: Gather rows while the code is at most this fraction of d_sae wide; else one dense matmul.
-#: On CPU the gather's torch backward loses to BLAS much sooner (measured here, B=1024,
-#: d_sae=768, d_in=192: equal at width 8, 15x slower at width 96).
+#: On CPU the gather's torch backward (index_add over B x w rows) loses to one BLAS product
+#: at a much narrower code than the Triton gather does on CUDA, hence the smaller fraction.
 SPARSE_DECODE_MAX_FRACTION = {"cuda": 1 / 8, "cpu": 1 / 64}
 
 
@@ -44,8 +44,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=rule.trains_decoder_bias)
         #: Train through kernels.sparse_encode (backward over the kept entries only)? None:
-        #: on CUDA yes; on CPU no, where one dense BLAS backward beats the scatter over
-        #: B x (k + k_aux) pairs at the widths this machine trains (see BENCHMARKS.md).
+        #: on CUDA yes; on CPU no, where one dense BLAS backward beats torch's scatter over
+        #: B x (k + k_aux) pairs at the widths an SAE on the CPU has.
         self.fused_encoder: bool | None = None
 
     @torch.no_grad()
