@@ -96,7 +96,7 @@ def bench_model(name: str, device: str, tokens: int, ctx: int, batch_size: int, 
             break
     stop_at = handle.stop_layer_for(hooks)
     bares, captures, mb_rates = [], [], []
-    for _ in range(repeats):  # alternated; the best of each is reported (this VM's CPU speed swings 2-8x run to run)
+    for _ in range(repeats):  # alternated, and the best of each reported: a shared machine's speed varies from run to run
         bares.append(bare_forward_rate(handle, batches, stop_at, device))
         store = Path(tempfile.mkdtemp()) / "store"
         settings = CaptureSettings(model=name, data="builtin", hooks=hooks, tokens=n_batches * ctx * batch_size, ctx=ctx,

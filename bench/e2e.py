@@ -81,10 +81,10 @@ def build_checkpoint(spec: str, folder: Path) -> Path:
     """A GPT-2-architecture Hugging Face folder with random weights and the zoo tokenizer."""
     import transformers as tf
 
-    from workbench.models.zoo import load_zoo_tokenizer
+    from workbench.models.zoo import TOKENIZER_FILE, load_zoo_tokenizer, zoo_dir
 
     _, d_model, layers = spec.split(":")
-    tokenizer = load_zoo_tokenizer(REPO / "data" / "zoo" / "tiny-relu" / "tokenizer.json")
+    tokenizer = load_zoo_tokenizer(zoo_dir("tiny-relu") / TOKENIZER_FILE)
     special = tokenizer.bos_token_id
     torch.manual_seed(0)
     config = tf.GPT2Config(vocab_size=len(tokenizer), n_embd=int(d_model), n_layer=int(layers), n_head=int(d_model) // 64,

@@ -39,7 +39,7 @@ exporter-http-transport}); then, carrying .whl:
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python bench/gpu_train.py [--configs 0,1,2] [--only PREFIXES] [--json out.json]
 The "project Trainer" row also needs duckdb (workbench imports it); .whl plus duckdb is
-over the 64 MiB a call may carry, so that row ran in a separate call without the peers.
+over the 64 MiB a call may carry, so run that row in a separate call, without the peers.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
     in the same process so the ratios are from one run; plus peak memory and FVU on a
     held-out batch after equal tokens. With --aux auxk each trainer runs twice and the
     second run is timed: the dead-feature count changes the aux products' shapes from step
-    to step, and whichever method met a shape first paid its one-time costs (an H100 probe:
-    up to 0.8 s on the first steps); dead_features_at_end says how many AuxK had.
+    to step, and whichever method met a shape first would pay its one-time costs (kernel
+    compilation, allocator growth); dead_features_at_end says how many AuxK had.
 (b) Data parallel: the same configs trained through Trainer.fit on one GPU and through
     sae.distributed.train_data_parallel under `torchrun --nproc_per_node 2` (NCCL), on the
     same data (a GPU-resident TensorSource, so the data pipeline is not what is timed), log

@@ -24,8 +24,8 @@ from sae.kernels.backend import resolve_backend
 from sae.rules.base import SparsityRule
 
 #: Gather rows while the code is at most this fraction of d_sae wide; else one dense matmul.
-#: On CPU the gather's torch backward loses to BLAS much sooner (measured here, B=1024,
-#: d_sae=768, d_in=192: equal at width 8, 15x slower at width 96).
+#: On CPU the gather's torch backward (index_add over B x w rows) loses to one BLAS product
+#: at a much narrower code than the Triton gather does on CUDA, hence the smaller fraction.
 SPARSE_DECODE_MAX_FRACTION = {"cuda": 1 / 8, "cpu": 1 / 64}
 
 
@@ -46,8 +46,8 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=rule.trains_decoder_bias)
         #: The kernels' backend (sae.kernels.backend.resolve_backend; None: by the input's
         #: device). "triton" trains through kernels.sparse_encode (backward over the kept
-        #: entries only); "torch" through a dense autograd product, which on CPU beats the
-        #: scatter over B x (k + k_aux) pairs at the widths this machine trains (BENCHMARKS.md).
+        #: entries only); "torch" through a dense autograd product, which on a CPU beats the
+        #: scatter over B x (k + k_aux) pairs at the widths an SAE on a CPU has.
         self.backend: str | None = None
 
     @torch.no_grad()

@@ -8,14 +8,14 @@ from typing import Optional
 import typer
 
 from workbench.errors import WorkbenchError
-from workbench.models.zoo import ZOO, is_shipped, training_record, zoo_dir, zoo_spec
+from workbench.models.zoo import ZOO, ZOO_DATA, is_shipped, training_record, zoo_dir, zoo_spec
 
 zoo_app = typer.Typer(help="The built-in zoo: tiny models trained on the Python standard library.", no_args_is_help=True)
 
 
 @zoo_app.command("list")
 def list_command() -> None:
-    """Print each zoo model: shape, whether its weights are shipped, its held-out loss."""
+    """Print each zoo model: shape, whether its weights are shipped, its held-out loss, and the zoo folder."""
     from rich.console import Console
     from rich.table import Table
 
@@ -38,7 +38,9 @@ def list_command() -> None:
             f"{unigram:.3f}" if unigram is not None else "-",
             spec.summary,
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"zoo folder: {ZOO_DATA}", soft_wrap=True)
 
 
 @zoo_app.command("train")
@@ -47,7 +49,7 @@ def train_command(
     minutes: Optional[float] = typer.Option(None, help="time budget in minutes: fewer steps if the recipe would not fit, set from the measured speed"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's; --minutes can only lower it)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
-    out: Optional[Path] = typer.Option(None, help="folder to write (default: data/zoo/NAME, replaced only at the end)"),
+    out: Optional[Path] = typer.Option(None, help="folder to write (default: NAME in the zoo folder `workbench zoo list` shows, replaced only at the end)"),
 ) -> None:
     """Train the tokenizer and the model on the builtin corpus and write weights + training.json."""
     import torch

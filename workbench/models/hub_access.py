@@ -1,8 +1,7 @@
-"""Whether the Hugging Face hub may be asked, decided up front so a missing network costs seconds, not retries.
+"""Whether the Hugging Face hub may be asked, decided up front so a missing network fails fast, not after retries.
 
 Without this, transformers retries an unreachable hub five times with growing pauses and
-prints a warning each time (about 23 s and a screenful of text on a machine with no
-network). Two choices are made here instead:
+prints a warning each time. Two choices are made here instead:
 - `hub_offline()` forces the hub client into offline mode for a block of code, so local
   folders and the local cache are used and nothing is ever requested;
 - `hub_reachable()` asks the hub's host once, with a short timeout, before any download.

@@ -4,7 +4,7 @@ The weights come from the Hugging Face hub, or from its local cache when the hub
 be reached. The hub is never asked blindly: with HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set,
 or when its host does not answer a TCP connection within 3 s, loading runs in offline mode
 (local cache only), so a machine without network gets one WorkbenchError line naming the
-models that work offline instead of ~23 s of retries and a traceback.
+models that work offline instead of the hub client's retries and a traceback.
 """
 
 from __future__ import annotations

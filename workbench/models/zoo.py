@@ -4,7 +4,8 @@
 `tiny-moe` is Mixtral-shaped: RMSNorm, rotary attention and, in every block, 8 gated-SiLU
 experts of which the router picks 2. Both read Python source through a byte-level BPE
 tokenizer trained on the builtin corpus (workbench.models.corpus). Their weights, tokenizer
-and training record live in data/zoo/<name>/, so nothing is downloaded and nothing needs
+and training record live in data/zoo/<name>/ of the repository, which an installed wheel carries
+as workbench/zoo_data/<name>/ (see setup.py), so nothing is downloaded and nothing needs
 training before the demo.
 """
 
@@ -19,7 +20,15 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.models.handle import ModelHandle
 
-ZOO_DATA = Path(__file__).resolve().parents[2] / "data" / "zoo"
+
+def _zoo_data() -> Path:
+    """The zoo folder: workbench/zoo_data in an installed wheel, else data/zoo of the source tree."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "zoo_data"
+    return installed if installed.is_dir() else package.parent / "data" / "zoo"
+
+
+ZOO_DATA = _zoo_data()
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in every zoo tokenizer
 VOCAB_SIZE = 4096
@@ -176,7 +185,7 @@ def weights_fingerprint(path: Path) -> str:
 def load_zoo_model(name: str, device: str = "cpu", folder: Path | None = None) -> ModelHandle:
     """Load a zoo model's shipped weights (fp16 on disk, float32 in memory) into a ModelHandle.
 
-    folder: read from there instead of data/zoo/<name> (a `workbench zoo train --out` folder).
+    folder: read from there instead of zoo_dir(name) (a `workbench zoo train --out` folder).
     """
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig

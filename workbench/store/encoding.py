@@ -1,9 +1,10 @@
-"""Dense activations -> Arrow columns, in the compact layout design.md measured.
+"""Dense activations -> Arrow columns: one row per token, its vector as a fixed-size list.
 
-One row per token with a fixed-size list (FLOAT[d] in DuckDB) is 1.6x smaller and far
-faster than the long (token, dim, value) layout. DuckDB has no float16, so half precision is
-stored as the raw 16-bit patterns in SMALLINT[d] (exact); workbench.store.activation_files
-reads them back.
+A fixed-size list (FLOAT[d] in DuckDB) stores each token's d values as one contiguous run of
+the column's values buffer, so a batch file reads back as one [rows, d] block; the long
+(token, dim, value) layout would repeat both keys for every value. DuckDB has no float16,
+so half precision is stored as the raw 16-bit patterns in SMALLINT[d] (exact);
+workbench.store.activation_files reads them back.
 """
 
 from __future__ import annotations
