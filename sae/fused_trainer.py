@@ -28,6 +28,7 @@ from sae.config import TrainConfig
 from sae.data import ActivationSource
 from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep, StepStats
+from sae.registry import rule_names, training_rule
 from sae.trainer import Trainer
 
 #: `--step`: auto = fused where fused_unsupported() finds nothing and the device is CUDA.
@@ -37,8 +38,9 @@ FUSED_AUX = ("auxk", "none")
 
 def fused_unsupported(config: TrainConfig) -> str | None:
     """Why the fused step cannot train config (a sentence saying what to do), or None."""
-    if config.arch != "topk":
-        return f"the fused step trains `arch=\"topk\"` only, not {config.arch}; use `step=\"autograd\"`"
+    if "fused" not in training_rule(config.arch).steps:
+        fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
+        return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
     if config.aux not in FUSED_AUX:
         return f"the fused step supports `aux` {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use `step=\"autograd\"`"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
