@@ -28,7 +28,7 @@ def _register() -> None:
     from workbench.commands.capture import capture_command, hooks_command, info_command
     from workbench.commands.demo import demo_command
     from workbench.commands.features import features_command
-    from workbench.commands.train import eval_command, train_command
+    from workbench.commands.train import eval_command, train_command, with_rule_options
     from workbench.commands.zoo import zoo_app
 
     app.command("demo")(demo_command)
@@ -37,7 +37,7 @@ def _register() -> None:
     app.command("info")(info_command)
     app.command("hooks")(hooks_command)
     app.command("analyze")(analyze_command)
-    app.command("train")(train_command)
+    app.command("train")(with_rule_options(train_command))
     app.command("eval")(eval_command)
     app.command("features")(features_command)
     app.command("app")(app_command)
