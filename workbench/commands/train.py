@@ -46,7 +46,7 @@ def _rule_option(name: str, owners: list[tuple[TrainingRule, Field]]) -> inspect
 
 
 def with_rule_options(command: Callable[..., None]) -> Callable[..., None]:
-    """command (whose **rule_settings collects them) as typer sees it with one option per
+    """command (whose **rule_options collects them) as typer sees it with one option per
     setting of the rules registered now."""
 
     def run(**options: Any) -> None:
@@ -102,7 +102,7 @@ def train_command(
                                             "(default: when they take at most half its free memory) or stream them."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    **rule_settings: Any,
+    **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
     hook of a store (or of a model run on the fly with --model)."""
@@ -111,7 +111,7 @@ def train_command(
     from workbench.models.device import check_device
 
     check_device(device)
-    settings = rule_flags(arch, rule_settings)
+    settings = rule_flags(arch, rule_options)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
     if store is not None:
@@ -158,7 +158,6 @@ def eval_command(
     from workbench.models.device import check_device
 
     check_device(device)
-    settings = rule_flags(arch, rule_settings)
     result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
     if json_out:
         print(json.dumps(result, indent=1))
