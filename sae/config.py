@@ -140,7 +140,8 @@ class TrainConfig:
 
     def shape(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint, by name."""
-        return {**{key: getattr(self, key) for key in SHAPE_KEYS}, **{key: getattr(self.rule, key) for key in self.rule.shape_keys}}
+        shared = {key: getattr(self, key) for key in SHAPE_KEYS}
+        return {**shared, **{key: getattr(self.rule, key) for key in self.rule.shape_keys}}
 
     def to_dict(self) -> dict[str, Any]:
         """One flat dict: the shared settings, then the rule's."""

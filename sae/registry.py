@@ -19,7 +19,7 @@ call (and register_architecture if it saves in a form not registered yet).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sae.errors import SAEError
@@ -71,9 +71,9 @@ class TrainingRule:
     #: Whether sae.distributed can train it: its selection is per token, so no batch
     #: statistic needs a global treatment across processes.
     data_parallel: bool = False
-    #: Flags of `workbench train` that give the rule its sparsity in `workbench demo`'s short
-    #: runs (e.g. ("--k", "16")).
-    demo_flags: tuple[str, ...] = ()
+    #: Settings that give the rule its sparsity in a run of a few hundred steps (`workbench
+    #: demo`'s), e.g. {"k": 16}.
+    short_run_settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

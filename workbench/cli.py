@@ -46,6 +46,8 @@ def _register() -> None:
 def flag_message(err: SAEError, argv: list[str]) -> str:
     """The SAE library's message in the words of the command argv runs: each parameter that
     command has as an option becomes its flag (`k=20` -> --k 20, `resume` -> --resume)."""
+    from workbench.commands.train import flag
+
     command = typer.main.get_command(app)
     for word in argv:  # down the groups (`workbench zoo train`) to the command run
         if word not in getattr(command, "commands", {}):
@@ -54,10 +56,9 @@ def flag_message(err: SAEError, argv: list[str]) -> str:
     options = {name for param in command.params for name in param.opts}
 
     def spell(name: str, value: str | None) -> str:
-        flag = "--" + name.replace("_", "-")
-        if flag not in options:
+        if flag(name) not in options:
             return name if value is None else f"{name}={value}"
-        return flag if value is None else flag + " " + value.strip("'\"")
+        return flag(name) if value is None else flag(name) + " " + value.strip("'\"")
 
     return err.respell(spell)
 

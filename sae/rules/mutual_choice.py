@@ -97,5 +97,5 @@ class MutualChoiceConfig(TopKConfig):
 
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
-    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay), demo_flags=("--k", "16"),
+    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay), short_run_settings={"k": 16},
 ))

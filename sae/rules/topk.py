@@ -74,6 +74,6 @@ def load_topk(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> TopKRule
 
 register_rule(TrainingRule(
     name="topk", config=TopKConfig, build=lambda settings, run: TopKRule(settings.k), default_aux="auxk",
-    initial_density=expected_density, steps=("autograd", "fused"), data_parallel=True, demo_flags=("--k", "16"),
+    initial_density=expected_density, steps=("autograd", "fused"), data_parallel=True, short_run_settings={"k": 16},
 ))
 register_architecture(Architecture(name="topk", load=load_topk))

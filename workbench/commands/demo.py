@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from sae.registry import rule_names, training_rule
+from workbench.commands.train import flag
 from workbench.errors import WorkbenchError
 
 SAE_HOOK = "blocks.2.hook_resid_post"
@@ -35,13 +36,13 @@ def capture_steps(root: Path, tokens: int) -> list[list[str]]:
 
 def sae_steps(root: Path, train_tokens: int) -> list[list[str]]:
     """An SAE of each registered rule (TopK, Mutual Choice, GBA) on one hook of tiny-relu, with
-    the sparsity flags its registration gives for short runs, then their feature passes."""
+    the sparsity settings its registration gives for short runs, then their feature passes."""
     store = str(root / "tiny-relu")
     steps = []
     for rule in rule_names():
         out = root / "saes" / rule
         if not (out / "cfg.json").is_file():
-            sparsity = training_rule(rule).demo_flags
+            sparsity = [arg for name, value in training_rule(rule).short_run_settings.items() for arg in (flag(name), str(value))]
             steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", *sparsity,
                           "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)])
         steps.append(["features", str(out), "--store", store, "--name", rule.replace("-", "_")])
