@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from sae.config import TrainConfig
 from sae.data import TensorSource
-from sae.io import save_sae
+from sae.io import load_sae, save_sae
 from sae.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
@@ -57,8 +57,6 @@ def main() -> None:
             save_sae(folder / "sae", whole.model, whole.input_scale)
         half = Trainer.start(config(arch), TensorSource(x, seed=1), folder / "run", command=["make.py"])
         half.fit(until_step=HALF, progress=False)
-        from sae.io import load_sae
-
         model, _ = load_sae(folder / "sae")
         expected = {"data": x, "probe": probe, "acts": model.feature_acts(probe).detach()}
         expected.update({f"final.{k}": v.detach().clone() for k, v in whole.model.state_dict().items()})
