@@ -1,23 +1,27 @@
 """Every setting of one SAE training run, validated once, saved in training.json and the
-checkpoint (resume refuses a checkpoint whose shape-defining settings differ)."""
+checkpoint (resume refuses a checkpoint whose shape-defining settings differ).
+
+The settings every rule shares are TrainConfig's fields; a rule's own (k, gba_every, ...)
+are its registered RuleConfig (sae.registry), held in TrainConfig.rule. Callers and files
+give both flat: TrainConfig(arch="topk", k=32, lr=1e-3), and to_dict / from_dict write and
+read one flat dict, the layout of training.json and checkpoints.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sae.errors import SAEError
+from sae.registry import AUX_LOSSES, RuleConfig, rule_settings, training_rule
 
-ARCHS = ("topk", "mutual-choice", "gba")
 PRECISIONS = ("bf16", "fp32")
-AUX_LOSSES = ("auxk", "aux-zipf", "none")
-DEFAULT_AUX = {"topk": "auxk", "mutual-choice": "aux-zipf", "gba": "none"}
-#: Tokens behind each GBA bias update when --gba-every is not given: the paper's 50 steps
-#: of 512 tokens, so the statistics cover the same data at any batch size.
-GBA_BUFFER_TOKENS = 50 * 512
-#: Settings a resumed run must share with its checkpoint.
-SHAPE_KEYS = ("arch", "d_in", "d_sae", "k", "batch_size", "seed")
+#: Settings a resumed run must share with its checkpoint, beside its rule's shape_keys.
+SHAPE_KEYS = ("arch", "d_in", "d_sae", "batch_size", "seed")
+#: The fields TrainConfig's __init__ takes by position (the rest by name).
+_REQUIRED = ("arch", "d_in", "d_sae", "tokens")
 
 
 def default_lr(d_sae: int) -> float:
@@ -25,13 +29,14 @@ def default_lr(d_sae: int) -> float:
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
+    """The run's shared settings and, in `rule`, its rule's (see the module doc)."""
+
     arch: str
     d_in: int
     d_sae: int
     tokens: int
-    k: int | None = None
     batch_size: int = 4096
     lr: float | None = None
     seed: int = 0
@@ -47,29 +52,41 @@ class TrainConfig:
     warmup_steps: int | None = None
     decay_fraction: float = 0.2
     init_tokens: int = 65536
-    theta_decay: float = 0.99
-    gba_groups: int = 10
-    gba_p_max: float = 0.1
-    gba_p_min: float = 1e-3
-    gba_every: int | None = None
-    gba_gamma: float = 0.01
-    gba_eps: float = 1e-6
     log_every: int | None = None
     #: checkpoint every this many steps; None: every checkpoint_minutes of training (a
     #: checkpoint of a wide SAE is hundreds of MB, too many to write every few seconds)
     checkpoint_every: int | None = None
     checkpoint_minutes: float = 10.0
 
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise SAEError(f"unknown `arch=\"{self.arch}\"`: choose one of {', '.join(ARCHS)}")
+    #: The rule's own settings: an instance of its registered RuleConfig (set by __init__).
+    rule: RuleConfig | None = None
+
+    def __init__(self, arch: str, d_in: int, d_sae: int, tokens: int, rule: RuleConfig | None = None, **settings: Any) -> None:
+        """settings: TrainConfig's other fields by name, and the rule's own (k=32, gba_every=5),
+        which become `rule` (or pass `rule`, an instance of the rule's RuleConfig, instead).
+        Settings of other registered rules are ignored, so one set of settings can configure
+        runs of several rules; a name no rule has is refused."""
+        self.arch, self.d_in, self.d_sae, self.tokens = arch, d_in, d_sae, tokens
+        for f in fields(self):
+            if f.name not in (*_REQUIRED, "rule"):
+                setattr(self, f.name, settings.pop(f.name, f.default))
+        spec = training_rule(arch)
+        unknown = sorted(set(settings) - set(rule_settings()))
+        if unknown:
+            raise SAEError(f"unknown setting `{unknown[0]}`: neither a training setting nor a rule's")
+        own = {f.name for f in fields(spec.config)}
+        if rule is None:
+            rule = spec.config(**{name: value for name, value in settings.items() if name in own and value is not None})
+        elif not isinstance(rule, spec.config):
+            raise SAEError(f"`rule` must be a {spec.config.__name__} for `arch=\"{arch}\"`, not {type(rule).__name__}")
+        elif any(settings.get(name) is not None for name in own):
+            raise SAEError(f"give `arch=\"{arch}\"`'s settings ({', '.join(sorted(own))}) in `rule` or by name, not both")
+        self.rule = dataclasses.replace(rule)
+        self._check(spec.default_aux)
+
+    def _check(self, default_aux: str) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise SAEError(f"SAE width must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
-        if self.arch in ("topk", "mutual-choice"):
-            if self.k is None:
-                raise SAEError(f'`arch="{self.arch}"` needs `k` (active features per token)')
-            if not 0 < self.k <= self.d_sae:
-                raise SAEError(f"`k={self.k}` must be between 1 and d_sae={self.d_sae}; lower `k` or widen the SAE")
         if self.precision not in PRECISIONS:
             raise SAEError(f"unknown `precision=\"{self.precision}\"`: choose one of {', '.join(PRECISIONS)}")
         if self.batch_size <= 0:
@@ -79,15 +96,10 @@ class TrainConfig:
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise SAEError(f"`lr` must be a positive number, got {self.lr}")
         if self.aux is None:
-            self.aux = DEFAULT_AUX[self.arch]
+            self.aux = default_aux
         if self.aux not in AUX_LOSSES:
             raise SAEError(f"unknown aux loss `aux=\"{self.aux}\"`: choose one of {', '.join(AUX_LOSSES)}")
-        if self.arch == "gba" and not 0 < self.gba_p_min <= self.gba_p_max <= 1:
-            raise SAEError("GBA targets need 0 < `gba_p_min` <= `gba_p_max` <= 1")
-        if self.gba_every is None:
-            self.gba_every = max(1, round(GBA_BUFFER_TOKENS / self.batch_size))
-        if self.gba_every <= 0:
-            raise SAEError(f"`gba_every={self.gba_every}` must be a positive number of steps")
+        self.rule.check(self)
 
     # ---- derived settings --------------------------------------------------------------
     @property
@@ -126,10 +138,21 @@ class TrainConfig:
             scale *= max(0.0, (self.steps - step) / max(1, self.steps - decay_start))
         return self.learning_rate * scale
 
+    def shape(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint, by name."""
+        shared = {key: getattr(self, key) for key in SHAPE_KEYS}
+        return {**shared, **{key: getattr(self.rule, key) for key in self.rule.shape_keys}}
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """One flat dict: the shared settings, then the rule's."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
+        return {**shared, **{f.name: getattr(self.rule, f.name) for f in fields(self.rule)}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
+        """The config of a to_dict dict. Keys that are neither TrainConfig's nor the rule's
+        are dropped: a file written before rules had their own settings holds every rule's."""
+        names = {f.name for f in fields(cls)} - {"rule"}
+        if isinstance(data.get("arch"), str):
+            names |= {f.name for f in fields(training_rule(data["arch"]).config)}
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -36,6 +36,7 @@ from sae.config import TrainConfig
 from sae.data import ActivationSource
 from sae.errors import SAEError
 from sae.model import SparseAutoencoder
+from sae.registry import rule_names, training_rule
 from sae.trainer import Trainer
 
 
@@ -60,9 +61,10 @@ class DataParallelStep(AutogradStep):
         if not dist.is_initialized():
             raise SAEError("call sae.distributed.init_process_group() before building a data-parallel step")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if config.arch != "topk" or config.aux != "none":
+        if not training_rule(config.arch).data_parallel or config.aux != "none":
+            per_token = " or ".join(f'`arch="{name}"`' for name in rule_names() if training_rule(name).data_parallel)
             raise SAEError(
-                f'data-parallel training supports `arch="topk"` with `aux="none"` for now (got arch {config.arch}, aux {config.aux}); '
+                f'data-parallel training supports {per_token} with `aux="none"` for now (got arch {config.arch}, aux {config.aux}); '
                 "train batch-level rules or auxiliary losses in one process"
             )
         if config.batch_size % self.world:

@@ -3,8 +3,8 @@
 Writing folds the training-time input scale into the weights (the saved SAE takes raw
 activations) and saves each rule in its SAELens inference form: TopK as "topk", Mutual
 Choice and GBA as "jumprelu" with their thresholds (GBA's is minus its adapted bias).
-Reading takes any SAELens folder of those three architectures (ours or a peer's), so
-`workbench eval` and the browser work on both.
+Reading takes any SAELens folder of a registered architecture (sae.registry: "topk",
+"jumprelu", "standard"; ours or a peer's), so `workbench eval` and the browser work on both.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from sae.errors import SAEError
 from sae.model import SparseAutoencoder
-from sae.rules import JumpReLURule, ReLURule, SparsityRule, TopKRule
+from sae.registry import architecture
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -92,28 +92,17 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
         raise SAEError(f"{path} is not valid JSON ({err.msg})") from err
 
 
-def _rule_for(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SparsityRule:
-    arch = cfg.get("architecture", "standard")
-    if arch == "topk":
-        return TopKRule(int(cfg["k"]))
-    if arch == "jumprelu":
-        return JumpReLURule(weights["threshold"])
-    if arch == "standard":
-        return ReLURule()
-    raise SAEError(f"SAE architecture '{arch}' is not supported here (topk, jumprelu, standard)")
-
-
 def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The folder's tensors as float32, after checking they are whole and fit one SAE:
-    W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], b_enc and threshold [d_sae]."""
+    W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], b_enc and the architecture's
+    own tensors (a jumprelu threshold) [d_sae]."""
     path = folder / WEIGHTS_FILE
     try:
         weights = {k: v.float() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SAEError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
-    missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in weights]
-    if cfg.get("architecture") == "jumprelu" and "threshold" not in weights:
-        missing.append("threshold")
+    own = architecture(cfg).tensors
+    missing = [k for k in ("W_enc", "W_dec", "b_dec", *own) if k not in weights]
     if missing:
         raise SAEError(f"{path} lacks {', '.join(missing)}: not a complete SAELens SAE")
     W_enc = weights["W_enc"]
@@ -123,7 +112,7 @@ def _read_weights(folder: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     d_in, d_sae = (cfg.get(key, n) for key, n in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])))
     if not (isinstance(d_in, int) and isinstance(d_sae, int)):
         raise SAEError(f"{folder / CFG_FILE}: d_in and d_sae must be integers (got {d_in!r}, {d_sae!r})")
-    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], "threshold": [d_sae]}
+    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "b_enc": [d_sae], **{k: [d_sae] for k in own}}
     for key, shape in expected.items():
         if key in weights and list(weights[key].shape) != shape:
             raise SAEError(
@@ -144,16 +133,13 @@ def load_sae(folder: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder
     if cfg.get("reshape_activations", "none") != "none":
         raise SAEError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     weights = _read_weights(Path(folder), cfg)
-    W_enc, W_dec, b_dec = weights["W_enc"], weights["W_dec"], weights["b_dec"]
+    W_enc, b_dec = weights["W_enc"], weights["b_dec"]
     b_enc = weights.get("b_enc", torch.zeros(W_enc.shape[1]))
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc  # z = x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
-    if cfg.get("architecture") == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        norms = W_dec.norm(dim=1).clamp(min=1e-8)
-        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-    model = SparseAutoencoder(W_enc.shape[0], W_enc.shape[1], _rule_for(cfg, weights))
-    model.W_enc.copy_(W_enc)
-    model.b_enc.copy_(b_enc)
-    model.W_dec.copy_(W_dec)
-    model.b_dec.copy_(b_dec)
+    weights["b_enc"] = b_enc
+    rule = architecture(cfg).load(cfg, weights)  # may fold an architecture's own scaling into the weights
+    model = SparseAutoencoder(W_enc.shape[0], W_enc.shape[1], rule)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        getattr(model, name).copy_(weights[name])
     return model.to(device).eval(), cfg

@@ -17,6 +17,7 @@ from sae.autograd_step import AutogradStep
 from sae.config import TrainConfig
 from sae.errors import SAEError
 from sae.model import SparseAutoencoder
+from sae.registry import rule_names, training_rule
 from sae.step import TrainStep
 
 STEPS = ("auto", "fused", "autograd", "data-parallel")
@@ -27,8 +28,9 @@ FUSED_AUX = ("auxk", "none")
 def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
     """Why the fused step cannot train config with the (resolved) backend (a sentence
     saying what to do), or None."""
-    if config.arch != "topk":
-        return f"the fused step trains `arch=\"topk\"` only, not {config.arch}; use `step=\"autograd\"`"
+    if "fused" not in training_rule(config.arch).steps:
+        fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
+        return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
     if config.aux not in FUSED_AUX:
         return f"the fused step supports `aux` {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use `step=\"autograd\"`"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -35,14 +35,15 @@ from typing import Any
 
 import torch
 
-from sae.config import SHAPE_KEYS, TrainConfig
+from sae.config import TrainConfig
 from sae.data import ActivationSource
 from sae.errors import SAEError
 from sae.io import save_sae
 from sae.kernels.backend import resolve_backend
 from sae.losses import zipf_underuse
 from sae.model import SparseAutoencoder
-from sae.rules import GBARule, MutualChoiceRule, SparsityRule, TopKRule
+from sae.registry import training_rule
+from sae.rules import SparsityRule
 from sae.step import StepStats
 from sae.step_choice import build_step
 
@@ -51,15 +52,8 @@ RECORD_FILE = "training.json"
 
 
 def make_rule(config: TrainConfig) -> SparsityRule:
-    """The training rule the config names."""
-    if config.arch == "topk":
-        return TopKRule(config.k)
-    if config.arch == "mutual-choice":
-        return MutualChoiceRule(config.k, theta_decay=config.theta_decay)
-    return GBARule(
-        config.d_sae, groups=config.gba_groups, p_max=config.gba_p_max, p_min=config.gba_p_min,
-        every=config.gba_every, gamma=config.gba_gamma, eps=config.gba_eps, seed=config.seed,
-    )
+    """The training rule the config names, built by its registration from its settings."""
+    return training_rule(config.arch).build(config.rule, config)
 
 
 def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -174,7 +168,8 @@ class Trainer:
         except CHECKPOINT_ERRORS as err:
             raise _not_a_checkpoint(path, err) from err
         if config is not None:
-            diffs = [f"{k}={getattr(saved, k)} (checkpoint) vs {getattr(config, k)}" for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
+            theirs = config.shape()
+            diffs = [f"{k}={v} (checkpoint) vs {theirs.get(k)}" for k, v in saved.shape().items() if theirs.get(k) != v]
             if diffs:
                 raise SAEError(f"cannot resume {out_path}: settings differ: {'; '.join(diffs)}; use the checkpoint's settings or another `out`")
             saved = config
@@ -203,8 +198,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.init_weights(generator, geometric_median(sample * self.input_scale).cpu())
         self.model.to(self.device)
-        budget = (cfg.k or 0) / cfg.d_sae if cfg.k else float(getattr(self.model.rule, "target", torch.zeros(1)).mean())
-        self.density.fill_(budget)
+        self.density.fill_(training_rule(cfg.arch).initial_density(self.model.rule, cfg))
         self.stepper.weights_changed()
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -400,7 +394,7 @@ class Trainer:
             "context_size": data.get("context_size"),
             "prepend_bos": True,
             "dataset_path": data.get("dataset_path"),
-            "workbench": {"arch": self.config.arch, "k": self.config.k, "input_scale": self.input_scale,
+            "workbench": {"arch": self.config.arch, "k": getattr(self.config.rule, "k", None), "input_scale": self.input_scale,
                           "tokens": self.step * self.config.batch_size},
         }
 

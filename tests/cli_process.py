@@ -1,4 +1,5 @@
-"""Run the real `workbench` command in a subprocess, as a user or a second program would."""
+"""Run the real `workbench` command in a subprocess, as a user or a second program would,
+or its main() in this process (to see what this process has set up, e.g. a registered rule)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def start_workbench(*args: str, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     handle = open(log, "wb")
     return subprocess.Popen(workbench_argv(*args), stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the CLI's main() in-process; returns (exit code, stderr)."""
+    from workbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["workbench", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err

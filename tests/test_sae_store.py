@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import pyarrow as pa
@@ -17,6 +16,7 @@ from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from sae.rules import ReLURule
 from tests.app_stores import HOOK, dense_store
+from tests.cli_process import run_in_process as cli
 from tests.cli_process import run_workbench
 from tests.phenomena_models import dense_config, handle_for
 from workbench.evaluation import ce_loss_score, evaluate_sae, token_windows
@@ -43,19 +43,6 @@ def trained(store, tmp_path_factory):
     assert done.returncode == 0, done.stderr
     assert "saved" in done.stdout and "fvu=" in done.stdout
     return out
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI's main() in-process; returns (exit code, stderr)."""
-    from workbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 def test_train_writes_a_saelens_folder_with_our_record(store, trained):

@@ -28,7 +28,7 @@ def _register() -> None:
     from workbench.commands.capture import capture_command, hooks_command, info_command
     from workbench.commands.demo import demo_command
     from workbench.commands.features import features_command
-    from workbench.commands.train import eval_command, train_command
+    from workbench.commands.train import eval_command, train_command, with_rule_options
     from workbench.commands.zoo import zoo_app
 
     app.command("demo")(demo_command)
@@ -37,7 +37,7 @@ def _register() -> None:
     app.command("info")(info_command)
     app.command("hooks")(hooks_command)
     app.command("analyze")(analyze_command)
-    app.command("train")(train_command)
+    app.command("train")(with_rule_options(train_command))
     app.command("eval")(eval_command)
     app.command("features")(features_command)
     app.command("app")(app_command)
@@ -46,6 +46,8 @@ def _register() -> None:
 def flag_message(err: SAEError, argv: list[str]) -> str:
     """The SAE library's message in the words of the command argv runs: each parameter that
     command has as an option becomes its flag (`k=20` -> --k 20, `resume` -> --resume)."""
+    from workbench.commands.train import flag
+
     command = typer.main.get_command(app)
     for word in argv:  # down the groups (`workbench zoo train`) to the command run
         if word not in getattr(command, "commands", {}):
@@ -54,10 +56,9 @@ def flag_message(err: SAEError, argv: list[str]) -> str:
     options = {name for param in command.params for name in param.opts}
 
     def spell(name: str, value: str | None) -> str:
-        flag = "--" + name.replace("_", "-")
-        if flag not in options:
+        if flag(name) not in options:
             return name if value is None else f"{name}={value}"
-        return flag if value is None else flag + " " + value.strip("'\"")
+        return flag(name) if value is None else flag(name) + " " + value.strip("'\"")
 
     return err.respell(spell)
 

@@ -25,19 +25,30 @@ tokens, 10 groups, top target 0.5, bottom 1e-3 to 1e-4):
 - only w and a get gradients: b_pre (our b_dec) stays at its data initialisation, the
   geometric median. Trained by the reconstruction loss it drifted to twice the data's
   norm, and neurons aligned with -b_dec then fired on every token whatever their bias.
-The statistics period is counted in tokens (sae.config.GBA_BUFFER_TOKENS) unless
---gba-every is given.
+The statistics period is counted in tokens (GBA_BUFFER_TOKENS) unless --gba-every is given.
+Registers the training rule "gba" (autograd step, one process; saved as SAELens "jumprelu").
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sae.code import SparseCode, code_from_mask
+from sae.errors import SAEError
+from sae.registry import RuleConfig, TrainingRule, register_rule
 from sae.rules.base import SparsityRule
+
+if TYPE_CHECKING:
+    from sae.config import TrainConfig
+
+#: Tokens behind each GBA bias update when --gba-every is not given: the paper's 50 steps
+#: of 512 tokens, so the statistics cover the same data at any batch size.
+GBA_BUFFER_TOKENS = 50 * 512
 
 
 def geometric_targets(groups: int, p_max: float, p_min: float) -> torch.Tensor:
@@ -130,3 +141,42 @@ class GBARule(SparsityRule):
         self.fire_count.zero_()
         self.peak.zero_()
         self.buffer_tokens.zero_()
+
+
+@dataclass
+class GBAConfig(RuleConfig):
+    """GBARule's settings as a run gives them (gba_every None: every GBA_BUFFER_TOKENS tokens)."""
+
+    gba_groups: int = field(default=10, metadata={"help": "Neuron groups."})
+    gba_p_max: float = field(default=0.1, metadata={"help": "Highest group target frequency."})
+    gba_p_min: float = field(default=1e-3, metadata={"help": "Lowest group target frequency."})
+    gba_every: int | None = field(default=None, metadata={
+        "help": f"Steps between bias updates (default: every {GBA_BUFFER_TOKENS:,} tokens, the paper's 50 steps of 512)."})
+    gba_gamma: float = field(default=0.01, metadata={"help": "Bias step size."})
+    gba_eps: float = field(default=1e-6, metadata={"help": "Firing frequency under which a neuron's bias is raised."})
+
+    def check(self, run: TrainConfig) -> None:
+        if self.gba_groups <= 0:
+            raise SAEError(f"`gba_groups={self.gba_groups}` must be a positive number of groups")
+        if not 0 < self.gba_p_min <= self.gba_p_max <= 1:
+            raise SAEError("GBA targets need 0 < `gba_p_min` <= `gba_p_max` <= 1")
+        if self.gba_every is None:
+            self.gba_every = max(1, round(GBA_BUFFER_TOKENS / run.batch_size))
+        if self.gba_every <= 0:
+            raise SAEError(f"`gba_every={self.gba_every}` must be a positive number of steps")
+
+
+def build_gba(settings: GBAConfig, run: TrainConfig) -> GBARule:
+    return GBARule(
+        run.d_sae, groups=settings.gba_groups, p_max=settings.gba_p_max, p_min=settings.gba_p_min,
+        every=settings.gba_every, gamma=settings.gba_gamma, eps=settings.gba_eps, seed=run.seed,
+    )
+
+
+register_rule(TrainingRule(
+    name="gba", config=GBAConfig, build=build_gba, default_aux="none",
+    initial_density=lambda rule, run: float(rule.target.mean()),
+    # a run of a few hundred steps needs bias updates faster than the paper's (the demo's
+    # 390 steps: every 25 steps, gamma 0.01 would leave L0 near 440)
+    short_run_settings={"gba_every": 5, "gba_gamma": 0.05},
+))

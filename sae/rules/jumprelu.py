@@ -2,6 +2,7 @@
 
 What a SAELens "jumprelu" folder computes, so any such folder (ours from Mutual Choice, or
 a peer's) loads into our evaluation. Inference only: nothing here learns the thresholds.
+Registers the SAELens architecture "jumprelu" (Mutual Choice and GBA save as it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae.code import SparseCode, code_from_mask
+from sae.registry import Architecture, register_architecture
 from sae.rules.base import SparsityRule
 
 
@@ -26,3 +28,7 @@ class JumpReLURule(SparsityRule):
 
     def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
         return {"threshold": self.threshold.detach().clone()}
+
+
+register_architecture(Architecture(name="jumprelu", load=lambda cfg, weights: JumpReLURule(weights["threshold"]),
+                                   tensors=("threshold",)))

@@ -5,15 +5,25 @@ Training: keep the k*B largest entries of ReLU(z) over the whole [B, d_sae] matr
 Inference has no batch, so the rule learns a threshold theta, an exponential moving average
 of the smallest value kept in each training batch, and uses the JumpReLU form
 f(z) = z * [z > theta] (saved to SAELens as architecture "jumprelu" with threshold theta).
+Registers the training rule "mutual-choice" (autograd step, one process).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 
 from sae.code import SparseCode, code_from_mask
+from sae.errors import SAEError
 from sae.kernels import batch_topk
+from sae.registry import TrainingRule, register_rule
 from sae.rules.base import SparsityRule
+from sae.rules.topk import TopKConfig, expected_density
+
+if TYPE_CHECKING:
+    from sae.config import TrainConfig
 
 
 class MutualChoiceRule(SparsityRule):
@@ -70,3 +80,22 @@ class MutualChoiceRule(SparsityRule):
 
     def saelens_tensors(self, d_sae: int) -> dict[str, torch.Tensor]:
         return {"threshold": self.theta.detach().expand(d_sae).clone()}
+
+
+@dataclass
+class MutualChoiceConfig(TopKConfig):
+    """k, now the mean per token of the batch's budget, and theta's EMA decay."""
+
+    k: int | None = field(default=None, metadata={"help": "Mean active features per token (the batch keeps k * batch-size)."})
+    theta_decay: float = field(default=0.99, metadata={"help": "EMA decay of the inference threshold."})
+
+    def check(self, run: TrainConfig) -> None:
+        super().check(run)
+        if not 0 <= self.theta_decay <= 1:
+            raise SAEError(f"`theta_decay={self.theta_decay}` must be between 0 and 1")
+
+
+register_rule(TrainingRule(
+    name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
+    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay), short_run_settings={"k": 16},
+))

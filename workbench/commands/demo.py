@@ -14,10 +14,10 @@ from pathlib import Path
 
 import typer
 
+from sae.registry import rule_names, training_rule
+from workbench.commands.train import flag
 from workbench.errors import WorkbenchError
 
-
-SAE_RULES = ("topk", "mutual-choice", "gba")
 SAE_HOOK = "blocks.2.hook_resid_post"
 
 
@@ -35,15 +35,14 @@ def capture_steps(root: Path, tokens: int) -> list[list[str]]:
 
 
 def sae_steps(root: Path, train_tokens: int) -> list[list[str]]:
-    """TopK, Mutual Choice and GBA SAEs on one hook of tiny-relu, then their feature passes."""
+    """An SAE of each registered rule (TopK, Mutual Choice, GBA) on one hook of tiny-relu, with
+    the sparsity settings its registration gives for short runs, then their feature passes."""
     store = str(root / "tiny-relu")
     steps = []
-    for rule in SAE_RULES:
+    for rule in rule_names():
         out = root / "saes" / rule
         if not (out / "cfg.json").is_file():
-            # GBA holds sparsity with its group targets; the demo's 390 steps need bias updates
-            # faster than the paper's (every 25 steps, gamma 0.01 would leave L0 near 440)
-            sparsity = ["--gba-every", "5", "--gba-gamma", "0.05"] if rule == "gba" else ["--k", "16"]
+            sparsity = [arg for name, value in training_rule(rule).short_run_settings.items() for arg in (flag(name), str(value))]
             steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", *sparsity,
                           "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)])
         steps.append(["features", str(out), "--store", store, "--name", rule.replace("-", "_")])
@@ -70,5 +69,5 @@ def demo_command(
         _run(step)
     if app:
         stores = [arg for model in ("tiny-relu", "tiny-moe", "all-MiniLM-L6-v2") for arg in ("--store", str(folder / model))]
-        saes = [arg for rule in SAE_RULES for arg in ("--sae", str(folder / "saes" / rule))]
+        saes = [arg for rule in rule_names() for arg in ("--sae", str(folder / "saes" / rule))]
         _run(["app", *stores, *saes, "--port", str(port)])

@@ -1,17 +1,76 @@
-"""`workbench train` (an SAE on one hook of a store) and `workbench eval` (its quality)."""
+"""`workbench train` (an SAE on one hook of a store) and `workbench eval` (its quality).
+
+`--arch` takes the training rules sae.registry holds, and each rule's own settings are
+flags of their own (--k, --gba-every, ...), made from the rules' RuleConfig fields when the
+CLI attaches the command (with_rule_options), so a registered rule needs no change here.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from sae.registry import TrainingRule, rule_names, rule_settings, training_rule
 from workbench.errors import WorkbenchError
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a rule setting: gba_every -> --gba-every."""
+    return "--" + name.replace("_", "-")
+
+
+def _rule_option(name: str, owners: list[tuple[TrainingRule, Field]]) -> inspect.Parameter:
+    """The option of one rule setting, shared by the rules that have it: default None (the
+    rule's own default), its type and help from each rule's dataclass field."""
+    hint = typing.get_type_hints(owners[0][0].config)[name]
+    value_type = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    helps: dict[str, list[str]] = {}
+    for owner, f in owners:
+        text = f.metadata.get("help", "")
+        if f.default is not MISSING and f.default is not None:
+            text += f" Default {f.default}."
+        helps.setdefault(text, []).append(owner.name)
+    text = " ".join(f"{', '.join(names)}: {text}" for text, names in helps.items())
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[value_type],
+                             default=typer.Option(None, flag(name), help=text))
+
+
+def with_rule_options(command: Callable[..., None]) -> Callable[..., None]:
+    """command (whose **rule_options collects them) as typer sees it with one option per
+    setting of the rules registered now."""
+
+    def run(**options: Any) -> None:
+        command(**options)
+
+    hints = typing.get_type_hints(command)  # the module's annotations are strings (postponed)
+    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
+              if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [_rule_option(name, owners) for name, owners in rule_settings().items()]
+    run.__signature__ = inspect.Signature(params)
+    run.__name__, run.__doc__ = command.__name__, command.__doc__
+    return run
+
+
+def rule_flags(arch: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The rule settings given on the command line (not None), after refusing any that
+    --arch's rule does not have."""
+    own = {f.name for f in fields(training_rule(arch).config)}
+    settings = {name: value for name, value in given.items() if value is not None}
+    for name in settings:
+        if name not in own:
+            theirs = ", ".join(flag(n) for n in sorted(own)) or "none"
+            raise WorkbenchError(f"{flag(name)} does not apply to --arch {arch} (its own flags: {theirs})")
+    return settings
 
 
 def train_command(
@@ -21,10 +80,9 @@ def train_command(
                                         "and train on its activations as they come."),
     data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
     ctx: int = typer.Option(128, help="With --model: context length of each window."),
-    arch: str = typer.Option("topk", help="topk | mutual-choice | gba."),
+    arch: str = typer.Option("topk", help=" | ".join(rule_names()) + "."),
     expansion: Optional[float] = typer.Option(None, help="d_sae = expansion * d_in (default 8 unless --d-sae)."),
     d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of SAE features (overrides --expansion)."),
-    k: Optional[int] = typer.Option(None, help="Active features per token (topk, mutual-choice: mean per token)."),
     tokens: int = typer.Option(1_000_000, help="Training tokens (steps = tokens // batch-size); the store is cycled."),
     batch_size: int = typer.Option(4096, help="Tokens per step."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2^14))."),
@@ -37,27 +95,25 @@ def train_command(
                                           "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
-    aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: auxk for topk, aux-zipf for mutual-choice, none for gba)."),
+    aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: " + ", ".join(
+        f"{training_rule(name).default_aux} for {name}" for name in rule_names()) + ")."),
     dead_tokens: int = typer.Option(1_000_000, help="A feature is dead after this many tokens without firing."),
     chunk_tokens: int = typer.Option(65536, help="Tokens per chunk read from the store (with --model: run through it at once)."),
     buffer_chunks: int = typer.Option(4, help="Chunks shuffled together (memory: chunk-tokens * buffer-chunks * d_in values)."),
     resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
                                             "(default: when they take at most half its free memory) or stream them."),
-    gba_groups: int = typer.Option(10, help="GBA: neuron groups."),
-    gba_p_max: float = typer.Option(0.1, help="GBA: highest group target frequency."),
-    gba_p_min: float = typer.Option(1e-3, help="GBA: lowest group target frequency."),
-    gba_every: Optional[int] = typer.Option(None, help="GBA: steps between bias updates (default: every 25,600 tokens, the paper's 50 steps of 512)."),
-    gba_gamma: float = typer.Option(0.01, help="GBA: bias step size."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    **rule_options: Any,
 ) -> None:
-    """Train a TopK, Mutual Choice or GBA sparse autoencoder on one hook of a store (or of a
-    model run on the fly with --model)."""
+    """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
+    hook of a store (or of a model run on the fly with --model)."""
     from sae.config import TrainConfig
     from sae.trainer import Trainer
     from workbench.models.device import check_device
 
     check_device(device)
+    settings = rule_flags(arch, rule_options)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
     if store is not None:
@@ -74,12 +130,9 @@ def train_command(
     if held and tokens > held:
         print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
-    if arch == "gba" and k is not None:
-        raise WorkbenchError("--k does not apply to --arch gba (its sparsity comes from the group target frequencies)")
     config = TrainConfig(
-        arch=arch, d_in=source.d_in, d_sae=width, k=k, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-        device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, gba_groups=gba_groups, gba_p_max=gba_p_max,
-        gba_p_min=gba_p_min, gba_every=gba_every, gba_gamma=gba_gamma, checkpoint_every=checkpoint_every,
+        arch=arch, d_in=source.d_in, d_sae=width, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+        device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every, **settings,
     )
     command = ["workbench", *sys.argv[1:]]
     if resume:
