@@ -8,14 +8,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sae.errors import SAEError
+from sae.rules.gba import LADDER_SPAN, default_buffer_tokens, default_targets
 
 ARCHS = ("topk", "mutual-choice", "gba")
 PRECISIONS = ("bf16", "fp32")
 AUX_LOSSES = ("auxk", "aux-zipf", "none")
 DEFAULT_AUX = {"topk": "auxk", "mutual-choice": "aux-zipf", "gba": "none"}
-#: Tokens behind each GBA bias update when --gba-every is not given: the paper's 50 steps
-#: of 512 tokens, so the statistics cover the same data at any batch size.
-GBA_BUFFER_TOKENS = 50 * 512
 #: Settings a resumed run must share with its checkpoint.
 SHAPE_KEYS = ("arch", "d_in", "d_sae", "k", "batch_size", "seed")
 
@@ -49,8 +47,9 @@ class TrainConfig:
     init_tokens: int = 65536
     theta_decay: float = 0.99
     gba_groups: int = 10
-    gba_p_max: float = 0.1
-    gba_p_min: float = 1e-3
+    #: GBA's highest and lowest target frequencies; None: set from d_sae (sae.rules.gba)
+    gba_p_max: float | None = None
+    gba_p_min: float | None = None
     gba_every: int | None = None
     gba_gamma: float = 0.01
     gba_eps: float = 1e-6
@@ -82,10 +81,14 @@ class TrainConfig:
             self.aux = DEFAULT_AUX[self.arch]
         if self.aux not in AUX_LOSSES:
             raise SAEError(f"unknown aux loss `aux=\"{self.aux}\"`: choose one of {', '.join(AUX_LOSSES)}")
+        if self.gba_p_max is None:
+            self.gba_p_max = default_targets(self.d_sae)[0]
+        if self.gba_p_min is None:
+            self.gba_p_min = self.gba_p_max / LADDER_SPAN
         if self.arch == "gba" and not 0 < self.gba_p_min <= self.gba_p_max <= 1:
             raise SAEError("GBA targets need 0 < `gba_p_min` <= `gba_p_max` <= 1")
         if self.gba_every is None:
-            self.gba_every = max(1, round(GBA_BUFFER_TOKENS / self.batch_size))
+            self.gba_every = max(1, round(default_buffer_tokens(self.gba_p_min) / self.batch_size))
         if self.gba_every <= 0:
             raise SAEError(f"`gba_every={self.gba_every}` must be a positive number of steps")
 

@@ -42,9 +42,9 @@ def train_command(
     resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
                                             "(default: when they take at most half its free memory) or stream them."),
     gba_groups: int = typer.Option(10, help="GBA: neuron groups."),
-    gba_p_max: float = typer.Option(0.1, help="GBA: highest group target frequency."),
-    gba_p_min: float = typer.Option(1e-3, help="GBA: lowest group target frequency."),
-    gba_every: Optional[int] = typer.Option(None, help="GBA: steps between bias updates (default: every 25,600 tokens, the paper's 50 steps of 512)."),
+    gba_p_max: Optional[float] = typer.Option(None, help="GBA: highest group target frequency (default: min(0.1, 128 / d_sae))."),
+    gba_p_min: Optional[float] = typer.Option(None, help="GBA: lowest group target frequency (default: the highest / 100)."),
+    gba_every: Optional[int] = typer.Option(None, help="GBA: steps between bias updates (default: every 25,600 tokens, the paper's 50 steps of 512, or 10 / the lowest target if more)."),
     gba_gamma: float = typer.Option(0.01, help="GBA: bias step size."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
