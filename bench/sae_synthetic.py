@@ -6,7 +6,7 @@ For every case and rule: FRR@0.9, FRR@0.8, mean matched |cos| (Hungarian matchin
 rows to true features), and on held-out data FVU, L0 and the dead fraction (features that
 never fire on 32k held-out tokens). Prints a Markdown table (and writes JSON with --json).
 
-    python bench/sae_synthetic.py                 # CPU, about 25 minutes on one core
+    python bench/sae_synthetic.py                 # CPU, one core: 3 cases x 6 rules, 2M tokens each
     python bench/sae_synthetic.py --cases mixed   # one case (name prefix)
     python bench/sae_synthetic.py --device cuda
 """
