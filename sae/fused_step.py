@@ -75,10 +75,9 @@ class FusedTopKStep:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
         optimizer's memory traffic); pair_chunk: runs of this many pairs
         inside one feature are summed in parallel before step 6 (0: every feature's program
-        walks all its pairs). On an H100 at 768 x 24576, 32 gave the fastest whole step
-        (0.912-0.913 ms over three runs; none 0.913-0.917, 64 0.917-0.922; bench/gpu_train.py); it
-        saves a fifth of step 6 where one feature fires on half the batch
-        (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
+        walks all its pairs). The default, 32, came out fastest in a whole-step sweep
+        (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
+        batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
