@@ -52,6 +52,11 @@ def trained(store, tmp_path_factory):
     return out
 
 
+def counts(rows: torch.Tensor) -> Counter:
+    """Each distinct row (its bytes) and how often it occurs."""
+    return Counter(r.tobytes() for r in rows.numpy())
+
+
 def split_of(folder) -> HeldOutSplit:
     return HeldOutSplit.from_dict(run_record(folder)["data"]["held_out"])
 
@@ -89,7 +94,6 @@ def test_the_trainer_reads_no_held_out_row(store, trained, resident):
     source = StoreSource(store, HOOK, chunk_tokens=500, buffer_chunks=2, held_out=split, resident=resident)
     assert source.loader.span == (0, HELD_START)
     rows = torch.cat([b for _, b in zip(range(2 * HELD_START // 48), source.batches(48))]).float()
-    counts = lambda t: Counter(r.tobytes() for r in t.numpy())  # noqa: E731
     training = counts(store.activations(HOOK, 0, HELD_START))
     held_only = set(counts(store.activations(HOOK, HELD_START, TOKENS))) - set(training)
     assert len(held_only) > 0.9 * (TOKENS - HELD_START)
