@@ -212,3 +212,16 @@ def test_resume_keeps_the_split_and_refuses_another(store, trained, tmp_path, mo
     code, err = cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert run_record(run)["step"] == 10 and split_of(run) == split_of(trained)
+
+
+def test_a_malformed_split_is_one_line(store, trained, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    record = json.loads((bad / "training.json").read_text())
+    record["data"]["held_out"]["start"] = "1872; DROP TABLE tokens"
+    (bad / "training.json").write_text(json.dumps(record))
+    code, err = cli(monkeypatch, capsys, "eval", str(bad), "--store", str(store.root), "--ce-sequences", "0")
+    assert code == 2 and err.count("\n") == 1 and "held-out split in training.json is malformed (start:" in err
+    (bad / "training.json").write_text("{not json")
+    code, err = cli(monkeypatch, capsys, "eval", str(bad), "--store", str(store.root), "--ce-sequences", "0")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: cannot read {bad / 'training.json'}")

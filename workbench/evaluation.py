@@ -166,7 +166,7 @@ def evaluate_sae(
     store = _open_store(store)
     cfg: dict[str, Any] = {}
     if isinstance(sae, (str, Path)):
-        record = run_record(Path(sae))
+        record = run_record(Path(sae)) if split != "all" else None  # --split all needs no record
         sae, cfg = load_sae(sae, device)
     hook = hook or (cfg.get("metadata") or {}).get("hook_name")
     if not hook:

@@ -54,11 +54,19 @@ class HeldOutSplit:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> HeldOutSplit:
-        try:
-            return cls(**{f.name: record[f.name] for f in fields(cls)})
-        except (KeyError, TypeError) as err:
-            raise WorkbenchError(f"the held-out split in training.json is malformed (missing {err}); "
-                                 "evaluate with --split all") from None
+        """The split training.json recorded; a missing or mistyped entry is refused."""
+        kinds = {"fraction": (int, float), "store_fingerprint": (str,), "token_ids_sha256": (str,)}
+        values = {}
+        for f in fields(cls):
+            value = record.get(f.name)
+            if not isinstance(value, kinds.get(f.name, (int,))) or isinstance(value, bool):
+                raise WorkbenchError(f"the held-out split in training.json is malformed ({f.name}: {value!r}); "
+                                     "evaluate with --split all")
+            values[f.name] = value
+        if not 0 <= values["start"] <= values["stop"]:
+            raise WorkbenchError(f"the held-out split in training.json is malformed (start {values['start']}, stop "
+                                 f"{values['stop']}); evaluate with --split all")
+        return cls(**values)
 
 
 def store_fingerprint(store: Any) -> str:
