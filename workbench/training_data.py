@@ -15,16 +15,26 @@ import torch
 
 from sae.data import ChunkedShuffleStream
 from workbench.errors import WorkbenchError
+from workbench.held_out import HeldOutSplit
 from workbench.store.activation_loader import HookActivationLoader
 
 #: Windows per forward pass of a live model (CPU, CUDA): large enough to fill the device.
 FORWARD_WINDOWS = {False: 32, True: 256}
 
 
+def held_out_record(split: HeldOutSplit | None, why_none: str) -> dict[str, Any]:
+    """describe()'s entries for the held-out split: the split, or None and why there is none."""
+    if split is None:
+        return {"held_out": None, "held_out_note": why_none}
+    return {"held_out": split.to_dict()}
+
+
 class StoreSource:
     """Activations of one hook from a capture store, streamed in shuffled chunks.
 
-    start / stop: train on token_index in [start, stop) only (e.g. keep a held-out tail).
+    start / stop: train on token_index in [start, stop) only; held_out: a split of the store
+    (workbench.held_out) whose tokens are left out (training stops at its start) and which
+    describe() records; None records that no split exists.
     device: where batches are delivered, in the stored dtype (the trainer converts there);
     resident: hold the whole range on that device (None: when it fits, see
     workbench.store.activation_loader)."""
@@ -32,6 +42,7 @@ class StoreSource:
     def __init__(
         self, store: Any, hook: str, chunk_tokens: int = 65536, buffer_chunks: int = 4, seed: int = 0,
         start: int = 0, stop: int | None = None, device: str | torch.device = "cpu", resident: bool | None = None,
+        held_out: HeldOutSplit | None = None,
     ) -> None:
         hooks = store.hooks
         if hook not in hooks:
@@ -39,7 +50,9 @@ class StoreSource:
             raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {stored}); capture it or pick a stored one")
         if chunk_tokens <= 0:
             raise WorkbenchError("--chunk-tokens must be positive")
-        self.store, self.hook = store, hook
+        self.store, self.hook, self.held_out = store, hook, held_out
+        if held_out is not None:
+            stop = held_out.start if stop is None else min(stop, held_out.start)
         self.d_in = int(math.prod(hooks[hook]["shape"]))
         files = store.activation_files(hook)
         held = files[-1].first + files[-1].rows if files else 0
@@ -67,6 +80,8 @@ class StoreSource:
             "store_tokens": self.n_tokens,
             "stored_dtype": self.loader.stored_dtype,
             "resident": self.loader.resident,
+            "train_tokens": list(self.loader.span),
+            **held_out_record(self.held_out, "the source was built without a held-out split"),
         }
 
 
@@ -109,6 +124,7 @@ class LiveModelSource:
             "context_size": int(self.windows.shape[1]),
             "windows": int(len(self.windows)),
             "tokens": int(self.windows.numel()),
+            **held_out_record(None, "live-model training reads no store: no held-out split exists"),
         }
 
 

@@ -1,5 +1,6 @@
 """SAE comparison: TopK vs Mutual Choice vs GBA on the same hook and the same stored tokens:
-FVU, L0, dead fraction and density curves side by side (from the feature passes)."""
+FVU, L0, dead fraction and density curves side by side (from the feature passes, which cover
+every stored token, the SAEs' training tokens included; `workbench eval` scores held-out tokens)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ bars = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "L
 for col, metric in enumerate(("fvu", "l0", "dead_fraction"), start=1):
     bars.add_bar(x=labels, y=rows[metric], showlegend=False, row=1, col=col)
 bars.update_yaxes(range=[0, 1], row=1, col=3)  # a fraction: all-zero bars still read as 0, not as an empty axis
-bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens", height=420)
+bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens "
+                         "(all stored tokens, training tokens included; `workbench eval` scores the held-out ones)", height=420)
 st.plotly_chart(bars)
 
 curves = go.Figure()

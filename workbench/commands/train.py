@@ -22,6 +22,7 @@ from rich.table import Table
 
 from sae.registry import TrainingRule, rule_names, rule_settings, training_rule
 from workbench.errors import WorkbenchError
+from workbench.held_out import HELD_OUT_FRACTION, HELD_OUT_MAX_TOKENS
 
 
 def flag(name: str) -> str:
@@ -103,6 +104,9 @@ def train_command(
     resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
                                             "(default: when they take at most half its free memory) or stream them."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
+    held_out: Optional[float] = typer.Option(None, help=f"Share of the store's context windows (the last ones) kept out of "
+                                             f"training for `workbench eval` (default {HELD_OUT_FRACTION:g}, at most "
+                                             f"{HELD_OUT_MAX_TOKENS:,} tokens; 0 holds none out; --resume keeps the run's own)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     **rule_options: Any,
 ) -> None:
@@ -118,11 +122,18 @@ def train_command(
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
     if store is not None:
         from workbench import Store
+        from workbench.held_out import training_split
         from workbench.training_data import StoreSource
 
-        source = StoreSource(Store.open(store), hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
-                             device=device, resident=resident)
+        opened = Store.open(store)
+        split = training_split(opened, out, resume, held_out)
+        source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
+                             device=device, resident=resident, held_out=split)
+        if split is not None and split.tokens:
+            print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
     else:
+        if held_out:
+            raise WorkbenchError("--held-out applies to --store: live-model training (--model) has no store to hold tokens out of")
         from workbench.training_data import live_model_source
 
         source = live_model_source(model, data, hook, ctx, tokens, chunk_tokens, buffer_chunks, seed, device)
@@ -152,28 +163,36 @@ def eval_command(
     sae_dir: Path = typer.Argument(..., help="SAE folder (ours or any SAELens topk/jumprelu/standard folder)."),
     store: Path = typer.Option(..., help="Store to evaluate on."),
     hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's metadata.hook_name)."),
-    tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N stored tokens (default: all)."),
-    ce_sequences: int = typer.Option(32, help="Context windows for the CE-loss score (0 skips it)."),
+    split: str = typer.Option("held-out", help="held-out: the tokens the SAE's run held out of training (all stored "
+                              "tokens, with a note, where it recorded none); all: every stored token."),
+    tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N tokens of the split (default: all of them)."),
+    ce_sequences: int = typer.Option(32, help="Context windows (of the split) for the CE-loss score (0 skips it)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
+    """FVU, explained variance, L0, dead fraction, log-density histogram and loss recovered
+    (against mean and zero ablation), on the SAE's held-out tokens unless --split all."""
     from workbench.evaluation import evaluate_sae
     from workbench.models.device import check_device
 
     check_device(device)
-    result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
+    result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device, split=split)
     if json_out:
         print(json.dumps(result, indent=1))
         return
-    table = Table(title=f"{sae_dir} on {result['hook']} ({result['tokens']:,} tokens)")
+    if result["split_note"]:
+        print(f"note: {result['split_note']}")
+    first = result["split_tokens"][0]
+    table = Table(title=f"{sae_dir} on {result['hook']}: {result['split']} tokens, "
+                        f"token_index [{first:,}, {first + result['tokens']:,}) ({result['tokens']:,} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_score"):
+    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_mean", "ce_zero",
+                "loss_recovered", "loss_recovered_zero"):
         if key in result:
             table.add_row(key, f"{result[key]:.4f}")
     if "ce_skipped" in result:
-        table.add_row("ce_score", f"skipped: {result['ce_skipped']}")
+        table.add_row("loss_recovered", f"skipped: {result['ce_skipped']}")
     hist = result["log_density_histogram"]
     bins = ", ".join(f"[{a:g},{b:g}): {c}" for a, b, c in zip(hist["edges_log10"], hist["edges_log10"][1:], hist["counts"]))
     table.add_row("log10 density histogram", f"{bins}; dead: {hist['dead']}")
