@@ -1,6 +1,7 @@
 """SAE features, one page per feature in the manner of Neuronpedia: top activating examples in
 context, examples from activation intervals, density and activation histograms, top and bottom
-logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE; search by token."""
+logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE, steering the
+feature during generation (app/views/feature_steering.py); search by token."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import streamlit as st
 import torch
 
 from app.render import coloured_tokens
+from app.views.feature_steering import steering_section
 from app.store_access import (
     cached,
     feature_tables,
@@ -133,3 +135,5 @@ else:
     strongest = dense.max(dim=0).values
     top = torch.topk(strongest, min(10, len(strongest)))
     st.dataframe(pd.DataFrame({"feature": top.indices.tolist(), "max activation in text": top.values.tolist()}), hide_index=True)
+
+steering_section(handle, reason, sae_model, str(sae_row["hook"]), feature, page.max)
