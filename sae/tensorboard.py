@@ -23,7 +23,7 @@ from pathlib import Path
 
 #: The event file's name beside training.json (TensorBoard reads any name containing "tfevents").
 EVENTS_FILE = "events.out.tfevents.sae-training"
-#: History fields that are axes, not curves.
+#: History fields that are axes, not curves (elapsed_s becomes the wall time).
 AXES = ("step", "tokens", "elapsed_s")
 
 
