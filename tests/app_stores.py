@@ -12,9 +12,9 @@ from pathlib import Path
 from sae.config import TrainConfig
 from sae.trainer import Trainer
 from tests.phenomena_models import capture, dense_config, handle_for, moe_config
-from workbench.models.registry import load_model
 from workbench import Store
 from workbench.analysis.features import run_feature_pass
+from workbench.models.registry import load_model
 from workbench.training_data import StoreSource
 
 HOOK = "blocks.1.hook_resid_post"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
 from sae.io import save_sae
 from sae.model import SparseAutoencoder

@@ -19,10 +19,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from workbench.errors import WorkbenchError
 from workbench.models.handle import ModelHandle
+from workbench.releases import load_sae
 
 MODES = ("add", "clamp")
 
@@ -119,8 +119,8 @@ def steer(
     max_new_tokens: int = 20, hook: str | None = None, device: str = "cpu",
 ) -> SteeringResult:
     """Greedy continuations of prompt from model_name (any spec load_model takes) without and with
-    feature of the SAE in sae_dir added ("add") or clamped ("clamp") at strength, at the SAE's
-    hook (its cfg metadata.hook_name unless hook is given)."""
+    feature of the SAE in sae_dir (a folder or "release/id", workbench.releases) added ("add") or
+    clamped ("clamp") at strength, at the SAE's hook (its cfg metadata.hook_name unless hook is given)."""
     from workbench.models.registry import load_model
 
     sae, cfg = load_sae(sae_dir, device=device)

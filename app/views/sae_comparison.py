@@ -10,8 +10,8 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app.store_access import cached, require_store, sae_frame
-from workbench.analysis.training_curves import CURVES, training_history
 from workbench.analysis.features import stats_table
+from workbench.analysis.training_curves import CURVES, training_history
 from workbench.errors import WorkbenchError
 from workbench.store.reader import Store, sql_identifier
 

@@ -12,7 +12,6 @@ import streamlit as st
 import torch
 
 from app.render import coloured_tokens
-from app.views.feature_steering import steering_section
 from app.store_access import (
     cached,
     feature_tables,
@@ -23,6 +22,7 @@ from app.store_access import (
     token_text,
     version,
 )
+from app.views.feature_steering import steering_section
 from workbench.analysis.feature_page import FeatureTables
 from workbench.store.reader import Store
 
