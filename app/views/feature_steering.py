@@ -23,7 +23,7 @@ def steering_section(handle: Any, reason: str, sae_model: Any, hook: str, featur
         st.info(f"{handle.name} is an {handle.kind}: steering needs a decoder that generates text.")
         return
     with st.form(f"steer-{feature}"):
-        prompt = st.text_input("Prompt", "def load(path):\n    ")
+        prompt = st.text_area("Prompt", "def load(path):\n    ", height=80)
         cols = st.columns(3)
         mode = cols[0].radio("Mode", MODES, horizontal=True, help="add: strength x W_dec[f] at every position; "
                              "clamp: the feature's activation set to strength everywhere")  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.colors import DEFAULT_PLOTLY_COLORS
 from plotly.subplots import make_subplots
 
 from app.store_access import cached, require_store, sae_frame
@@ -43,7 +44,8 @@ st.plotly_chart(bars)
 
 training = make_subplots(rows=1, cols=3, subplot_titles=("FVU while training", "L0 while training", "dead fraction while training"))
 untracked = []
-for name, label, folder in zip(rows["name"], labels, rows["folder"]):
+for n, (label, folder) in enumerate(zip(labels, rows["folder"])):
+    colour = DEFAULT_PLOTLY_COLORS[n % len(DEFAULT_PLOTLY_COLORS)]  # one colour per SAE in all three panels
     try:
         history = training_history(folder)
     except WorkbenchError as err:
@@ -54,9 +56,10 @@ for name, label, folder in zip(rows["name"], labels, rows["folder"]):
         continue
     for col, metric in enumerate(CURVES, start=1):
         training.add_scatter(x=history["tokens"], y=history[metric], mode="lines", name=label, legendgroup=label,
-                             showlegend=col == 1, row=1, col=col)  # fmt: skip
+                             line_color=colour, showlegend=col == 1, row=1, col=col)  # fmt: skip
 if len(training.data):
     training.update_xaxes(title_text="training tokens")
+    training.update_yaxes(range=[0, 1], row=1, col=3)
     training.update_layout(title="Training curves (training.json history; TensorBoard: `tensorboard --logdir SAE_DIR`)", height=420)
     st.plotly_chart(training)
 if untracked:
