@@ -46,6 +46,7 @@ from sae.registry import training_rule
 from sae.rules import SparsityRule
 from sae.step import StepStats
 from sae.step_choice import build_step
+from sae.tensorboard import EVENTS_FILE, write_events
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -349,8 +350,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """OUT/checkpoint.pt and OUT/training.json, each replaced atomically (never from a
-        diverged state: raises first if a step since the last check went non-finite). A
+        """OUT/checkpoint.pt, OUT/training.json and its curves as a TensorBoard event file
+        (sae/tensorboard.py), each replaced atomically (never from a diverged state: raises first if a step since the last check went non-finite). A
         write that fails (unwritable folder, full disk) leaves the last checkpoint as it was."""
         assert self.out is not None
         self.check_finite()
@@ -379,6 +380,7 @@ class Trainer:
             os.replace(tmp, self.out / CHECKPOINT_FILE)
             tmp_json.write_text(json.dumps(record, indent=1))
             os.replace(tmp_json, self.out / RECORD_FILE)
+            write_events(self.out / EVENTS_FILE, self.history)
         except OSError as err:
             for leftover in (tmp, tmp_json):
                 with contextlib.suppress(OSError):

@@ -1,6 +1,7 @@
 """SAE features, one page per feature in the manner of Neuronpedia: top activating examples in
 context, examples from activation intervals, density and activation histograms, top and bottom
-logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE; search by token."""
+logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE, steering the
+feature during generation (app/views/feature_steering.py); search by token."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from app.store_access import (
     token_text,
     version,
 )
+from app.views.feature_steering import steering_section
 from workbench.analysis.feature_page import FeatureTables
 from workbench.store.reader import Store
 
@@ -133,3 +135,5 @@ else:
     strongest = dense.max(dim=0).values
     top = torch.topk(strongest, min(10, len(strongest)))
     st.dataframe(pd.DataFrame({"feature": top.indices.tolist(), "max activation in text": top.values.tolist()}), hide_index=True)
+
+steering_section(handle, reason, sae_model, str(sae_row["hook"]), feature, page.max)

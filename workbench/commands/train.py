@@ -108,6 +108,8 @@ def train_command(
                                              f"training for `workbench eval` (default {HELD_OUT_FRACTION:g}, at most "
                                              f"{HELD_OUT_MAX_TOKENS:,} tokens; 0 holds none out; --resume keeps the run's own)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    release: Optional[str] = typer.Option(None, help="List the finished SAE in this local release (as RELEASE/<out folder name>), "
+                                          "so load_sae('RELEASE/ID') finds it offline (workbench/releases.py)."),
     **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
@@ -118,6 +120,10 @@ def train_command(
 
     check_device(device)
     settings = rule_flags(arch, rule_options)
+    if release is not None:
+        from workbench.releases import check_release_name
+
+        check_release_name(release)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
     if store is not None:
@@ -152,6 +158,13 @@ def train_command(
         trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
+    if release is not None and trainer.step >= config.steps:
+        from workbench.analysis.features import sae_name
+        from workbench.releases import register_release
+
+        listed = register_release(release, sae_name(out), out, str(source.describe().get("model_name") or "unknown"),
+                                  l0=last.get("l0"), variance_explained=1 - last["fvu"] if "fvu" in last else None)  # fmt: skip
+        print(f"listed as {release}/{sae_name(out)} in {listed}")
     print(
         f"saved {out} ({config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
         f"{trainer.step * config.batch_size:,} tokens): "
