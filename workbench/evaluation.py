@@ -4,7 +4,10 @@ CE-loss score with the reconstruction spliced into the model's forward pass.
 CE score = (CE_zero_ablation - CE_with_sae) / (CE_zero_ablation - CE_clean): 1 means the
 SAE loses nothing downstream, 0 means it is as bad as deleting the activation. The model is
 loaded with workbench.models.registry.load_model(store.model_name) and the SAE is applied
-through a TransformerLens hook at the SAE's hook point.
+through a TransformerLens hook at the SAE's hook point. A transcoder (hook -> target hook,
+e.g. an MLP's input to its output) is scored on its target: the FVU of its prediction of
+the stored target, and the CE loss with the target hook's output replaced by the
+transcoder's prediction from the input hook (the MLP replaced), zero ablation zeroing it.
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ def finite_activations(store: Any, hook: str, chunk_tokens: int, start: int = 0,
 
 def store_reconstruction_metrics(
     sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
-    device: str = "cpu", start: int = 0,
+    device: str = "cpu", start: int = 0, target_hook: str | None = None,
 ) -> dict[str, Any]:
     """sae.evaluate.reconstruction_metrics over `tokens` stored activations of `hook` from
-    token_index `start` (all the rest if None), streamed; NaN or Inf in them is refused."""
+    token_index `start` (all the rest if None), streamed; NaN or Inf in them is refused.
+    target_hook: a transcoder's target, read over the same tokens."""
     stop = None if tokens is None else start + tokens
+    chunks: Iterator[Any] = finite_activations(store, hook, chunk_tokens, start, stop)
+    if target_hook is not None:
+        chunks = zip(chunks, finite_activations(store, target_hook, chunk_tokens, start, stop), strict=True)
     try:
-        return reconstruction_metrics(sae, finite_activations(store, hook, chunk_tokens, start, stop), device)
+        return reconstruction_metrics(sae, chunks, device)
     except SAEError:
         raise WorkbenchError(f"store {store.root} has no activations for {hook}") from None
 
@@ -78,27 +85,35 @@ def token_windows(store: Any, max_sequences: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ce_loss_score(handle: Any, sae: SparseAutoencoder, hook: str, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+def ce_loss_score(handle: Any, sae: SparseAutoencoder, hook: str, windows: torch.Tensor, batch_size: int = 8,
+                  target_hook: str | None = None) -> dict[str, float]:
     """Mean next-token CE clean, with the SAE's reconstruction at `hook`, and with the hook
-    zeroed; and the CE score from them."""
+    zeroed; and the CE score from them. target_hook (a transcoder's): the target hook's
+    activations are replaced by the prediction from `hook`'s, and zeroed for the ablation."""
     model = handle.model
     device = handle.device
     sae = sae.to(device).eval()
+    inputs: list[torch.Tensor] = []
 
     def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        flat = act.reshape(-1, sae.d_in).float()
+        flat = (inputs.pop() if target_hook is not None else act).reshape(-1, sae.d_in).float()
         return sae.reconstruct(flat).reshape(act.shape).to(act.dtype)
+
+    def keep_input(act: torch.Tensor, hook: Any) -> None:
+        inputs.append(act)
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
 
+    out = target_hook if target_hook is not None else hook
+    spliced = [(out, splice)] if target_hook is None else [(hook, keep_input), (out, splice)]
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size].to(device)
         weight = len(batch) / len(windows)
         totals["ce_clean"] += weight * float(model(batch, return_type="loss"))
-        totals["ce_sae"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, splice)]))
-        totals["ce_zero"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, zero)]))
+        totals["ce_sae"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=spliced))
+        totals["ce_zero"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(out, zero)]))
     gap = totals["ce_zero"] - totals["ce_clean"]
     totals["ce_score"] = (totals["ce_zero"] - totals["ce_sae"]) / gap if abs(gap) > 1e-12 else float("nan")
     totals["ce_sequences"] = len(windows)
@@ -127,13 +142,19 @@ def evaluate_sae(
     if not hook:
         raise WorkbenchError("the SAE folder names no hook (metadata.hook_name); pass --hook")
     hooks = store.info()["hooks"]
-    if hook not in hooks:
-        raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {', '.join(sorted(hooks)) or 'none'})")
-    width = int(torch.tensor(hooks[hook]["shape"]).prod())
-    if width != sae.d_in:
-        raise WorkbenchError(f"SAE d_in={sae.d_in} does not match {hook} width {width} in store {store.root}")
+    target_hook = (cfg.get("metadata") or {}).get("hook_name_out") if sae.transcoder else None
+    if sae.transcoder and not target_hook:
+        raise WorkbenchError("the transcoder folder names no target hook (metadata.hook_name_out)")
+    for name, d, what in ((hook, sae.d_in, "d_in"), *(((target_hook, sae.d_out, "d_out"),) if target_hook else ())):
+        if name not in hooks:
+            raise WorkbenchError(f"hook '{name}' is not in store {store.root} (stored: {', '.join(sorted(hooks)) or 'none'})")
+        width = int(torch.tensor(hooks[name]["shape"]).prod())
+        if width != d:
+            raise WorkbenchError(f"SAE {what}={d} does not match {name} width {width} in store {store.root}")
     result: dict[str, Any] = {"hook": hook, "store": str(store.root), "d_sae": sae.d_sae}
-    result.update(store_reconstruction_metrics(sae, store, hook, tokens, device=device))
+    if target_hook:
+        result["target_hook"] = target_hook
+    result.update(store_reconstruction_metrics(sae, store, hook, tokens, device=device, target_hook=target_hook))
     if ce_sequences > 0:
         if handle is None:
             from workbench.models.registry import load_model
@@ -142,5 +163,5 @@ def evaluate_sae(
         if handle.kind != "decoder":
             result["ce_skipped"] = f"{store.model_name} is an encoder; the CE-loss score needs a causal LM"
         else:
-            result.update(ce_loss_score(handle, sae, hook, token_windows(store, ce_sequences)))
+            result.update(ce_loss_score(handle, sae, hook, token_windows(store, ce_sequences), target_hook=target_hook))
     return result

@@ -75,7 +75,11 @@ def rule_flags(arch: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_command(
     store: Optional[Path] = typer.Option(None, help="Capture store folder to read activations from (or --model)."),
-    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model)."),
+    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model); "
+                             "a transcoder's input, e.g. blocks.2.ln2.hook_normalized."),
+    target_hook: Optional[str] = typer.Option(None, help="Train a transcoder: predict this stored hook (e.g. blocks.2.hook_mlp_out) "
+                                              "from --hook's activations of the same tokens; the loss is the FVU of the target."),
+    skip: bool = typer.Option(False, "--skip", help="With --target-hook: a skip transcoder (adds a learned linear term W_skip x)."),
     model: Optional[str] = typer.Option(None, help="Train with no store: run this model (any `capture` takes) over --data "
                                         "and train on its activations as they come."),
     data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
@@ -107,7 +111,8 @@ def train_command(
     **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
-    hook of a store (or of a model run on the fly with --model)."""
+    hook of a store (or of a model run on the fly with --model), or with --target-hook a
+    transcoder from one stored hook to another (--skip: a skip transcoder)."""
     from sae.config import TrainConfig
     from sae.trainer import Trainer
     from workbench.models.device import check_device
@@ -116,12 +121,16 @@ def train_command(
     settings = rule_flags(arch, rule_options)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
+    if skip and target_hook is None:
+        raise WorkbenchError("--skip is a skip transcoder: pass --target-hook too")
+    if target_hook is not None and model is not None:
+        raise WorkbenchError("--target-hook trains from a store: capture both hooks with `workbench capture --hooks A,B`, then pass --store")
     if store is not None:
         from workbench import Store
         from workbench.training_data import StoreSource
 
         source = StoreSource(Store.open(store), hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
-                             device=device, resident=resident)
+                             device=device, resident=resident, target_hook=target_hook)
     else:
         from workbench.training_data import live_model_source
 
@@ -131,7 +140,7 @@ def train_command(
         print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
     config = TrainConfig(
-        arch=arch, d_in=source.d_in, d_sae=width, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+        arch=arch, d_in=source.d_in, d_sae=width, d_out=source.d_out, skip=skip, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every, **settings,
     )
     command = ["workbench", *sys.argv[1:]]
@@ -141,8 +150,9 @@ def train_command(
         trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
+    kind = "" if config.d_out is None else f"{'skip ' if config.skip else ''}transcoder {hook} -> {target_hook}, "
     print(
-        f"saved {out} ({config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
+        f"saved {out} ({kind}{config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
         f"{trainer.step * config.batch_size:,} tokens): "
         f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
     )
@@ -166,7 +176,8 @@ def eval_command(
     if json_out:
         print(json.dumps(result, indent=1))
         return
-    table = Table(title=f"{sae_dir} on {result['hook']} ({result['tokens']:,} tokens)")
+    on = result["hook"] + (f" -> {result['target_hook']}" if "target_hook" in result else "")
+    table = Table(title=f"{sae_dir} on {on} ({result['tokens']:,} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_score"):
