@@ -29,11 +29,6 @@ def _stored_hook(store: Any, hook: str, what: str) -> None:
         raise WorkbenchError(f"{what} '{hook}' is not in store {store.root} (stored: {stored}); capture it or pick a stored one")
 
 
-def _held_span(files: list[Any]) -> tuple[int, int]:
-    """The token_index span [first, end) a hook's batch files cover."""
-    return (files[0].first, files[-1].first + files[-1].rows) if files else (0, 0)
-
-
 class StoreSource:
     """Activations of one hook from a capture store, streamed in shuffled chunks; with
     target_hook, pairs of (hook, target_hook) rows of the same tokens (a transcoder's data).
@@ -58,14 +53,10 @@ class StoreSource:
         self.d_in = int(math.prod(hooks[hook]["shape"]))
         self.d_out = int(math.prod(hooks[target_hook]["shape"])) if target_hook is not None else None
         files = store.activation_files(hook)
-        held = _held_span(files)[1]
+        held = files[-1].first + files[-1].rows if files else 0
+        # a store's batch files hold every hook of its tokens (the store refuses one that does
+        # not), so the two hooks' files cover the same token spans row for row
         target_files = store.activation_files(target_hook) if target_hook is not None else []
-        if target_hook is not None and _held_span(target_files) != _held_span(files):
-            (a, b), (c, d) = _held_span(files), _held_span(target_files)
-            raise WorkbenchError(
-                f"store {store.root} holds {hook} for tokens [{a}, {b}) but {target_hook} for [{c}, {d}): a transcoder needs "
-                "both hooks of the same tokens; capture them together (`workbench capture --hooks A,B`)"
-            )
         n = held if stop is None else min(stop, held)
         if n - start <= 0:
             raise WorkbenchError(f"store {store.root} holds no tokens in [{start}, {n}); run `workbench capture` first")
