@@ -172,10 +172,13 @@ class FusedTopKStep:
                 self.step_count.copy_(saved["step"].reshape(1))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> StepStats:
+    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None, target: torch.Tensor | None = None) -> StepStats:
         """One Adam step on the batch x [B, d_in] (float32, contiguous). aux: the ids of the
         features AuxK may revive this step (prepare_aux; a non-empty LongTensor, needs
-        k_aux > 0); None: no AuxK."""
+        k_aux > 0); None: no AuxK. target: must be None (this step trains autoencoders;
+        transcoders train through the autograd step)."""
+        if target is not None:
+            raise SAEError('the fused step trains autoencoders only; train a transcoder with `step="autograd"`')
         dead_features = aux
         from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual

@@ -3,7 +3,8 @@
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
 arch topk with aux none or auxk through Triton kernels, replayed as a CUDA graph on CUDA;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
-is fused where it can train the config on CUDA, else autograd. The fused step applies Adam
+is fused where it can train the config on CUDA, else autograd (always autograd for a
+transcoder: the fused step trains autoencoders only). The fused step applies Adam
 inside the kernel that sums each feature's gradient, so no gradient exists to all-reduce:
 data-parallel runs stay autograd.
 """
@@ -28,6 +29,8 @@ FUSED_AUX = ("auxk", "none")
 def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
     """Why the fused step cannot train config with the (resolved) backend (a sentence
     saying what to do), or None."""
+    if config.d_out is not None:
+        return 'the fused step trains autoencoders only, not transcoders; use `step="autograd"`'
     if "fused" not in training_rule(config.arch).steps:
         fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
         return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"

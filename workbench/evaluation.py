@@ -8,7 +8,10 @@ nothing downstream, 0 means it is no better than always answering the mean. The 
 against zero ablation (deleting the activation) is reported beside it; it flatters an SAE,
 as even a constant mean output recovers much of the loss that zeroing destroys. The model is
 loaded with workbench.models.registry.load_model(store.model_name) and the SAE is applied
-through a TransformerLens hook at the SAE's hook point.
+through a TransformerLens hook at the SAE's hook point. A transcoder (hook -> target hook,
+e.g. an MLP's input to its output) is scored on its target: the FVU of its prediction of
+the stored target, and the CE loss with the target hook's output replaced by the
+transcoder's prediction from the input hook (the MLP replaced), zero ablation zeroing it.
 """
 
 from __future__ import annotations
@@ -77,15 +80,23 @@ class ActivationMean:
 def store_reconstruction_metrics(
     sae: SparseAutoencoder, store: Any, hook: str, tokens: int | None = None, chunk_tokens: int = 8192,
     device: str = "cpu", start: int = 0, stop: int | None = None, mean: ActivationMean | None = None,
+    target_hook: str | None = None,
 ) -> dict[str, Any]:
     """sae.evaluate.reconstruction_metrics over stored activations of `hook` from token_index
     `start` to `stop` (the end if None), the first `tokens` of them if given, streamed; NaN or
-    Inf in them is refused. mean: accumulates the activations' mean on the way."""
+    Inf in them is refused. target_hook: a transcoder's target, read over the same tokens.
+    mean: accumulates the mean of what the model's ablation replaces (the target if any, else
+    the hook) on the way."""
     if tokens is not None:
         stop = start + tokens if stop is None else min(stop, start + tokens)
-    chunks = finite_activations(store, hook, chunk_tokens, start, stop)
+    chunks: Iterator[Any] = finite_activations(store, hook, chunk_tokens, start, stop)
+    if target_hook is not None:
+        targets = finite_activations(store, target_hook, chunk_tokens, start, stop)
+        chunks = zip(chunks, targets if mean is None else mean.tap(targets), strict=True)
+    elif mean is not None:
+        chunks = mean.tap(chunks)
     try:
-        return reconstruction_metrics(sae, chunks if mean is None else mean.tap(chunks), device)
+        return reconstruction_metrics(sae, chunks, device)
     except SAEError:
         raise WorkbenchError(f"store {store.root} has no activations for {hook} in token_index [{start}, {stop})") from None
 
@@ -111,32 +122,40 @@ def loss_recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float:
 
 @torch.no_grad()
 def ce_loss_score(handle: Any, sae: SparseAutoencoder, hook: str, windows: torch.Tensor, mean: torch.Tensor,
-                  batch_size: int = 8) -> dict[str, float]:
+                  batch_size: int = 8, target_hook: str | None = None) -> dict[str, float]:
     """Mean next-token CE clean, with the SAE's reconstruction at `hook`, with the hook's
-    activation replaced by `mean` [d_in] and with it zeroed; and the loss recovered against
-    each ablation."""
+    activation replaced by `mean` and with it zeroed; and the loss recovered against each
+    ablation. target_hook (a transcoder's): the target hook's activations are replaced by the
+    prediction from `hook`'s, and by `mean` or zeros for the ablations."""
     model = handle.model
     device = handle.device
     sae = sae.to(device).eval()
     mean = mean.to(device)
+    inputs: list[torch.Tensor] = []
 
     def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        flat = act.reshape(-1, sae.d_in).float()
+        flat = (inputs.pop() if target_hook is not None else act).reshape(-1, sae.d_in).float()
         return sae.reconstruct(flat).reshape(act.shape).to(act.dtype)
 
     def mean_ablate(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        return mean.to(act.dtype).expand(act.numel() // sae.d_in, sae.d_in).reshape(act.shape)
+        return mean.to(act.dtype).expand(act.numel() // mean.numel(), mean.numel()).reshape(act.shape)
+
+    def keep_input(act: torch.Tensor, hook: Any) -> None:
+        inputs.append(act)
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
 
+    out = target_hook if target_hook is not None else hook
+    spliced = [(out, splice)] if target_hook is None else [(hook, keep_input), (out, splice)]
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_mean": 0.0, "ce_zero": 0.0}
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size].to(device)
         weight = len(batch) / len(windows)
         totals["ce_clean"] += weight * float(model(batch, return_type="loss"))
-        for key, replace in (("ce_sae", splice), ("ce_mean", mean_ablate), ("ce_zero", zero)):
-            totals[key] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, replace)]))
+        totals["ce_sae"] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=spliced))
+        for key, replace in (("ce_mean", mean_ablate), ("ce_zero", zero)):
+            totals[key] += weight * float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(out, replace)]))
     totals["loss_recovered"] = loss_recovered(totals["ce_mean"], totals["ce_sae"], totals["ce_clean"])
     totals["loss_recovered_zero"] = loss_recovered(totals["ce_zero"], totals["ce_sae"], totals["ce_clean"])
     totals["ce_sequences"] = len(windows)
@@ -172,16 +191,22 @@ def evaluate_sae(
     if not hook:
         raise WorkbenchError("the SAE folder names no hook (metadata.hook_name); pass --hook")
     hooks = store.info()["hooks"]
-    if hook not in hooks:
-        raise WorkbenchError(f"hook '{hook}' is not in store {store.root} (stored: {', '.join(sorted(hooks)) or 'none'})")
-    width = int(torch.tensor(hooks[hook]["shape"]).prod())
-    if width != sae.d_in:
-        raise WorkbenchError(f"SAE d_in={sae.d_in} does not match {hook} width {width} in store {store.root}")
+    target_hook = (cfg.get("metadata") or {}).get("hook_name_out") if sae.transcoder else None
+    if sae.transcoder and not target_hook:
+        raise WorkbenchError("the transcoder folder names no target hook (metadata.hook_name_out)")
+    for name, d, what in ((hook, sae.d_in, "d_in"), *(((target_hook, sae.d_out, "d_out"),) if target_hook else ())):
+        if name not in hooks:
+            raise WorkbenchError(f"hook '{name}' is not in store {store.root} (stored: {', '.join(sorted(hooks)) or 'none'})")
+        width = int(torch.tensor(hooks[name]["shape"]).prod())
+        if width != d:
+            raise WorkbenchError(f"SAE {what}={d} does not match {name} width {width} in store {store.root}")
     scored = scored_tokens(store, record, split)
     result: dict[str, Any] = {"hook": hook, "store": str(store.root), "d_sae": sae.d_sae, **scored.describe()}
-    mean = ActivationMean(sae.d_in)
+    if target_hook:
+        result["target_hook"] = target_hook
+    mean = ActivationMean(sae.d_out)
     result.update(store_reconstruction_metrics(sae, store, hook, tokens, device=device, start=scored.start, stop=scored.stop,
-                                               mean=mean))
+                                               mean=mean, target_hook=target_hook))
     if ce_sequences > 0:
         if handle is None:
             from workbench.models.registry import load_model
@@ -193,5 +218,5 @@ def evaluate_sae(
         elif not len(windows):
             result["ce_skipped"] = f"no complete context window lies in the scored tokens [{scored.start}, {scored.stop})"
         else:
-            result.update(ce_loss_score(handle, sae, hook, windows, mean.value()))
+            result.update(ce_loss_score(handle, sae, hook, windows, mean.value(), target_hook=target_hook))
     return result

@@ -76,7 +76,11 @@ def rule_flags(arch: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_command(
     store: Optional[Path] = typer.Option(None, help="Capture store folder to read activations from (or --model)."),
-    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model)."),
+    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model); "
+                             "a transcoder's input, e.g. blocks.2.ln2.hook_normalized."),
+    target_hook: Optional[str] = typer.Option(None, help="Train a transcoder: predict this stored hook (e.g. blocks.2.hook_mlp_out) "
+                                              "from --hook's activations of the same tokens; the loss is the FVU of the target."),
+    skip: bool = typer.Option(False, "--skip", help="With --target-hook: a skip transcoder (adds a learned linear term W_skip x)."),
     model: Optional[str] = typer.Option(None, help="Train with no store: run this model (any `capture` takes) over --data "
                                         "and train on its activations as they come."),
     data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
@@ -113,7 +117,8 @@ def train_command(
     **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
-    hook of a store (or of a model run on the fly with --model)."""
+    hook of a store (or of a model run on the fly with --model), or with --target-hook a
+    transcoder from one stored hook to another (--skip: a skip transcoder)."""
     from sae.config import TrainConfig
     from sae.trainer import Trainer
     from workbench.models.device import check_device
@@ -126,6 +131,10 @@ def train_command(
         check_release_name(release)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
+    if skip and target_hook is None:
+        raise WorkbenchError("--skip is a skip transcoder: pass --target-hook too")
+    if target_hook is not None and model is not None:
+        raise WorkbenchError("--target-hook trains from a store: capture both hooks with `workbench capture --hooks A,B`, then pass --store")
     if store is not None:
         from workbench import Store
         from workbench.held_out import training_split
@@ -134,7 +143,7 @@ def train_command(
         opened = Store.open(store)
         split = training_split(opened, out, resume, held_out)
         source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
-                             device=device, resident=resident, held_out=split)
+                             device=device, resident=resident, held_out=split, target_hook=target_hook)
         if split is not None and split.tokens:
             print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
     else:
@@ -148,7 +157,7 @@ def train_command(
         print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
     config = TrainConfig(
-        arch=arch, d_in=source.d_in, d_sae=width, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+        arch=arch, d_in=source.d_in, d_sae=width, d_out=source.d_out, skip=skip, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every, **settings,
     )
     command = ["workbench", *sys.argv[1:]]
@@ -165,8 +174,9 @@ def train_command(
         listed = register_release(release, sae_name(out), out, str(source.describe().get("model_name") or "unknown"),
                                   l0=last.get("l0"), variance_explained=1 - last["fvu"] if "fvu" in last else None)  # fmt: skip
         print(f"listed as {release}/{sae_name(out)} in {listed}")
+    kind = "" if config.d_out is None else f"{'skip ' if config.skip else ''}transcoder {hook} -> {target_hook}, "
     print(
-        f"saved {out} ({config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
+        f"saved {out} ({kind}{config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
         f"{trainer.step * config.batch_size:,} tokens): "
         f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
     )
@@ -196,7 +206,8 @@ def eval_command(
     if result["split_note"]:
         print(f"note: {result['split_note']}")
     first = result["split_tokens"][0]
-    table = Table(title=f"{sae_dir} on {result['hook']}: {result['split']} tokens, "
+    on = result["hook"] + (f" -> {result['target_hook']}" if "target_hook" in result else "")
+    table = Table(title=f"{sae_dir} on {on}: {result['split']} tokens, "
                         f"token_index [{first:,}, {first + result['tokens']:,}) ({result['tokens']:,} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
