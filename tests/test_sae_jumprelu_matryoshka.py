@@ -141,8 +141,8 @@ def test_both_train_under_bf16_autocast_through_both_encoders(arch):
     parameter, on the fused encoder (Triton's interpreter) and the plain one."""
     feats = SyntheticFeatures.make(n=96, d=24, mean_active=3, kind="zipf", seed=8)
     for backend in ("triton", "torch"):
-        config = TrainConfig(arch=arch, d_in=24, d_sae=128, k=4, tokens=256 * 4, batch_size=256, lr=2e-3, dead_tokens=256,
-                             init_tokens=512, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.15)
+        config = TrainConfig(arch=arch, d_in=24, d_sae=64, k=4, tokens=256 * 4, batch_size=256, lr=2e-3, dead_tokens=256,
+                             init_tokens=512, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.3)
         trainer = Trainer.start(config, SyntheticSource(feats, seed=9), backend=backend)
         trainer.stepper.autocast_dtype = torch.bfloat16
         before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
