@@ -1,13 +1,13 @@
-"""Ground-truth recovery benchmark: TopK, Mutual Choice, Feature Choice and GBA trained on
-the same synthetic data: balanced, Zipf-imbalanced frequencies (a small and a wide case),
-and the GBA paper's imbalanced case (n=128 features in d=42, half the tokens with 3 active
-features, half with 20).
+"""Ground-truth recovery benchmark: TopK, Mutual Choice, Feature Choice, GBA, JumpReLU and
+Matryoshka trained on the same synthetic data: balanced, Zipf-imbalanced frequencies (a small
+and a wide case), and the GBA paper's imbalanced case (n=128 features in d=42, half the tokens
+with 3 active features, half with 20).
 
 For every case and rule: FRR@0.9, FRR@0.8, mean matched |cos| (Hungarian matching of decoder
 rows to true features), and on held-out data FVU, L0 and the dead fraction (features that
 never fire on 32k held-out tokens). Prints a Markdown table (and writes JSON with --json).
 
-    python bench/sae_synthetic.py                 # CPU, one core: 4 cases x 8 rules, 2M tokens each
+    python bench/sae_synthetic.py                 # CPU, one core: 4 cases x 11 rules, 2M tokens each
     python bench/sae_synthetic.py --cases mixed   # one case (name prefix)
     python bench/sae_synthetic.py --device cuda
 """
@@ -45,7 +45,8 @@ def runs(case: dict, features: SyntheticFeatures) -> list[tuple[str, dict]]:
     """(label, TrainConfig overrides) for each rule. TopK at the mean active count and at a
     larger k (the paper's k=20 / k=30 on its case); GBA with its defaults (sae.rules.gba:
     10 groups, targets from d_sae, the paper's gamma and update period) and with the paper's
-    LLM top target 0.5."""
+    LLM top target 0.5; JumpReLU with its defaults and with thresholds starting near the
+    pre-activations' scale; Matryoshka BatchTopK at the mean active count."""
     mean = float(features.p.sum())
     ks = (20, 30) if "sparsities" in case else (round(mean), 2 * round(mean))
     return [
@@ -57,6 +58,9 @@ def runs(case: dict, features: SyntheticFeatures) -> list[tuple[str, dict]]:
         (f"Feature Choice k={round(mean)}", dict(arch="feature-choice", k=round(mean))),
         ("GBA (defaults)", dict(arch="gba")),
         ("GBA, top target 0.5", dict(arch="gba", gba_p_max=0.5)),
+        ("JumpReLU (defaults)", dict(arch="jumprelu")),
+        ("JumpReLU, threshold start 0.1", dict(arch="jumprelu", jumprelu_init_threshold=0.1)),
+        (f"Matryoshka k={round(mean)} (the paper's prefixes)", dict(arch="matryoshka", k=round(mean))),
     ]
 
 

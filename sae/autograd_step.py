@@ -1,8 +1,9 @@
 """The autograd training step: every rule, with torch's Adam.
 
 One step: the training forward pass (bf16 encoder product under autocast when asked),
-loss = ||y - x_hat||^2 / sum ||y - mean(y)||^2 (the FVU with the global batch's variance;
-y is the target batch of a transcoder, x itself for an autoencoder)
+loss = (||y - x_hat||^2 + the rule's own term) / sum ||y - mean(y)||^2 (the FVU with the
+global batch's variance; y is the target batch of a transcoder, x itself for an autoencoder;
+the term is SparsityRule.loss_term, e.g. JumpReLU's L0 penalty)
 + aux_alpha * the auxiliary loss on the aux entries the rule's pass selected, backward,
 the decoder gradient's part along each unit row removed, Adam (torch's fused kernel on
 CUDA), decoder rows renormalised. shard, forward, loss_scale and reduce are the places a
@@ -88,8 +89,10 @@ class AutogradStep:
             x_hat, code, aux_code = self.forward(x, select_aux)
         variance = batch_variance(y_all)
         sq = (y - x_hat).pow(2).sum()
+        term = model.rule.loss_term(x, code, model)
+        objective = sq if term is None else sq + term
         scale = self.loss_scale
-        main = (sq * scale if scale != 1 else sq) / variance
+        main = (objective * scale if scale != 1 else objective) / variance
         if aux_code is not None and weights is not None:
             aux_loss = aux_reconstruction_loss(aux_code, (y - x_hat).detach(), weights, model.decode_directions)
         else:

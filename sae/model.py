@@ -123,7 +123,8 @@ class SparseAutoencoder(nn.Module):
 
         aux(z) -> LongTensor[B, k_aux], if given, names extra entries per row (AuxK's dead
         features); they come back as aux_code with values ReLU(z) there, carrying gradient to
-        the encoder like the main code's, but they take no part in x_hat.
+        the encoder like the main code's, but they take no part in x_hat. The main code
+        passes through the rule's train_code before it is decoded.
         """
         width = 0
 
@@ -144,7 +145,7 @@ class SparseAutoencoder(nn.Module):
             z = self.pre_acts(x)
             kept, indices = select(z.detach())
             values = z.gather(1, indices) * (kept != 0)  # same contract: slope 1 where kept
-        code = SparseCode(indices=indices[:, :width], values=values[:, :width])
+        code = self.rule.train_code(SparseCode(indices=indices[:, :width], values=values[:, :width]))
         aux_code = SparseCode(indices=indices[:, width:], values=values[:, width:]) if aux is not None else None
         return self.output(x, code), code, aux_code
 

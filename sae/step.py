@@ -32,7 +32,7 @@ class StepStats:
     """One step's statistics over the global batch, as device tensors."""
 
     sq_err: torch.Tensor  # sum over the batch of ||target - x_hat||^2 (target: x for an autoencoder)
-    loss: torch.Tensor  # what the step descended: sq_err / variance + aux_alpha * aux
+    loss: torch.Tensor  # what the step descended: (sq_err + the rule's term) / variance + aux_alpha * aux
     l0: torch.Tensor  # sum over the batch of the number of active features (float32)
     fired: torch.Tensor  # [d_sae] float32: active tokens per feature
     aux: torch.Tensor  # the auxiliary loss (0 without one)

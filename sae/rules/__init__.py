@@ -1,5 +1,5 @@
-"""Sparsifying rules, one per module: topk, mutual_choice, gba (training) and the inference
-forms jumprelu and relu that SAELens folders use. Importing a module registers its rule
+"""Sparsifying rules, one per module: topk, mutual_choice, gba, jumprelu, matryoshka (training)
+and the inference forms jumprelu and relu that SAELens folders use. Importing a module registers its rule
 (sae.registry). The built-in ones are imported in the order `arch` lists them; every other
 module of this package is imported after them, so a new rule is one new file here."""
 
@@ -10,10 +10,10 @@ from sae.rules.base import SparsityRule
 from sae.rules.topk import TopKRule
 from sae.rules.mutual_choice import MutualChoiceRule
 from sae.rules.gba import GBARule
-from sae.rules.jumprelu import JumpReLURule
+from sae.rules.jumprelu import JumpReLURule, JumpReLUTrainingRule
 from sae.rules.relu import ReLURule
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["GBARule", "JumpReLURule", "MutualChoiceRule", "ReLURule", "SparsityRule", "TopKRule"]
+__all__ = ["GBARule", "JumpReLURule", "JumpReLUTrainingRule", "MutualChoiceRule", "ReLURule", "SparsityRule", "TopKRule"]

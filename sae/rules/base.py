@@ -52,5 +52,17 @@ class SparsityRule(nn.Module):
         """Extra weight tensors for the SAELens file (e.g. {"threshold": ...})."""
         return {}
 
+    def train_code(self, code: SparseCode) -> SparseCode:
+        """The training code as the decoder receives it (here: unchanged). A rule with
+        parameters of its own attaches them to the graph here (trained JumpReLU's thresholds,
+        through a straight-through estimator on the code's values)."""
+        return code
+
+    def loss_term(self, x: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
+        """A loss term of the rule's own for this training batch x (its code from train_code),
+        in the units of the batch's summed squared error: the step adds it to that error
+        before dividing by the batch's variance. None: the rule adds nothing."""
+        return None
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook called after each optimiser step (GBA adapts its biases here)."""
