@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from workbench.analysis.features import features_table, stats_table
-from workbench.analysis.links import LINKS_TABLE, experts_table, neurons_table, phenomena_table, summary_table
+from workbench.analysis.links import LINKS_TABLE, stored_files, experts_table, neurons_table, phenomena_table, summary_table
 from workbench.store.reader import Store, sql_identifier
 
 #: A feature the page opens on fires at least this often and has most of its top examples
@@ -27,7 +27,7 @@ def links_state(store: Store, name: str) -> str:
     row = store.df(f"SELECT features_files FROM {LINKS_TABLE} WHERE name = ?", [name])
     if not len(row):
         return "missing"
-    return "current" if row["features_files"].iloc[0] == ",".join(views.get(features_table(name), [])) else "stale"
+    return "current" if row["features_files"].iloc[0] == stored_files(store, features_table(name)) else "stale"
 
 
 @dataclass

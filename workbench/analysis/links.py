@@ -34,12 +34,13 @@ tokens it attends to, behind a neuron its largest activations (lazy_neuron_top).
 
 Tables a store cannot feed (no routing probe, no model to read W_out from) are written empty,
 so a rerun never leaves an earlier run's rows beside new ones. All four and a row of the
-`links` table (which features files they were computed from) publish as one unit of the group
-LINKS_GROUP.
+`links` table (the features files they were computed from, relative to the store, so a page
+can tell links older than the feature pass) publish as one unit of the group LINKS_GROUP.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -327,6 +328,11 @@ def phenomenon_features(con: duckdb.DuckDBPyConnection, store: Store, name: str)
     return _typed(frame, PHENOMENON_SCHEMA)
 
 
+def stored_files(store: Store, table: str) -> str:
+    """The files behind a table, relative to the store's folder (a moved store keeps its links)."""
+    return ",".join(os.path.relpath(f, store.root) for f in store.views().get(table, []))
+
+
 def _sae_row(store: Store, name: str) -> dict:
     views = store.views()
     if features_table(name) not in views or SAES_TABLE not in views:
@@ -347,7 +353,7 @@ def run_links(store: Store, name: str, handle: ModelHandle | None) -> LinksRepor
     """Compute one SAE's four link tables and publish them with its links row as one unit.
     handle is the store's model (for W_out); None leaves the neuron link empty."""
     sae = _sae_row(store, name)
-    features_files = ",".join(store.views()[features_table(name)])
+    features_files = stored_files(store, features_table(name))
     con = store.connect()
     try:
         con.execute(
