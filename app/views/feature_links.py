@@ -19,7 +19,7 @@ def _share_metric(column: st.delta_generator.DeltaGenerator, label: str, share: 
         column.metric(label, "not captured")
     else:
         lift = f"{share / base:.1f}x all tokens" if base > 0 else "no such token in the store"
-        column.metric(label, f"{share:.1%}", lift, delta_color="off")
+        column.metric(label, f"{share:.1%}", lift, delta_color="off", delta_arrow="off")
 
 
 def _experts_figure(experts: pd.DataFrame, feature: int) -> None:
@@ -46,9 +46,9 @@ def feature_links_section(store: Store, name: str, feature: int) -> None:
     _share_metric(m[0], "firings on attention-sink tokens", summary.get("sink_share"), summary.get("sink_base"))
     _share_metric(m[1], "firings on massive-activation tokens", summary.get("massive_share"), summary.get("massive_base"))
     entropy, pos0 = summary.get("top_token_entropy"), summary.get("top_pos0_share")
-    m[2].metric("distinct tokens among top examples", f"{summary.get('distinct_top_tokens', 0)} of {summary.get('top_tokens', 0)}",
+    m[2].metric("distinct tokens among top examples", f"{int(summary.get('distinct_top_tokens', 0))} of {int(summary.get('top_tokens', 0))}",
                 None if entropy is None or pd.isna(entropy) else f"entropy {entropy:.2f} nats, {pos0:.0%} at position 0",
-                delta_color="off")  # fmt: skip
+                delta_color="off", delta_arrow="off")  # fmt: skip
     if len(links.experts):
         _experts_figure(links.experts, feature)
     else:
