@@ -107,3 +107,14 @@ def test_links_go_stale_with_a_new_feature_pass_and_the_cli_refreshes_them(store
     assert len(feature_links(store, "neurons", 0).neurons) == 0 and "not loadable" in feature_links(store, "neurons", 0).neuron_note
     done = run_workbench("links", "--store", str(store.root), "--sae", "nope")
     assert done.returncode == 2 and "has no SAE 'nope'" in done.stderr
+
+
+def test_the_demo_trains_an_sae_on_tiny_moe_and_links_both_stores(tmp_path):
+    from workbench.commands.demo import sae_steps
+
+    steps = sae_steps(tmp_path, 1000)
+    moe = str(tmp_path / "tiny-moe")
+    assert any(s[0] == "train" and s[s.index("--store") + 1] == moe for s in steps)
+    assert any(s[0] == "features" and s[s.index("--store") + 1] == moe for s in steps)
+    links = [s for s in steps if s[0] == "links"]
+    assert [s[-1] for s in links] == [str(tmp_path / "tiny-relu"), moe] and steps[-2:] == links  # after every feature pass
