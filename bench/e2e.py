@@ -294,7 +294,7 @@ def run(preset: Preset, work: Path, baseline: Path | None = None, evaluate: bool
         return rows
     sae = work / f"run-{rule}"
     n = preset.capture_tokens
-    wall, _ = workbench("eval", str(sae), "--store", str(store), "--device", preset.device)
+    wall, _ = workbench("eval", str(sae), "--store", str(store), "--split", "all", "--device", preset.device)
     row("eval (CLI wall)", n / wall, None, "-")
     wall, _ = workbench("features", str(sae), "--store", str(store), "--device", preset.device)
     row("features (CLI wall)", n / wall, None, "-")

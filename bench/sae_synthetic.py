@@ -1,12 +1,13 @@
-"""Ground-truth recovery benchmark: TopK, Mutual Choice and GBA trained on the same
-synthetic data: balanced, Zipf-imbalanced frequencies, and the GBA paper's imbalanced case
-(n=128 features in d=42, half the tokens with 3 active features, half with 20).
+"""Ground-truth recovery benchmark: TopK, Mutual Choice, Feature Choice and GBA trained on
+the same synthetic data: balanced, Zipf-imbalanced frequencies (a small and a wide case),
+and the GBA paper's imbalanced case (n=128 features in d=42, half the tokens with 3 active
+features, half with 20).
 
 For every case and rule: FRR@0.9, FRR@0.8, mean matched |cos| (Hungarian matching of decoder
 rows to true features), and on held-out data FVU, L0 and the dead fraction (features that
 never fire on 32k held-out tokens). Prints a Markdown table (and writes JSON with --json).
 
-    python bench/sae_synthetic.py                 # CPU, one core: 3 cases x 6 rules, 2M tokens each
+    python bench/sae_synthetic.py                 # CPU, one core: 4 cases x 8 rules, 2M tokens each
     python bench/sae_synthetic.py --cases mixed   # one case (name prefix)
     python bench/sae_synthetic.py --device cuda
 """
@@ -29,6 +30,7 @@ CASES = {
     # name: (n features, d, mean active per token, frequency law, d_sae)
     "balanced n=256 d=64": dict(n=256, d=64, mean_active=6.0, kind="balanced", d_sae=1024),
     "Zipf n=128 d=42": dict(n=128, d=42, mean_active=6.0, kind="zipf", d_sae=512),
+    "Zipf n=512 d=64": dict(n=512, d=64, mean_active=8.0, kind="zipf", d_sae=2048),
     "mixed s=3/20 n=128 d=42 (GBA paper)": dict(n=128, d=42, sparsities=(3, 20), d_sae=512),
 }
 
@@ -51,6 +53,8 @@ def runs(case: dict, features: SyntheticFeatures) -> list[tuple[str, dict]]:
         (f"TopK k={ks[1]}", dict(arch="topk", k=ks[1])),
         (f"Mutual Choice k={round(mean)}", dict(arch="mutual-choice", k=round(mean))),
         (f"Mutual Choice k={round(mean)}, no aux", dict(arch="mutual-choice", k=round(mean), aux="none")),
+        (f"Mutual Choice k={round(mean)}, AuxK", dict(arch="mutual-choice", k=round(mean), aux="auxk")),
+        (f"Feature Choice k={round(mean)}", dict(arch="feature-choice", k=round(mean))),
         ("GBA (defaults)", dict(arch="gba")),
         ("GBA, top target 0.5", dict(arch="gba", gba_p_max=0.5)),
     ]

@@ -1,7 +1,8 @@
 """The autograd training step: every rule, with torch's Adam.
 
 One step: the training forward pass (bf16 encoder product under autocast when asked),
-loss = ||x - x_hat||^2 / sum ||x - mean(x)||^2 (the FVU with the global batch's variance)
+loss = ||y - x_hat||^2 / sum ||y - mean(y)||^2 (the FVU with the global batch's variance;
+y is the target batch of a transcoder, x itself for an autoencoder)
 + aux_alpha * the auxiliary loss on the aux entries the rule's pass selected, backward,
 the decoder gradient's part along each unit row removed, Adam (torch's fused kernel on
 CUDA), decoder rows renormalised. shard, forward, loss_scale and reduce are the places a
@@ -75,20 +76,22 @@ class AutogradStep:
         """The weights themselves: this step reads them in its pass."""
         return aux_weights
 
-    def __call__(self, x_all: torch.Tensor, aux: torch.Tensor | None = None) -> StepStats:
+    def __call__(self, x_all: torch.Tensor, aux: torch.Tensor | None = None, target: torch.Tensor | None = None) -> StepStats:
         model = self.model
         x = self.shard(x_all)
+        y_all = x_all if target is None else target
+        y = x if target is None else self.shard(target)
         model.train()
         weights = aux
         select_aux = None if weights is None else (lambda z: aux_candidates(z, weights, self.aux_k))
         with self._autocast():
             x_hat, code, aux_code = self.forward(x, select_aux)
-        variance = batch_variance(x_all)
-        sq = (x - x_hat).pow(2).sum()
+        variance = batch_variance(y_all)
+        sq = (y - x_hat).pow(2).sum()
         scale = self.loss_scale
         main = (sq * scale if scale != 1 else sq) / variance
         if aux_code is not None and weights is not None:
-            aux_loss = aux_reconstruction_loss(aux_code, (x - x_hat).detach(), weights, model.decode_directions)
+            aux_loss = aux_reconstruction_loss(aux_code, (y - x_hat).detach(), weights, model.decode_directions)
         else:
             aux_loss = main.new_zeros(())
         loss = main + self.aux_alpha * aux_loss

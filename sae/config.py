@@ -19,7 +19,7 @@ from sae.registry import AUX_LOSSES, RuleConfig, rule_settings, training_rule
 
 PRECISIONS = ("bf16", "fp32")
 #: Settings a resumed run must share with its checkpoint, beside its rule's shape_keys.
-SHAPE_KEYS = ("arch", "d_in", "d_sae", "batch_size", "seed")
+SHAPE_KEYS = ("arch", "d_in", "d_sae", "d_out", "skip", "batch_size", "seed")
 #: The fields TrainConfig's __init__ takes by position (the rest by name).
 _REQUIRED = ("arch", "d_in", "d_sae", "tokens")
 
@@ -57,6 +57,10 @@ class TrainConfig:
     #: checkpoint of a wide SAE is hundreds of MB, too many to write every few seconds)
     checkpoint_every: int | None = None
     checkpoint_minutes: float = 10.0
+    #: A transcoder's target width (None: an autoencoder, whose target is its input).
+    d_out: int | None = None
+    #: A skip transcoder: a linear term W_skip x added to the prediction (needs d_out).
+    skip: bool = False
 
     #: The rule's own settings: an instance of its registered RuleConfig (set by __init__).
     rule: RuleConfig | None = None
@@ -87,6 +91,10 @@ class TrainConfig:
     def _check(self, default_aux: str) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise SAEError(f"SAE width must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.d_out is not None and self.d_out <= 0:
+            raise SAEError(f"`d_out={self.d_out}` must be positive")
+        if self.skip and self.d_out is None:
+            raise SAEError("`skip=True` is a skip transcoder: give the target width `d_out` too")
         if self.precision not in PRECISIONS:
             raise SAEError(f"unknown `precision=\"{self.precision}\"`: choose one of {', '.join(PRECISIONS)}")
         if self.batch_size <= 0:

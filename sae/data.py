@@ -3,6 +3,9 @@
 Each source yields float batches [B, d_in] (float32, or 16-bit as stored; on the CPU or the
 training device: the trainer converts) from a deterministic stream, and can start at
 any batch number without replaying the ones before, which is what makes resume exact.
+A transcoder's source pairs each input row with its target row: its batches are
+[B, d_in + d_out], the input's columns then the target's (so one shuffle keeps the pairs
+aligned), and its d_out says the target's width (None on an autoencoder's source).
 ChunkedShuffleStream is that stream's shape: data is cut into chunks (e.g. token ranges of
 a store, groups of context windows run through a model); each epoch visits the chunks
 in a seeded random order, a few at a time (the shuffle buffer), and shuffles the tokens of
@@ -21,9 +24,11 @@ from sae.errors import SAEError
 
 class ActivationSource(Protocol):
     d_in: int
+    #: The target's width for a transcoder (rows are input then target); None: no target.
+    d_out: int | None
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """[batch_size, d_in] float batches of the stream, from batch number start_batch on."""
+        """[batch_size, d_in (+ d_out)] float batches of the stream, from batch number start_batch on."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -103,12 +108,17 @@ class ChunkedShuffleStream:
 
 
 class TensorSource:
-    """An in-memory [N, d_in] tensor, reshuffled every epoch (tests, benchmarks, notebooks)."""
+    """An in-memory [N, d_in] tensor, reshuffled every epoch (tests, benchmarks, notebooks);
+    with target [N, d_out], a transcoder's pairs."""
 
-    def __init__(self, data: torch.Tensor, seed: int = 0, name: str = "tensor") -> None:
+    def __init__(self, data: torch.Tensor, seed: int = 0, name: str = "tensor", target: torch.Tensor | None = None) -> None:
         if data.ndim != 2 or len(data) == 0:
             raise SAEError(f"training data must be a non-empty [tokens, d_in] tensor, got shape {tuple(data.shape)}")
-        self.data, self.d_in, self.name = data.float(), int(data.shape[1]), name
+        if target is not None and (target.ndim != 2 or len(target) != len(data)):
+            raise SAEError(f"the target must be [tokens, d_out] with the data's {len(data)} rows, got shape {tuple(target.shape)}")
+        self.d_in, self.name = int(data.shape[1]), name
+        self.d_out = None if target is None else int(target.shape[1])
+        self.data = data.float() if target is None else torch.cat([data.float(), target.float()], dim=1)
         self.stream = ChunkedShuffleStream([len(data)], lambda _: self.data, 1, seed)
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[torch.Tensor]:

@@ -12,7 +12,7 @@ global batch, because each batch-level quantity is made global:
 DataParallelStep is sae.autograd_step.AutogradStep with its per-process places replaced:
 shard (the rank's slice), forward (through DDP), loss_scale (W) and reduce (one all-reduce
 of the firing counts, squared error, L0 and loss, which also makes the NaN/Inf guard
-global). Supported now: per-row selection (arch topk) with aux "none". Batch-level rules
+global). It trains rules whose registration says data_parallel (per-row selection: topk) with aux "none". Batch-level rules
 (Mutual Choice's top k*B, GBA's statistics) and the auxiliary losses need the same global
 treatment of their own batch statistics and are refused with a clear message.
 

@@ -75,10 +75,9 @@ class FusedTopKStep:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
         optimizer's memory traffic); pair_chunk: runs of this many pairs
         inside one feature are summed in parallel before step 6 (0: every feature's program
-        walks all its pairs). On an H100 at 768 x 24576, 32 gave the fastest whole step
-        (0.912-0.913 ms over three runs; none 0.913-0.917, 64 0.917-0.922; bench/gpu_train.py); it
-        saves a fifth of step 6 where one feature fires on half the batch
-        (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
+        walks all its pairs). The default, 32, came out fastest in a whole-step sweep
+        (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
+        batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
         if not isinstance(model.rule, TopKRule) or model.tied:
             raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
@@ -173,10 +172,13 @@ class FusedTopKStep:
                 self.step_count.copy_(saved["step"].reshape(1))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> StepStats:
+    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None, target: torch.Tensor | None = None) -> StepStats:
         """One Adam step on the batch x [B, d_in] (float32, contiguous). aux: the ids of the
         features AuxK may revive this step (prepare_aux; a non-empty LongTensor, needs
-        k_aux > 0); None: no AuxK."""
+        k_aux > 0); None: no AuxK. target: must be None (this step trains autoencoders;
+        transcoders train through the autograd step)."""
+        if target is not None:
+            raise SAEError('the fused step trains autoencoders only; train a transcoder with `step="autograd"`')
         dead_features = aux
         from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual

@@ -43,7 +43,9 @@ class CudaGraphStep:
     def prepare_aux(self, aux_weights: torch.Tensor | None) -> Any:
         return self.inner.prepare_aux(aux_weights)
 
-    def __call__(self, x: torch.Tensor, aux: Any = None) -> StepStats:
+    def __call__(self, x: torch.Tensor, aux: Any = None, target: torch.Tensor | None = None) -> StepStats:
+        if target is not None:
+            return self.inner(x, aux, target)
         if aux is not None or (self._graph is not None and x.shape != self._x.shape):
             return self.inner(x, aux)
         if self._graph is None:

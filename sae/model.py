@@ -1,5 +1,7 @@
 """The sparse autoencoder shared by every rule: z = (x - b_dec) W_enc + b_enc,
-x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule.
+x_hat = f(z) W_dec + b_dec, with f a pluggable SparsityRule; and the transcoder, the same
+model predicting a target at another hook: z = x W_enc + b_enc, y_hat = f(z) W_dec + b_dec
+(+ x W_skip^T for a skip transcoder), W_dec [d_sae, d_out] (SAELens's Transcoder layout).
 
 Shapes follow SAELens (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) so saving is a rename,
 not a transpose. On the triton backend (CUDA's default) training runs the encoder through
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from sae.code import SparseCode
+from sae.errors import SAEError
 from sae.kernels import sparse_decode, sparse_encode
 from sae.kernels.backend import resolve_backend
 from sae.rules.base import SparsityRule
@@ -33,17 +36,29 @@ class SparseAutoencoder(nn.Module):
     """Parameters W_enc, b_enc, W_dec, b_dec and a rule. Inputs are in the units the SAE
     was trained in (training normalises them; io folds that scale into the saved weights)."""
 
-    def __init__(self, d_in: int, d_sae: int, rule: SparsityRule) -> None:
+    def __init__(self, d_in: int, d_sae: int, rule: SparsityRule, d_out: int | None = None, skip: bool = False) -> None:
+        """d_out: a transcoder's target width (None: an autoencoder, d_out = d_in); skip: a
+        skip transcoder's linear term W_skip [d_out, d_in] (zero at the start)."""
         super().__init__()
         self.d_in, self.d_sae = int(d_in), int(d_sae)
+        #: A transcoder predicts another hook's activations; its encoder takes x itself
+        #: (b_dec lives in the output space, so nothing is subtracted from the input).
+        self.transcoder = d_out is not None
+        self.d_out = int(d_out) if d_out is not None else self.d_in
+        if skip and not self.transcoder:
+            raise SAEError("a skip connection needs a transcoder (a target width d_out)")
         self.rule = rule
         #: Tied weights (GBA, as in its paper): no W_enc parameter; the encoder is the unit
         #: direction of each decoder row, and the row's norm is the neuron's output scale.
         self.tied = rule.tied_weights
+        if self.tied and self.transcoder:
+            raise SAEError(f"rule {rule.name} ties its encoder to the decoder, which a transcoder's two spaces cannot share; "
+                           "train the transcoder with another rule")
         self.W_enc = None if self.tied else nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae), requires_grad=rule.trains_encoder_bias)
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=rule.trains_decoder_bias)
+        self.W_dec = nn.Parameter(torch.empty(d_sae, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out), requires_grad=rule.trains_decoder_bias)
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip else None
         #: The kernels' backend (sae.kernels.backend.resolve_backend; None: by the input's
         #: device). "triton" trains through kernels.sparse_encode (backward over the kept
         #: entries only); "torch" through a dense autograd product, which on a CPU beats the
@@ -53,9 +68,12 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
         """Unit-norm random decoder rows, W_enc = W_dec^T, b_enc = 0, b_dec from data."""
-        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        w = torch.randn(self.d_sae, self.d_out, generator=generator)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        if not self.tied:
+        if self.transcoder:  # input and output spaces differ: unit random encoder columns of their own
+            w = torch.randn(self.d_sae, self.d_in, generator=generator)
+            self.W_enc.copy_((w / w.norm(dim=1, keepdim=True)).T)
+        elif not self.tied:
             self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
         if b_dec is not None:
@@ -68,13 +86,25 @@ class SparseAutoencoder(nn.Module):
             return nn.functional.normalize(self.W_dec, dim=1).t()
         return self.W_enc
 
+    def input_bias(self) -> torch.Tensor:
+        """What the encoder subtracts from x: b_dec for an autoencoder, zeros for a transcoder."""
+        return self.b_dec if not self.transcoder else self.b_enc.new_zeros(self.d_in)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """z [B, d_sae]."""
-        return (x - self.b_dec) @ self.encoder_matrix() + self.b_enc
+        return (x - self.input_bias()) @ self.encoder_matrix() + self.b_enc
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        """x_hat [B, d_in] from a sparse code."""
+        """x_hat [B, d_out] from a sparse code (without a skip transcoder's x W_skip^T)."""
         return self.decode_directions(code) + self.b_dec
+
+    def output(self, x: torch.Tensor, code: SparseCode) -> torch.Tensor:
+        """The prediction from input x and its code: decode(code), plus x W_skip^T for a
+        skip transcoder."""
+        out = self.decode(code)
+        if self.W_skip is not None:
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return out
 
     def decode_directions(self, code: SparseCode) -> torch.Tensor:
         """sum_j a_j W_dec[i_j], without b_dec (what AuxK reconstructs the residual with).
@@ -109,14 +139,14 @@ class SparseAutoencoder(nn.Module):
 
         backend = resolve_backend(x.device, self.backend)
         if backend == "triton":
-            values, indices = sparse_encode(x, self.encoder_matrix(), self.b_enc, self.b_dec, select, backend=backend)
+            values, indices = sparse_encode(x, self.encoder_matrix(), self.b_enc, self.input_bias(), select, backend=backend)
         else:
             z = self.pre_acts(x)
             kept, indices = select(z.detach())
             values = z.gather(1, indices) * (kept != 0)  # same contract: slope 1 where kept
         code = SparseCode(indices=indices[:, :width], values=values[:, :width])
         aux_code = SparseCode(indices=indices[:, width:], values=values[:, width:]) if aux is not None else None
-        return self.decode(code), code, aux_code
+        return self.output(x, code), code, aux_code
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Inference code: the rule's batch-free form (what the saved SAE computes)."""
@@ -127,8 +157,8 @@ class SparseAutoencoder(nn.Module):
         return self.encode(x).to_dense(self.d_sae)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference reconstruction x_hat [B, d_in]."""
-        return self.decode(self.encode(x))
+        """Inference reconstruction (a transcoder's prediction) [B, d_out]."""
+        return self.output(x, self.encode(x))
 
     @torch.no_grad()
     def make_encoder_feature_major(self) -> None:

@@ -1,7 +1,8 @@
 """The training-step interface every step implementation follows, and its statistics.
 
 A step trains one SparseAutoencoder in place: step(x, step.prepare_aux(aux_weights)) takes
-one optimiser step on x, the scaled global batch on the model's device, and returns
+one optimiser step on x, the scaled global batch on the model's device (with `target`,
+a transcoder's scaled target batch, the loss is the FVU of the target; None: of x), and returns
 StepStats as device tensors (reading one is a host-device sync, so the Trainer reads them
 only when logging). aux_weights is the per-feature weight of the auxiliary loss (None: no
 auxiliary loss this step); prepare_aux turns it into the step's own form, or None where
@@ -30,12 +31,12 @@ import torch
 class StepStats:
     """One step's statistics over the global batch, as device tensors."""
 
-    sq_err: torch.Tensor  # sum over the batch of ||x - x_hat||^2
+    sq_err: torch.Tensor  # sum over the batch of ||target - x_hat||^2 (target: x for an autoencoder)
     loss: torch.Tensor  # what the step descended: sq_err / variance + aux_alpha * aux
     l0: torch.Tensor  # sum over the batch of the number of active features (float32)
     fired: torch.Tensor  # [d_sae] float32: active tokens per feature
     aux: torch.Tensor  # the auxiliary loss (0 without one)
-    variance: torch.Tensor  # the batch's sum ||x - mean(x)||^2, the FVU's denominator
+    variance: torch.Tensor  # the batch's sum ||target - mean(target)||^2, the FVU's denominator
     tokens: int  # tokens in the global batch
 
 
@@ -51,9 +52,10 @@ class TrainStep(Protocol):
         can use), else the step's own form of them."""
         ...
 
-    def __call__(self, x: torch.Tensor, aux: Any = None) -> StepStats:
+    def __call__(self, x: torch.Tensor, aux: Any = None, target: torch.Tensor | None = None) -> StepStats:
         """One optimiser step on the scaled global batch x [B, d_in] (float32, on the
-        device); aux from prepare_aux."""
+        device); aux from prepare_aux; target [B, d_out], a transcoder's scaled target
+        (None: x; a step that trains autoencoders only refuses one)."""
         ...
 
     def set_lr(self, lr: float) -> None:

@@ -3,7 +3,8 @@
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
 arch topk with aux none or auxk through Triton kernels, replayed as a CUDA graph on CUDA;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
-is fused where it can train the config on CUDA, else autograd. The fused step applies Adam
+is fused where it can train the config on CUDA, else autograd (always autograd for a
+transcoder: the fused step trains autoencoders only). The fused step applies Adam
 inside the kernel that sums each feature's gradient, so no gradient exists to all-reduce:
 data-parallel runs stay autograd.
 """
@@ -28,6 +29,8 @@ FUSED_AUX = ("auxk", "none")
 def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
     """Why the fused step cannot train config with the (resolved) backend (a sentence
     saying what to do), or None."""
+    if config.d_out is not None:
+        return 'the fused step trains autoencoders only, not transcoders; use `step="autograd"`'
     if "fused" not in training_rule(config.arch).steps:
         fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
         return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
@@ -59,9 +62,8 @@ def resolve_step(config: TrainConfig, step: str, backend: str) -> str:
 def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend: str) -> TrainStep:
     """The step of kind resolve_step(config, step, backend) training model (on its device).
     --precision bf16 on CUDA: a bf16 encoder product; the fused step also keeps the
-    decoder's loss gradient and the weights' Adam moments in bf16 (H100: 6% more tokens/s,
-    a quarter less memory, FVU within the spread of init seeds over 4000 steps:
-    bench/gpu_train.py, bench/gpu_adam_moments.py). The CPU trains float32."""
+    decoder's loss gradient and the weights' Adam moments in bf16 (less memory traffic at
+    no measurable cost in FVU: bench/gpu_adam_moments.py). The CPU trains float32."""
     kind = resolve_step(config, step, backend)
     on_cuda = model.W_dec.device.type == "cuda"
     low = on_cuda and config.precision == "bf16"

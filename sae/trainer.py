@@ -46,6 +46,7 @@ from sae.registry import training_rule
 from sae.rules import SparsityRule
 from sae.step import StepStats
 from sae.step_choice import build_step
+from sae.tensorboard import EVENTS_FILE, write_events
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -112,18 +113,24 @@ class Trainer:
                  step: str = "auto", backend: str | None = None) -> None:
         if source.d_in != config.d_in:
             raise SAEError(f"data has width {source.d_in} but the SAE expects d_in={config.d_in}")
+        source_out = getattr(source, "d_out", None)
+        if source_out != config.d_out:
+            what = f"targets of width {source_out}" if source_out is not None else "no targets"
+            raise SAEError(f"data has {what} but the config asks for `d_out={config.d_out}`")
         self.config, self.source, self.out = config, source, out
         self.command = command if command is not None else list(sys.argv)
         self.device = torch.device(config.device)
         self.backend = resolve_backend(self.device, backend)
         torch.manual_seed(config.seed)
-        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config)).to(self.device)
+        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config), config.d_out, config.skip).to(self.device)
         self.model.backend = self.backend
         self.on_cuda = self.device.type == "cuda"
         #: the training step (sae.step.TrainStep)
         self.stepper = build_step(config, self.model, step, self.backend)
         self.step = 0
         self.input_scale = 1.0
+        #: the target's scale (a transcoder's; an autoencoder's target is its input)
+        self.target_scale = 1.0
         self.tokens_since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=self.device)
         self.density = torch.zeros(config.d_sae, device=self.device)
         self.history: list[dict[str, float]] = []
@@ -191,15 +198,29 @@ class Trainer:
                 break
         sample = torch.cat(parts)[: max(cfg.init_tokens, 1)].to(self.device, torch.float32)
         _check_finite(sample, "the training data", 0)
-        mean_sq = sample.pow(2).sum(dim=1).mean()
-        if mean_sq <= 0:
-            raise SAEError("the training activations are all zero; nothing to learn")
-        self.input_scale = float(mean_sq.rsqrt())
+        x, y = self._split(sample)
+        self.input_scale = self._scale_of(x, "training activations")
+        self.target_scale = self.input_scale if y is x else self._scale_of(y, "target activations")
         generator = torch.Generator().manual_seed(cfg.seed)
-        self.model.init_weights(generator, geometric_median(sample * self.input_scale).cpu())
+        self.model.init_weights(generator, geometric_median(y * self.target_scale).cpu())
         self.model.to(self.device)
         self.density.fill_(training_rule(cfg.arch).initial_density(self.model.rule, cfg))
         self.stepper.weights_changed()
+
+    @staticmethod
+    def _scale_of(x: torch.Tensor, what: str) -> float:
+        """1 / the RMS norm of the rows: what brings them to unit mean squared norm."""
+        mean_sq = x.pow(2).sum(dim=1).mean()
+        if mean_sq <= 0:
+            raise SAEError(f"the {what} are all zero; nothing to learn")
+        return float(mean_sq.rsqrt())
+
+    def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a batch: a transcoder's rows are input then target; an
+        autoencoder's target is its input (the same tensor)."""
+        if self.config.d_out is None:
+            return batch, batch
+        return batch[:, : self.config.d_in], batch[:, self.config.d_in :]
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -207,6 +228,7 @@ class Trainer:
         self.stepper.weights_changed()
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
+        self.target_scale = float(state.get("target_scale", self.input_scale))
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.density.copy_(state["density"])
         self.history = list(state["history"])
@@ -227,18 +249,25 @@ class Trainer:
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.on_cuda and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)  # no wait on the GPU
-        return batch.to(self.device, torch.float32) * self.input_scale
+        return batch.to(self.device, torch.float32)
 
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimiser step through the step. Metrics come back as device tensors (read
         them only when logging: each read is a host-device sync). Non-finite data or loss
         only sets a device flag here; check_finite() (called by fit) turns it into an error.
         On CPU, where reading it costs nothing, every step checks it."""
-        x = self._to_device(batch)
         lr = self.config.lr_at(self.step)
         self.stepper.set_lr(lr)
-        self._data_ok &= torch.isfinite(x).all()
-        stats = self.stepper(x, self.stepper.prepare_aux(self.aux_weights()))
+        aux = self.stepper.prepare_aux(self.aux_weights())
+        if self.config.d_out is None:
+            x = self._to_device(batch) * self.input_scale
+            self._data_ok &= torch.isfinite(x).all()
+            stats = self.stepper(x, aux)
+        else:
+            x, y = self._split(self._to_device(batch))
+            x, y = x * self.input_scale, y * self.target_scale
+            self._data_ok &= torch.isfinite(x).all() & torch.isfinite(y).all()
+            stats = self.stepper(x, aux, y)
         return self._after_step(stats, lr)
 
     @torch.no_grad()
@@ -343,14 +372,15 @@ class Trainer:
             "optimizer": self.stepper.optimizer_state(),
             "step": self.step,
             "input_scale": self.input_scale,
+            "target_scale": self.target_scale,
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "density": self.density.cpu(),
             "history": self.history,
         }
 
     def save_checkpoint(self) -> None:
-        """OUT/checkpoint.pt and OUT/training.json, each replaced atomically (never from a
-        diverged state: raises first if a step since the last check went non-finite). A
+        """OUT/checkpoint.pt, OUT/training.json and its curves as a TensorBoard event file
+        (sae/tensorboard.py), each replaced atomically (never from a diverged state: raises first if a step since the last check went non-finite). A
         write that fails (unwritable folder, full disk) leaves the last checkpoint as it was."""
         assert self.out is not None
         self.check_finite()
@@ -363,6 +393,7 @@ class Trainer:
             "data": data,
             "passes": self.config.tokens / held if held else None,
             "input_scale": self.input_scale,
+            "target_scale": self.target_scale,
             "step": self.step,
             "tokens_seen": self.step * self.config.batch_size,
             "finished": self.step >= self.config.steps,
@@ -379,6 +410,7 @@ class Trainer:
             os.replace(tmp, self.out / CHECKPOINT_FILE)
             tmp_json.write_text(json.dumps(record, indent=1))
             os.replace(tmp_json, self.out / RECORD_FILE)
+            write_events(self.out / EVENTS_FILE, self.history)
         except OSError as err:
             for leftover in (tmp, tmp_json):
                 with contextlib.suppress(OSError):
@@ -388,17 +420,20 @@ class Trainer:
 
     def saelens_metadata(self) -> dict[str, Any]:
         data = self.source.describe()
+        target = {"hook_name_out": data.get("target_hook")} if self.config.d_out is not None else {}
         return {
             "model_name": data.get("model_name"),
             "hook_name": data.get("hook"),
+            **target,
             "context_size": data.get("context_size"),
             "prepend_bos": True,
             "dataset_path": data.get("dataset_path"),
             "workbench": {"arch": self.config.arch, "k": getattr(self.config.rule, "k", None), "input_scale": self.input_scale,
-                          "tokens": self.step * self.config.batch_size},
+                          "tokens": self.step * self.config.batch_size,
+                          **({"target_scale": self.target_scale} if self.config.d_out is not None else {})},
         }
 
     def save_sae(self, folder: str | Path) -> Path:
-        """The trained SAE as a SAELens folder (input scale folded into the weights)."""
+        """The trained SAE as a SAELens folder (input and target scales folded into the weights)."""
         self.check_finite()
-        return save_sae(folder, self.model, self.input_scale, self.saelens_metadata())
+        return save_sae(folder, self.model, self.input_scale, self.saelens_metadata(), target_scale=self.target_scale)

@@ -1,5 +1,7 @@
 """Small real stores for the app's tests: captures of the tiny test models through the real
-runner, three SAEs (TopK, Mutual Choice, GBA) trained on one hook, and their feature passes."""
+runner, three SAEs (TopK, Mutual Choice, GBA) trained on one hook with their training records,
+their feature passes, and a zoo model's store (tiny-relu, which the app can load, so the
+pages that run the model have one) with one TopK SAE."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from sae.trainer import Trainer
 from tests.phenomena_models import capture, dense_config, handle_for, moe_config
 from workbench import Store
 from workbench.analysis.features import run_feature_pass
+from workbench.models.registry import load_model
 from workbench.training_data import StoreSource
 
 HOOK = "blocks.1.hook_resid_post"
+ZOO_HOOK = "blocks.2.hook_resid_post"
 RULES = {"topk": 4, "mutual-choice": 4, "gba": None}
 
 
@@ -35,9 +39,8 @@ def train_saes(store: Store, folder: Path, d_sae: int = 64, tokens: int = 2048) 
     folders = []
     for arch, k in RULES.items():
         config = TrainConfig(arch=arch, d_in=32, d_sae=d_sae, tokens=tokens, k=k, batch_size=256, gba_every=2, init_tokens=1024)
-        trainer = Trainer.start(config, StoreSource(store, HOOK, chunk_tokens=1024))
-        trainer.fit(progress=False)
-        out = trainer.save_sae(folder / f"sae-{arch}")
+        out = folder / f"sae-{arch}"
+        Trainer.start(config, StoreSource(store, HOOK, chunk_tokens=1024), out).fit(progress=False)  # SAE + training.json
         run_feature_pass(store, out, corr_tokens=2000)
         folders.append(out)
     return folders
@@ -48,6 +51,8 @@ class DemoStores:
     dense: Path
     moe: Path
     saes: list[Path]
+    zoo: Path
+    zoo_sae: Path
 
 
 def demo_stores(base: Path) -> DemoStores:
@@ -59,5 +64,18 @@ def demo_stores(base: Path) -> DemoStores:
         dense = dense_store(root / "dense")
         moe_store(root / "moe")
         train_saes(dense, root / "saes")
+        zoo_store(root / "zoo")
         (root / "built").touch()
-    return DemoStores(root / "dense" / "store", root / "moe" / "store", sorted((root / "saes").iterdir()))
+    return DemoStores(root / "dense" / "store", root / "moe" / "store", sorted((root / "saes").iterdir()),
+                      root / "zoo" / "store", root / "zoo" / "sae-topk")  # fmt: skip
+
+
+def zoo_store(folder: Path, tokens: int = 1500) -> Store:
+    """tiny-relu's residual stream at ZOO_HOOK and one TopK SAE on it (folder/sae-topk, with its
+    training record), passed over the store."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = capture(load_model("tiny-relu"), folder, [], tokens=tokens, ctx=64, batch_size=8, hooks=[ZOO_HOOK])
+    config = TrainConfig(arch="topk", d_in=192, d_sae=256, tokens=2048, k=8, batch_size=256, init_tokens=1024)
+    Trainer.start(config, StoreSource(store, ZOO_HOOK, chunk_tokens=1024), folder / "sae-topk").fit(progress=False)
+    run_feature_pass(store, folder / "sae-topk", corr_tokens=1500)
+    return store

@@ -135,7 +135,8 @@ def test_comparison_shows_the_chosen_saes(demo, monkeypatch):
     at = open_page("sae_comparison", demo.dense, monkeypatch)
     assert len(specs(at)[0]["data"][0]["x"]) == 3
     checked(at.multiselect[0].set_value(at.multiselect[0].value[:2]).run())
-    assert len(specs(at)[0]["data"][0]["x"]) == 2 and len(specs(at)[1]["data"]) == 2
+    bars, training, density = specs(at)[:3]
+    assert len(bars["data"][0]["x"]) == 2 and len(training["data"]) == 2 * 3 and len(density["data"]) == 2
 
 
 

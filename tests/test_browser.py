@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "docs" / "screenshots"
 #: (url path, screenshot name, plotly charts the page draws on its store)
 DENSE_PAGES = [("", "overview", 0), ("lazy_neurons", "lazy_neurons", 3), ("attention_sinks", "attention_sinks", 3),
-               ("sae_features", "sae_features", 2), ("sae_comparison", "sae_comparison", 3)]  # fmt: skip
+               ("sae_features", "sae_features", 2), ("sae_comparison", "sae_comparison", 4)]  # fmt: skip
 MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6)]
 
 # Under CI (.ci/run installs Chromium) a missing browser fails the test instead of skipping it.

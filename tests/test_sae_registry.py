@@ -106,7 +106,9 @@ def test_a_registered_rules_settings_are_validated_and_kept_apart(toy):
     assert TrainConfig(arch="topk", k=4, toy_threshold=0.3, **base).rule == registry.RULES["topk"].config(k=4)
     with pytest.raises(SAEError, match="unknown setting `toy_treshold`"):
         TrainConfig(arch="toy", toy_treshold=0.3, **base)
-    with pytest.raises(SAEError, match="unknown `arch=\"toys\"`: choose one of topk, mutual-choice, gba, toy"):
+    names = registry.rule_names()  # the built-in ones first, then the other modules of sae.rules, then this test's
+    assert names[:3] == ("topk", "mutual-choice", "gba") and "feature-choice" in names and names[-1] == "toy"
+    with pytest.raises(SAEError, match=f"unknown `arch=\"toys\"`: choose one of {', '.join(names)}$"):
         TrainConfig(arch="toys", **base)
 
 

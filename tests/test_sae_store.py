@@ -68,28 +68,31 @@ def test_train_writes_a_saelens_folder_with_our_record(store, trained):
 
 
 def test_eval_metrics_and_ce_score(store, trained):
+    """On all stored tokens (--split all); the held-out default is tests/test_held_out.py's."""
     handle = handle_for(dense_config())  # the planted model the store was captured from
-    result = evaluate_sae(trained, store, ce_sequences=8, handle=handle)
+    result = evaluate_sae(trained, store, ce_sequences=8, handle=handle, split="all")
     ours, _ = load_sae(trained)
     x = store.activations(HOOK)
     with torch.no_grad():
         x_hat = ours.reconstruct(x)
         acts = ours.feature_acts(x)
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    assert result["tokens"] == len(x) == 3000
+    assert result["split"] == "all" and result["tokens"] == len(x) == 3000
     assert result["fvu"] == pytest.approx(fvu, rel=1e-4)
     assert result["explained_variance"] == pytest.approx(1 - fvu, rel=1e-4)
     assert result["l0"] == pytest.approx(float((acts > 0).sum(1).float().mean()), rel=1e-6) and result["l0"] <= 4
     assert result["dead_fraction"] == pytest.approx(float(((acts > 0).sum(0) == 0).float().mean()))
     hist = result["log_density_histogram"]
     assert sum(hist["counts"]) + hist["dead"] == 96
-    assert result["ce_score"] == pytest.approx((result["ce_zero"] - result["ce_sae"]) / (result["ce_zero"] - result["ce_clean"]))
+    assert result["loss_recovered"] == pytest.approx((result["ce_mean"] - result["ce_sae"]) / (result["ce_mean"] - result["ce_clean"]))
+    assert result["loss_recovered_zero"] == pytest.approx((result["ce_zero"] - result["ce_sae"]) / (result["ce_zero"] - result["ce_clean"]))
     assert result["ce_sae"] != pytest.approx(result["ce_clean"], abs=1e-6)  # the splice changed the forward pass
 
 
 def test_ce_score_is_one_for_a_perfect_reconstruction_and_zero_for_none(store):
     """The splice really replaces the hook: an exact SAE (ReLU(x) - ReLU(-x) = x) leaves the
-    loss clean, an SAE reconstructing 0 gives the zero-ablation loss."""
+    loss clean, an SAE reconstructing 0 gives the zero-ablation loss (the mean-ablation
+    baseline is tests/test_held_out.py's)."""
     handle = handle_for(dense_config())
     windows = token_windows(store, 6)
     assert windows.shape == (6, 48)
@@ -100,14 +103,16 @@ def test_ce_score_is_one_for_a_perfect_reconstruction_and_zero_for_none(store):
         exact.W_dec.copy_(torch.cat([eye, -eye], dim=0))
         exact.b_enc.zero_()
         exact.b_dec.zero_()
-    perfect = ce_loss_score(handle, exact, HOOK, windows)
+    mean = store.activations(HOOK).mean(0)
+    perfect = ce_loss_score(handle, exact, HOOK, windows, mean)
     assert perfect["ce_sae"] == pytest.approx(perfect["ce_clean"], abs=1e-5)
-    assert perfect["ce_score"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
     with torch.no_grad():
         exact.W_dec.zero_()
-    nothing = ce_loss_score(handle, exact, HOOK, windows)
+    nothing = ce_loss_score(handle, exact, HOOK, windows, mean)
     assert nothing["ce_sae"] == pytest.approx(nothing["ce_zero"], abs=1e-5)
-    assert nothing["ce_score"] == pytest.approx(0.0, abs=1e-4)
+    assert nothing["loss_recovered_zero"] == pytest.approx(0.0, abs=1e-4)
     assert abs(nothing["ce_zero"] - nothing["ce_clean"]) > 1e-3
 
 

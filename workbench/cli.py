@@ -27,6 +27,7 @@ def _register() -> None:
     from workbench.commands.app import app_command
     from workbench.commands.capture import capture_command, hooks_command, info_command
     from workbench.commands.demo import demo_command
+    from workbench.commands.export import export_neuronpedia_command
     from workbench.commands.features import features_command
     from workbench.commands.links import links_command
     from workbench.commands.train import eval_command, train_command, with_rule_options
@@ -42,6 +43,7 @@ def _register() -> None:
     app.command("eval")(eval_command)
     app.command("features")(features_command)
     app.command("links")(links_command)
+    app.command("export-neuronpedia")(export_neuronpedia_command)
     app.command("app")(app_command)
 
 

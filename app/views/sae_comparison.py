@@ -1,15 +1,20 @@
 """SAE comparison: TopK vs Mutual Choice vs GBA on the same hook and the same stored tokens:
-FVU, L0, dead fraction and density curves side by side (from the feature passes)."""
+FVU, L0, dead fraction and density curves side by side (from the feature passes, which cover
+every stored token, the SAEs' training tokens included; `workbench eval` scores held-out tokens),
+and each SAE's training curves against tokens (from its training.json)."""
 
 from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.colors import DEFAULT_PLOTLY_COLORS
 from plotly.subplots import make_subplots
 
 from app.store_access import cached, require_store, sae_frame
 from workbench.analysis.features import stats_table
+from workbench.analysis.training_curves import CURVES, training_history
+from workbench.errors import WorkbenchError
 from workbench.store.reader import Store, sql_identifier
 
 
@@ -35,8 +40,32 @@ bars = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "L
 for col, metric in enumerate(("fvu", "l0", "dead_fraction"), start=1):
     bars.add_bar(x=labels, y=rows[metric], showlegend=False, row=1, col=col)
 bars.update_yaxes(range=[0, 1], row=1, col=3)  # a fraction: all-zero bars still read as 0, not as an empty axis
-bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens", height=420)
+bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens "
+                         "(all stored tokens, training tokens included; `workbench eval` scores the held-out ones)", height=420)
 st.plotly_chart(bars)
+
+training = make_subplots(rows=1, cols=3, subplot_titles=("FVU while training", "L0 while training", "dead fraction while training"))
+untracked = []
+for n, (label, folder) in enumerate(zip(labels, rows["folder"])):
+    colour = DEFAULT_PLOTLY_COLORS[n % len(DEFAULT_PLOTLY_COLORS)]  # one colour per SAE in all three panels
+    try:
+        history = training_history(folder)
+    except WorkbenchError as err:
+        st.warning(str(err))
+        continue
+    if not len(history):
+        untracked.append(label)
+        continue
+    for col, metric in enumerate(CURVES, start=1):
+        training.add_scatter(x=history["tokens"], y=history[metric], mode="lines", name=label, legendgroup=label,
+                             line_color=colour, showlegend=col == 1, row=1, col=col)  # fmt: skip
+if len(training.data):
+    training.update_xaxes(title_text="training tokens")
+    training.update_yaxes(range=[0, 1], row=1, col=3)
+    training.update_layout(title="Training curves (training.json history; TensorBoard: `tensorboard --logdir SAE_DIR`)", height=420)
+    st.plotly_chart(training)
+if untracked:
+    st.caption(f"No training.json (trained elsewhere, or its folder is gone): {', '.join(untracked)}")
 
 curves = go.Figure()
 for name, label in zip(rows["name"], labels):

@@ -1,6 +1,8 @@
 """SAE features, one page per feature in the manner of Neuronpedia: top activating examples in
 context, examples from activation intervals, density and activation histograms, top and bottom
-logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE; search by token."""
+logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE, steering the
+feature during generation (app/views/feature_steering.py), where the feature meets the phenomena
+(app/views/feature_links.py); search by token."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from app.store_access import (
     version,
 )
 from app.views.feature_links import feature_links_section
+from app.views.feature_steering import steering_section
 from workbench.analysis.feature_page import FeatureTables
 from workbench.analysis.link_reader import opening_feature
 from workbench.store.reader import Store
@@ -136,3 +139,5 @@ else:
     strongest = dense.max(dim=0).values
     top = torch.topk(strongest, min(10, len(strongest)))
     st.dataframe(pd.DataFrame({"feature": top.indices.tolist(), "max activation in text": top.values.tolist()}), hide_index=True)
+
+steering_section(handle, reason, sae_model, str(sae_row["hook"]), feature, page.max)

@@ -33,8 +33,8 @@ class Selected(NamedTuple):
 def topk_rows(z: torch.Tensor, k: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row, through ReLU: (float32 values, int64 indices).
     backend "triton" (None: on CUDA, sae.kernels.backend.resolve_backend) runs the Triton
-    guess-and-verify select of sae.kernels.triton_topk, "torch" torch.topk. Both are exact; on an H100 the Triton one
-    took 0.17 ms against torch.topk's 0.86 ms at 4096 x 24576 bf16 (bench/kernels_topk.py)."""
+    guess-and-verify select of sae.kernels.triton_topk (a pass near the read floor, where
+    torch.topk sorts: bench/kernels_topk.py), "torch" torch.topk. Both are exact."""
     if resolve_backend(z.device, backend) == "triton":
         from sae.kernels.triton_topk import row_topk
 

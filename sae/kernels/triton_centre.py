@@ -7,9 +7,8 @@ result, so float32 holds it even where activations have a large mean. The encode
 reads the same c, so one pass over x writes c and each block of rows' column sums and
 squares; programs of 32 columns then add the blocks, and the last of them to finish adds
 their parts, each sum in a fixed order (deterministic), and writes the variance and its
-reciprocal, the loss's scale. (One program adding every block took 21 us at 4096 x 768 on
-an H100.) torch takes five passes and as many
-launches for the variance and the shifted copy.
+reciprocal, the loss's scale (one program adding every block serialises the sum). torch
+takes five passes and as many launches for the variance and the shifted copy.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def decode_residual(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_out [B, D] in grad_out_dtype, grad_val [B, k], sq_err [B] float32) for indices
     [B, k], values [B, k] float32, W_dec [F, D] float32 or bfloat16 contiguous (bf16 halves
-    the gather: 77 us against 110 at 4096 x 32 x 768 on an H100; sums stay float32),
+    the bytes gathered; sums stay float32),
     b_dec [D], x [B, D] float32 contiguous and scale a one-element float32 tensor (see the
     module doc).
     grad_val and sq_err are computed from the float32 grad_out whatever grad_out_dtype.

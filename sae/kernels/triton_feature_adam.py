@@ -190,9 +190,9 @@ def _feature_adam_kernel(
     CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, WRITE_DEC_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (f, part): part 0 updates feature f's decoder row, part 1 its encoder row and
-    b_enc[f]. One program holding both rows was held by its registers to 4 programs (16
-    warps) an SM (ncu, H100, 768 x 24576), too few to hide the gathers; each of two holds
-    half as much (0.349 -> 0.301 ms; at equal warps the results are the same bit for bit)."""
+    b_enc[f]. One program holding both rows is limited by its registers to too few programs
+    an SM to hide the gathers; each of two holds half as much (the results are the same
+    bit for bit)."""
     f = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -359,9 +359,8 @@ def feature_adam(
     pairs (sort_pairs), grad_out and xc [B, D] (any float dtype) are the step's pairs and
     dense gradients; db_enc [F] from feature_sums; lr and step are one-element float32
     tensors (step already counts this update). The default warps (2 for rows up to 1024
-    wide, 4 above) were the fastest or within 1% of it over BLOCK_P 2 and 4 and 1-8 warps in
-    a trained step on an H100, at the three configs of bench/gpu_train.py (0.301, 2.13 and
-    9.63 ms). aux (AuxK): (row [F] int32, the feature's row
+    wide, 4 above) come from a sweep over BLOCK_P and warps at bench/gpu_train.py's three
+    configs (bench/kernels_feature_adam.py). aux (AuxK): (row [F] int32, the feature's row
     in the next two or -1; dW_dec, dW_enc [n, D] contiguous, any float dtype), added to the
     sums of the features that have a row. chunks: chunk_sums over the same pairs (the same
     chunks feature_sums was given, if any). The weight matrices' moments may be float32 or

@@ -20,13 +20,12 @@ Two forms, both exact for any input:
      the guess to the row's candidate buffer (12k, rounded up to a power of two), at
      slots taken by atomic adds. What this pass costs is its masked scatter (issued per
      column, though few are taken), not its reads: counting alone runs at the read
-     floor, 0.08 ms at 4096 x 24576 bf16 on an H100, the scatter adds 0.15-0.25 ms.
+     floor.
   3. One program per row sorts its candidates by column (so the result does not depend on
      the atomics' order), bisects them between the guess and their largest and emits the
      k, in registers; a row with fewer
      than k candidates, or more than the buffer holds, runs the streamed bisection.
-(A first version took one global guess from the previous batch: 1.6x faster than
-torch.topk on iid rows, slower in training, where row scales differ.)
+The guess is per row, not one for the batch: in training, rows' scales differ.
 """
 
 from __future__ import annotations
@@ -204,9 +203,8 @@ def _segment_filter_kernel(
     above the row's guess go to the row's candidate buffer. The segment is held as runs of
     VEC columns, one run per thread (one vector load); a run with hits takes its slots with
     one relaxed atomic add on the row's counter and places them by a prefix sum inside the
-    thread. In a trained step at 4096 x 24576 on an H100 (bench/gpu_profile.py) this takes
-    0.083 ms where one atomic add per hit, acq_rel as Triton issues them by default, took
-    0.157; counting alone ran at 0.073 (BENCHMARKS.md: runs of 16 or 32 were slower)."""
+    thread: one atomic per run rather than per hit (Triton's default acq_rel atomics per hit
+    cost more than the counting itself; bench/gpu_profile.py)."""
     row, seg = tl.program_id(0), tl.program_id(1)
     cols = seg * SEG + tl.arange(0, SEG // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     mask = cols < N
@@ -260,8 +258,8 @@ def row_topk(
     columns. method: "split" (default) or "stream" (module docstring); chunk: the streamed
     pass's width; segment: the split filter's columns per program; oversample: how many
     times k columns the guess leaves above it (the margin against a fallback row).
-    Dropped forms (BENCHMARKS.md): the guess and verify in one program per row, 1.2-1.5x
-    slower than "split" on an H100; the whole row held in registers, 8x slower still."""
+    "split" spreads a row over several programs; one program per row (or the whole row in
+    registers) leaves most of the GPU idle at training batch sizes (BENCHMARKS.md)."""
     B, N = z.shape
     require(z.stride(1) == 1, "`z` must have contiguous rows")
     require(0 < k <= N, f"`k={k}` must be between 1 and the {N} columns of `z`")

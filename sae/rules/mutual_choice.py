@@ -2,18 +2,26 @@
 token-feature matches for the whole batch, so hard tokens get more features, easy ones fewer.
 
 Training: keep the k*B largest entries of ReLU(z) over the whole [B, d_sae] matrix.
-Inference has no batch, so the rule learns a threshold theta, an exponential moving average
-of the smallest value kept in each training batch, and uses the JumpReLU form
+Inference has no batch, so the rule keeps a threshold theta and uses the JumpReLU form
 f(z) = z * [z > theta] (saved to SAELens as architecture "jumprelu" with threshold theta).
-Registers the training rule "mutual-choice" (autograd step, one process).
+theta is BatchTopK's estimate (Bussmann et al. 2024): the mean over training batches of the
+smallest value each batch kept. The weights move while they train, so a mean over the whole
+run lags behind them (its inference L0 came out a fifth under k); the rule tracks an
+exponential moving average (what a checkpoint mid-run holds) and, over the last
+CALIBRATION_FRACTION of the run's steps, where the learning rate has decayed, takes the
+plain mean of those steps' minima instead (update_threshold), so the saved threshold is the
+estimate on the final weights. Registers the training rule "mutual-choice" (autograd step,
+one process).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from sae.code import SparseCode, code_from_mask
 from sae.errors import SAEError
@@ -25,20 +33,53 @@ from sae.rules.topk import TopKConfig, expected_density
 if TYPE_CHECKING:
     from sae.config import TrainConfig
 
+#: The inference threshold is the plain mean of the per-batch estimates over this last
+#: fraction of the run's steps (at least one step); before that, an EMA of them.
+CALIBRATION_FRACTION = 0.05
+
+
+def calibration_start(steps: int | None) -> int | None:
+    """The first step of a run of `steps` steps whose estimate enters the final mean (None:
+    no run length known, the EMA throughout)."""
+    if steps is None:
+        return None
+    return max(0, steps - max(1, math.ceil(CALIBRATION_FRACTION * steps)))
+
+
+@torch.no_grad()
+def update_threshold(theta: torch.Tensor, updates: torch.Tensor, estimate: torch.Tensor, step: int,
+                     calibrate_from: int | None, decay: float) -> None:
+    """Move the threshold(s) theta toward this step's estimate (same shape, or broadcast):
+    before calibrate_from an EMA with `decay` (the first update sets it), from calibrate_from
+    on the running plain mean of the estimates of steps calibrate_from..step. Entries whose
+    estimate is not finite (a batch that kept nothing) stay. On the device: no host read."""
+    found = torch.isfinite(estimate)
+    value = estimate.clamp(min=0).to(theta.dtype)
+    if calibrate_from is not None and step >= calibrate_from:
+        new = theta + (value - theta) / (step - calibrate_from + 1)
+    else:
+        new = torch.where(updates == 0, value, theta * decay + (1 - decay) * value)
+    theta.copy_(torch.where(found, new, theta))
+    updates += found.long()
+
 
 class MutualChoiceRule(SparsityRule):
-    """Batch-level top k*B with a learned inference threshold (a buffer: checkpointed)."""
+    """Batch-level top k*B with a calibrated inference threshold (a buffer: checkpointed)."""
 
     name = "mutual-choice"
     saelens_architecture = "jumprelu"
 
-    def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8) -> None:
+    def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8, steps: int | None = None) -> None:
+        """steps: the run's length, which places the threshold's calibration window (None:
+        the EMA throughout)."""
         super().__init__()
         self.k = int(k)
         self.row_cap = self.k * int(row_cap_factor)
         self.theta_decay = float(theta_decay)
+        self.calibrate_from = calibration_start(steps)
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
+        self._estimate: torch.Tensor | None = None  # this step's smallest kept value, for after_step
 
     def select(self, z: torch.Tensor) -> SparseCode:
         """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its
@@ -62,18 +103,14 @@ class MutualChoiceRule(SparsityRule):
             code = code_from_mask(acts, keep.view_as(acts))
             smallest = torch.where(kept_values > 0, kept_values, torch.inf).amin()
         if self.training:
-            self._update_theta(smallest)
+            self._estimate = smallest
         return code
 
-    @torch.no_grad()
-    def _update_theta(self, smallest: torch.Tensor) -> None:
-        """theta <- EMA of the smallest kept value (the first batch sets it directly); a batch
-        that kept nothing (smallest = inf) leaves it. On the device: no host read."""
-        found = torch.isfinite(smallest)
-        smallest = smallest.clamp(min=0).to(self.theta.dtype)
-        ema = self.theta * self.theta_decay + (1 - self.theta_decay) * smallest
-        self.theta.copy_(torch.where(found, torch.where(self.theta_updates == 0, smallest, ema), self.theta))
-        self.theta_updates += found.long()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """The threshold takes the estimate of the step just taken (update_threshold)."""
+        if self._estimate is not None:
+            update_threshold(self.theta, self.theta_updates, self._estimate, step, self.calibrate_from, self.theta_decay)
+            self._estimate = None
 
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z.relu(), z > self.theta)
@@ -87,7 +124,7 @@ class MutualChoiceConfig(TopKConfig):
     """k, now the mean per token of the batch's budget, and theta's EMA decay."""
 
     k: int | None = field(default=None, metadata={"help": "Mean active features per token (the batch keeps k * batch-size)."})
-    theta_decay: float = field(default=0.99, metadata={"help": "EMA decay of the inference threshold."})
+    theta_decay: float = field(default=0.99, metadata={"help": "EMA decay of the inference threshold before its final calibration."})
 
     def check(self, run: TrainConfig) -> None:
         super().check(run)
@@ -97,5 +134,6 @@ class MutualChoiceConfig(TopKConfig):
 
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
-    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay), short_run_settings={"k": 16},
+    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps),
+    short_run_settings={"k": 16},
 ))

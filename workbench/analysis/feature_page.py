@@ -9,6 +9,7 @@ TokenText holds in memory once per store. Every query binds its inputs as parame
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import duckdb
@@ -16,7 +17,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from workbench.analysis.features import SAES_TABLE, corr_table, features_table, stats_table
+from workbench.analysis.features import (
+    SAES_TABLE,
+    corr_table,
+    features_table,
+    stats_table,
+)
 from workbench.errors import WorkbenchError
 from workbench.store.reader import Store, parquet_source, sql_identifier
 
@@ -77,6 +83,8 @@ class FeaturePage:
     mean: float
     top: list[Example]
     intervals: list[tuple[str, list[Example]]]
+    #: (low, high, share of the feature's activations) of each interval, in the order of intervals
+    interval_bins: list[tuple[float, float, float]]
     values: np.ndarray = field(repr=False)
     correlated: pd.DataFrame = field(repr=False)
 
@@ -121,9 +129,13 @@ class FeatureTables:
 
     def page(
         self, feature: int, text: TokenText, n_top: int = 20, n_intervals: int = 5, per_interval: int = 4,
-        left: int = 12, right: int = 4,
+        left: int = 12, right: int = 4, bins: str = "linear",
     ) -> FeaturePage:
-        """Everything the feature page shows for one feature."""
+        """Everything the feature page shows for one feature. The intervals split the range
+        (0, max] evenly (bins="linear") or at quantiles of the feature's activations
+        (bins="quantile", each holding about as many activations: Neuronpedia's bins)."""
+        if bins not in ("linear", "quantile"):
+            raise WorkbenchError(f"bins must be linear or quantile, got '{bins}'")
         if not 0 <= feature < self.d_sae:
             raise WorkbenchError(f"feature {feature} is out of range: SAE '{self.name}' has features 0..{self.d_sae - 1}")
         token_index, value = self.rows(feature)
@@ -140,13 +152,19 @@ class FeatureTables:
 
         top = [example(i) for i in range(min(n_top, len(value)))]
         intervals: list[tuple[str, list[Example]]] = []
+        interval_bins: list[tuple[float, float, float]] = []
         if len(value):
-            edges = np.linspace(0.0, float(value[0]), n_intervals + 1)
+            if bins == "linear":
+                edges = np.linspace(0.0, float(value[0]), n_intervals + 1)
+            else:  # repeated values give repeated quantiles: one bin each
+                edges = np.unique(np.quantile(value.astype(np.float64), np.linspace(0.0, 1.0, n_intervals + 1)))
+                edges = edges if len(edges) > 1 else np.array([0.0, float(value[0])])
             rng = np.random.default_rng(feature)
-            for lo, hi in zip(edges[:-1], edges[1:]):
-                inside = np.flatnonzero((value > lo) & (value <= hi))
+            for n, (lo, hi) in enumerate(pairwise(edges)):
+                inside = np.flatnonzero(((value >= lo) if n == 0 else (value > lo)) & (value <= hi))
                 pick = np.sort(rng.choice(inside, size=min(per_interval, len(inside)), replace=False)) if len(inside) else inside
                 intervals.append((f"{lo:.3g} to {hi:.3g}", [example(int(i)) for i in pick]))
+                interval_bins.append((float(lo), float(hi), len(inside) / len(value)))
         stat = self.stats.iloc[feature]
         return FeaturePage(
             feature=feature,
@@ -156,6 +174,7 @@ class FeatureTables:
             mean=float(stat["mean"]),
             top=top,
             intervals=intervals[::-1],
+            interval_bins=interval_bins[::-1],
             values=value,
             correlated=self.correlated(feature),
         )

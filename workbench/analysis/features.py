@@ -142,6 +142,22 @@ def _check_fits(store: Store, cfg: dict[str, Any], hook: str, model: SparseAutoe
         raise WorkbenchError(f"store {store.root} holds no tokens yet; run `workbench capture` first")
 
 
+def _target_hook(store: Store, cfg: dict[str, Any], model: SparseAutoencoder, folder: Path) -> str | None:
+    """A transcoder's stored target hook (metadata.hook_name_out); None for an autoencoder."""
+    if not model.transcoder:
+        return None
+    target = (cfg.get("metadata") or {}).get("hook_name_out")
+    if not target:
+        raise WorkbenchError(f"transcoder {folder}/cfg.json names no target hook (metadata.hook_name_out)")
+    if target not in store.hooks:
+        raise WorkbenchError(f"transcoder {folder} predicts hook '{target}', which store {store.root} does not hold; "
+                             f"capture it with `workbench capture --hooks {target} --store {store.root} ...`")
+    d = int(np.prod(store.hooks[target]["shape"]))
+    if d != model.d_out:
+        raise WorkbenchError(f"transcoder {folder} predicts d_out={model.d_out} but hook '{target}' stores vectors of {d}")
+    return str(target)
+
+
 class _Accumulator:
     """Running sums over the pass: reconstruction error, variance, per-feature counts and
     maxima, and (on the first corr_tokens tokens) the co-firing products."""
@@ -260,17 +276,20 @@ def run_feature_pass(
     _check_fits(store, cfg, hook, model, folder)
     if sort_rows <= 0:
         raise WorkbenchError(f"--sort-rows must be positive, got {sort_rows}")
-    acc = _Accumulator(model.d_in, model.d_sae, corr_tokens)
+    # a transcoder's features come from its input hook; its FVU is of its target's prediction
+    target_hook = _target_hook(store, cfg, model, folder)
+    acc = _Accumulator(model.d_out, model.d_sae, corr_tokens)
     unit = TableUnit(store.root, FEATURES_GROUP)
     sorter = RowSorter(unit.scratch, run_rows=sort_rows)
     offset = 0
+    targets = finite_activations(store, target_hook, chunk_tokens) if target_hook is not None else None
     try:
         for chunk in finite_activations(store, hook, chunk_tokens):
             x = chunk.to(device)
             code = model.encode(x)
-            x_hat = model.decode(code)
+            x_hat = model.output(x, code)
             indices, values = code.indices.cpu(), code.values.float().cpu()
-            acc.add(x.cpu(), x_hat.cpu(), indices, values)
+            acc.add(next(targets) if targets is not None else x.cpu(), x_hat.cpu(), indices, values)
             active = values > 0
             rows = torch.arange(offset, offset + len(x))[:, None].expand_as(indices)
             sorter.add(indices[active].numpy().astype(np.int32), values[active].numpy(), rows[active].numpy())

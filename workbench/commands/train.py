@@ -22,6 +22,7 @@ from rich.table import Table
 
 from sae.registry import TrainingRule, rule_names, rule_settings, training_rule
 from workbench.errors import WorkbenchError
+from workbench.held_out import HELD_OUT_FRACTION, HELD_OUT_MAX_TOKENS
 
 
 def flag(name: str) -> str:
@@ -75,7 +76,11 @@ def rule_flags(arch: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_command(
     store: Optional[Path] = typer.Option(None, help="Capture store folder to read activations from (or --model)."),
-    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model)."),
+    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model); "
+                             "a transcoder's input, e.g. blocks.2.ln2.hook_normalized."),
+    target_hook: Optional[str] = typer.Option(None, help="Train a transcoder: predict this stored hook (e.g. blocks.2.hook_mlp_out) "
+                                              "from --hook's activations of the same tokens; the loss is the FVU of the target."),
+    skip: bool = typer.Option(False, "--skip", help="With --target-hook: a skip transcoder (adds a learned linear term W_skip x)."),
     model: Optional[str] = typer.Option(None, help="Train with no store: run this model (any `capture` takes) over --data "
                                         "and train on its activations as they come."),
     data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
@@ -103,26 +108,47 @@ def train_command(
     resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
                                             "(default: when they take at most half its free memory) or stream them."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
+    held_out: Optional[float] = typer.Option(None, help=f"Share of the store's context windows (the last ones) kept out of "
+                                             f"training for `workbench eval` (default {HELD_OUT_FRACTION:g}, at most "
+                                             f"{HELD_OUT_MAX_TOKENS:,} tokens; 0 holds none out; --resume keeps the run's own)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    release: Optional[str] = typer.Option(None, help="List the finished SAE in this local release (as RELEASE/<out folder name>), "
+                                          "so load_sae('RELEASE/ID') finds it offline (workbench/releases.py)."),
     **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
-    hook of a store (or of a model run on the fly with --model)."""
+    hook of a store (or of a model run on the fly with --model), or with --target-hook a
+    transcoder from one stored hook to another (--skip: a skip transcoder)."""
     from sae.config import TrainConfig
     from sae.trainer import Trainer
     from workbench.models.device import check_device
 
     check_device(device)
     settings = rule_flags(arch, rule_options)
+    if release is not None:
+        from workbench.releases import check_release_name
+
+        check_release_name(release)
     if (store is None) == (model is None):
         raise WorkbenchError("pass --store (train on a capture) or --model (capture and train in one pass), not both or neither")
+    if skip and target_hook is None:
+        raise WorkbenchError("--skip is a skip transcoder: pass --target-hook too")
+    if target_hook is not None and model is not None:
+        raise WorkbenchError("--target-hook trains from a store: capture both hooks with `workbench capture --hooks A,B`, then pass --store")
     if store is not None:
         from workbench import Store
+        from workbench.held_out import training_split
         from workbench.training_data import StoreSource
 
-        source = StoreSource(Store.open(store), hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
-                             device=device, resident=resident)
+        opened = Store.open(store)
+        split = training_split(opened, out, resume, held_out)
+        source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
+                             device=device, resident=resident, held_out=split, target_hook=target_hook)
+        if split is not None and split.tokens:
+            print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
     else:
+        if held_out:
+            raise WorkbenchError("--held-out applies to --store: live-model training (--model) has no store to hold tokens out of")
         from workbench.training_data import live_model_source
 
         source = live_model_source(model, data, hook, ctx, tokens, chunk_tokens, buffer_chunks, seed, device)
@@ -131,7 +157,7 @@ def train_command(
         print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
     config = TrainConfig(
-        arch=arch, d_in=source.d_in, d_sae=width, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+        arch=arch, d_in=source.d_in, d_sae=width, d_out=source.d_out, skip=skip, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
         device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every, **settings,
     )
     command = ["workbench", *sys.argv[1:]]
@@ -141,8 +167,16 @@ def train_command(
         trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
     trainer.fit(progress=progress)
     last = trainer.history[-1] if trainer.history else {}
+    if release is not None and trainer.step >= config.steps:
+        from workbench.analysis.features import sae_name
+        from workbench.releases import register_release
+
+        listed = register_release(release, sae_name(out), out, str(source.describe().get("model_name") or "unknown"),
+                                  l0=last.get("l0"), variance_explained=1 - last["fvu"] if "fvu" in last else None)  # fmt: skip
+        print(f"listed as {release}/{sae_name(out)} in {listed}")
+    kind = "" if config.d_out is None else f"{'skip ' if config.skip else ''}transcoder {hook} -> {target_hook}, "
     print(
-        f"saved {out} ({config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
+        f"saved {out} ({kind}{config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
         f"{trainer.step * config.batch_size:,} tokens): "
         f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
     )
@@ -152,28 +186,37 @@ def eval_command(
     sae_dir: Path = typer.Argument(..., help="SAE folder (ours or any SAELens topk/jumprelu/standard folder)."),
     store: Path = typer.Option(..., help="Store to evaluate on."),
     hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's metadata.hook_name)."),
-    tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N stored tokens (default: all)."),
-    ce_sequences: int = typer.Option(32, help="Context windows for the CE-loss score (0 skips it)."),
+    split: str = typer.Option("held-out", help="held-out: the tokens the SAE's run held out of training (all stored "
+                              "tokens, with a note, where it recorded none); all: every stored token."),
+    tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N tokens of the split (default: all of them)."),
+    ce_sequences: int = typer.Option(32, help="Context windows (of the split) for the CE-loss score (0 skips it)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """FVU, explained variance, L0, dead fraction, log-density histogram and CE-loss score."""
+    """FVU, explained variance, L0, dead fraction, log-density histogram and loss recovered
+    (against mean and zero ablation), on the SAE's held-out tokens unless --split all."""
     from workbench.evaluation import evaluate_sae
     from workbench.models.device import check_device
 
     check_device(device)
-    result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device)
+    result = evaluate_sae(sae_dir, store, hook=hook, tokens=tokens, ce_sequences=ce_sequences, device=device, split=split)
     if json_out:
         print(json.dumps(result, indent=1))
         return
-    table = Table(title=f"{sae_dir} on {result['hook']} ({result['tokens']:,} tokens)")
+    if result["split_note"]:
+        print(f"note: {result['split_note']}")
+    first = result["split_tokens"][0]
+    on = result["hook"] + (f" -> {result['target_hook']}" if "target_hook" in result else "")
+    table = Table(title=f"{sae_dir} on {on}: {result['split']} tokens, "
+                        f"token_index [{first:,}, {first + result['tokens']:,}) ({result['tokens']:,} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_score"):
+    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_mean", "ce_zero",
+                "loss_recovered", "loss_recovered_zero"):
         if key in result:
             table.add_row(key, f"{result[key]:.4f}")
     if "ce_skipped" in result:
-        table.add_row("ce_score", f"skipped: {result['ce_skipped']}")
+        table.add_row("loss_recovered", f"skipped: {result['ce_skipped']}")
     hist = result["log_density_histogram"]
     bins = ", ".join(f"[{a:g},{b:g}): {c}" for a, b, c in zip(hist["edges_log10"], hist["edges_log10"][1:], hist["counts"]))
     table.add_row("log10 density histogram", f"{bins}; dead: {hist['dead']}")

@@ -35,6 +35,16 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def fits_resident(nbytes: int, device: torch.device) -> bool:
+    """Whether a resident copy of nbytes takes at most RESIDENT_SHARE of the device's free memory."""
+    return nbytes <= RESIDENT_SHARE.get(device.type, 0.25) * free_bytes(device)
+
+
+def resident_bytes(rows: int, d: int, stored_dtype: str) -> int:
+    """What a resident copy of rows stored vectors of width d takes."""
+    return rows * d * STORED_TORCH_DTYPE[stored_dtype].itemsize
+
+
 class HookActivationLoader:
     """Rows of one hook's activations by chunk, on `device`, resident or streamed.
 
@@ -47,14 +57,11 @@ class HookActivationLoader:
         device: torch.device | str = "cpu", resident: bool | None = None, threads: int | None = None,
     ) -> None:
         self.files, self.stored_dtype, self.d, self.ranges = files, stored_dtype, d, ranges
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = self.resolve_device(device)
         self.dtype = STORED_TORCH_DTYPE[stored_dtype]
         self.span = (ranges[0][0], ranges[-1][1])
-        nbytes = (self.span[1] - self.span[0]) * d * self.dtype.itemsize
         if resident is None:
-            resident = nbytes <= RESIDENT_SHARE.get(self.device.type, 0.25) * free_bytes(self.device)
+            resident = fits_resident(resident_bytes(self.span[1] - self.span[0], d, stored_dtype), self.device)
         self.resident = resident
         self.on_cuda = self.device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1))
@@ -63,6 +70,14 @@ class HookActivationLoader:
         self._pending: tuple[tuple[int, ...], Future] | None = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def resolve_device(device: torch.device | str) -> torch.device:
+        """The device rows are delivered on (a bare "cuda" is the current CUDA device)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     # ---- reading rows ------------------------------------------------------------------
     def _read_into(self, lo: int, hi: int, out: torch.Tensor) -> list[Future]:
