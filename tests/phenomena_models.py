@@ -88,6 +88,28 @@ def handle_for(cfg: HookedTransformerConfig, name: str = "planted") -> ModelHand
     )  # fmt: skip
 
 
+def plant_sink_head(handle: ModelHandle, layer: int, head: int) -> None:
+    """Make head (layer, head) of a dense model without normalisation put all its attention on
+    the first position: only [BOS] carries residual channel 0 (layer 0 writes nothing there), the
+    head's keys read channel 0 and every query looks for it."""
+    with torch.no_grad():
+        model = handle.model
+        model.W_E[:, 0] = 0.0
+        model.W_E[VOCAB[BOS], 0] = 10.0
+        model.W_pos[:, 0] = 0.0
+        model.blocks[0].attn.W_O[:, :, 0] = 0.0
+        model.blocks[0].attn.b_O[0] = 0.0
+        model.blocks[0].mlp.W_out[:, 0] = 0.0
+        model.blocks[0].mlp.b_out[0] = 0.0
+        attn = model.blocks[layer].attn
+        attn.W_K[head] = 0.0
+        attn.W_K[head, 0, 0] = 1.0  # keys: 10 on [BOS], 0 elsewhere
+        attn.b_K[head] = 0.0
+        attn.W_Q[head] = 0.0
+        attn.b_Q[head] = 0.0
+        attn.b_Q[head, 0] = 10.0
+
+
 def capture(handle: ModelHandle, folder: Path, probes: list[str], tokens: int = 600, ctx: int = 48, batch_size: int = 4,
             text: str = ENGLISH, hooks: list[str] | None = None) -> Store:  # fmt: skip
     """Capture the probes through the real runner into folder/store and open the store."""

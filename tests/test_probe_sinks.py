@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.phenomena_models import VOCAB, capture, dense_config, handle_for, stored_ids
+from tests.phenomena_models import capture, dense_config, handle_for, plant_sink_head, stored_ids
 from workbench.analysis.attention_sinks import analyze_sinks, key_importance, sink_heads, sink_rate
 from workbench.capture.probes.attention_sinks import key_importance as reduce_keys
 
@@ -66,23 +66,8 @@ def test_encoder_importance_averages_over_all_queries():
 
 def test_head_forced_onto_the_first_position_is_a_sink(tmp_path):
     handle = handle_for(dense_config("relu", normalization_type=None, seed=1))
-    bos, layer, head = VOCAB["<bos>"], 1, 2
-    with torch.no_grad():
-        model = handle.model
-        model.W_E[:, 0] = 0.0
-        model.W_E[bos, 0] = 10.0  # only the first token ([BOS]) carries channel 0
-        model.W_pos[:, 0] = 0.0
-        model.blocks[0].attn.W_O[:, :, 0] = 0.0  # layer 0 writes nothing into channel 0
-        model.blocks[0].attn.b_O[0] = 0.0
-        model.blocks[0].mlp.W_out[:, 0] = 0.0
-        model.blocks[0].mlp.b_out[0] = 0.0
-        attn = model.blocks[layer].attn
-        attn.W_K[head] = 0.0
-        attn.W_K[head, 0, 0] = 1.0  # keys: 10 on [BOS], 0 elsewhere
-        attn.b_K[head] = 0.0
-        attn.W_Q[head] = 0.0
-        attn.b_Q[head] = 0.0
-        attn.b_Q[head, 0] = 10.0  # every query looks for channel 0
+    layer, head = 1, 2
+    plant_sink_head(handle, layer, head)
     store = capture(handle, tmp_path, ["sinks"], tokens=480)
     result = analyze_sinks(store)
     first = result["alpha_first"].set_index(["layer", "head"])["alpha_1"]

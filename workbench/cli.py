@@ -29,6 +29,7 @@ def _register() -> None:
     from workbench.commands.demo import demo_command
     from workbench.commands.export import export_neuronpedia_command
     from workbench.commands.features import features_command
+    from workbench.commands.links import links_command
     from workbench.commands.train import eval_command, train_command, with_rule_options
     from workbench.commands.zoo import zoo_app
 
@@ -41,6 +42,7 @@ def _register() -> None:
     app.command("train")(with_rule_options(train_command))
     app.command("eval")(eval_command)
     app.command("features")(features_command)
+    app.command("links")(links_command)
     app.command("export-neuronpedia")(export_neuronpedia_command)
     app.command("app")(app_command)
 

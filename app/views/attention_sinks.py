@@ -9,6 +9,7 @@ import streamlit as st
 import torch
 
 from app.store_access import guarded, model_or_reason, require_store
+from app.views.phenomenon_features import phenomenon_features_section
 from workbench.analysis import attention_sinks as sinks
 
 st.title("Attention sinks")
@@ -53,3 +54,5 @@ else:
         .update_layout(title=f"Layer {int(layer)} head {int(head)}: query (rows) attends to key (columns)", height=600)
         .update_yaxes(autorange="reversed"),
     )  # fmt: skip
+
+phenomenon_features_section(store, "head")

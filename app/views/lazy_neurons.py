@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.store_access import cached, guarded, require_store, sequence_count, sequence_tokens
+from app.views.phenomenon_features import phenomenon_features_section
 from workbench.analysis import lazy_neurons as lazy
 
 st.title("Lazy neurons")
@@ -62,3 +63,5 @@ layer = c1.selectbox("Layer", layers)
 d_mlp = int(freqs[freqs["layer"] == layer]["neuron"].max()) + 1
 neuron = c2.number_input("Neuron", 0, d_mlp - 1, int(freqs[freqs["layer"] == layer].sort_values("fired")["neuron"].iloc[-1]))
 st.dataframe(guarded(lazy.neuron_top_tokens, store, int(layer), int(neuron), 20), hide_index=True)
+
+phenomenon_features_section(store, "neuron")

@@ -1,7 +1,8 @@
 """SAE features, one page per feature in the manner of Neuronpedia: top activating examples in
 context, examples from activation intervals, density and activation histograms, top and bottom
 logits (W_dec[f] @ W_U), co-firing features, new text through model + SAE, steering the
-feature during generation (app/views/feature_steering.py); search by token."""
+feature during generation (app/views/feature_steering.py), where the feature meets the phenomena
+(app/views/feature_links.py); search by token."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from app.store_access import (
     token_text,
     version,
 )
+from app.views.feature_links import feature_links_section
 from app.views.feature_steering import steering_section
 from workbench.analysis.feature_page import FeatureTables
+from workbench.analysis.link_reader import opening_feature
 from workbench.store.reader import Store
 
 
@@ -55,8 +58,7 @@ with st.expander("Find features by token", expanded=False):
             st.caption("No stored token matches, or none fires a feature.")
 
 live = tables.stats[tables.stats["count"] > 0]
-default = int(live.sort_values("count").iloc[len(live) // 2]["feature"]) if len(live) else 0
-feature = int(st.number_input("Feature", 0, tables.d_sae - 1, default, key="feature"))
+feature = int(st.number_input("Feature", 0, tables.d_sae - 1, cached(opening_feature, store, name), key="feature"))
 page = tables.page(feature, text)
 
 m = st.columns(4)
@@ -119,6 +121,8 @@ with right:
         st.caption(f"Pearson r of activations over the first {int(sae_row['corr_tokens']):,} tokens, among co-firing features.")
     else:
         st.caption("No co-firing features recorded for this feature.")
+
+feature_links_section(store, name, feature)
 
 st.subheader("Try new text")
 if handle is None or sae_model is None:

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.store_access import guarded, require_store
+from app.views.phenomenon_features import phenomenon_features_section
 from workbench.analysis import super_experts as se
 
 st.title("Super experts")
@@ -52,3 +53,5 @@ curve.update_layout(title="Massive activations: largest |h| in the residual stre
 st.plotly_chart(curve)
 channels = [c for c in massive.columns if c.endswith(("_channel", "_token"))]
 st.dataframe(massive[["layer", "top1", "median", "ratio", "is_massive", *channels]], hide_index=True)
+
+phenomenon_features_section(store, "expert")

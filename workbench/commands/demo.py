@@ -34,18 +34,32 @@ def capture_steps(root: Path, tokens: int) -> list[list[str]]:
     return steps
 
 
+MOE_SAE_RULE = "topk"
+
+
+def _train_step(store: str, rule: str, out: Path, train_tokens: int) -> list[str]:
+    sparsity = [arg for name, value in training_rule(rule).short_run_settings.items() for arg in (flag(name), str(value))]
+    return ["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", *sparsity,
+            "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)]  # fmt: skip
+
+
+def sae_plan(root: Path) -> list[tuple[Path, str, Path]]:
+    """(store, rule, SAE folder) of the demo's SAEs: one per registered rule on tiny-relu, a TopK
+    one on tiny-moe (so features meet experts, routing and massive activations)."""
+    plan = [(root / "tiny-relu", rule, root / "saes" / rule) for rule in rule_names()]
+    return [*plan, (root / "tiny-moe", MOE_SAE_RULE, root / "saes" / f"moe-{MOE_SAE_RULE}")]
+
+
 def sae_steps(root: Path, train_tokens: int) -> list[list[str]]:
     """An SAE of each registered rule (TopK, Mutual Choice, GBA) on one hook of tiny-relu, with
-    the sparsity settings its registration gives for short runs, then their feature passes."""
-    store = str(root / "tiny-relu")
+    the sparsity settings its registration gives for short runs, and a TopK SAE on tiny-moe, then
+    their feature passes and the links of every feature to its store's phenomena."""
     steps = []
-    for rule in rule_names():
-        out = root / "saes" / rule
+    for store, rule, out in sae_plan(root):
         if not (out / "cfg.json").is_file():
-            sparsity = [arg for name, value in training_rule(rule).short_run_settings.items() for arg in (flag(name), str(value))]
-            steps.append(["train", "--store", store, "--hook", SAE_HOOK, "--arch", rule, "--expansion", "8", *sparsity,
-                          "--tokens", str(train_tokens), "--batch-size", "1024", "--out", str(out)])
-        steps.append(["features", str(out), "--store", store, "--name", rule.replace("-", "_")])
+            steps.append(_train_step(str(store), rule, out, train_tokens))
+        steps.append(["features", str(out), "--store", str(store), "--name", rule.replace("-", "_")])
+    steps += [["links", "--store", str(store)] for store in dict.fromkeys(store for store, _, _ in sae_plan(root))]
     return steps
 
 
@@ -69,5 +83,5 @@ def demo_command(
         _run(step)
     if app:
         stores = [arg for model in ("tiny-relu", "tiny-moe", "all-MiniLM-L6-v2") for arg in ("--store", str(folder / model))]
-        saes = [arg for rule in rule_names() for arg in ("--sae", str(folder / "saes" / rule))]
+        saes = [arg for _, _, sae in sae_plan(folder) for arg in ("--sae", str(sae))]
         _run(["app", *stores, *saes, "--port", str(port)])
