@@ -126,14 +126,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="stored precision")
     parser.add_argument("--repeats", type=int, default=3, help="alternated bare/capture runs; the best of each is reported")
     args = parser.parse_args()
-    rows = [bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(","), args.dtype, args.repeats) for m in args.models.split(",")]
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rows = [
+        bench_model(m, args.device, args.tokens, args.ctx, args.batch_size, args.hooks.split(","), args.dtype, args.repeats)
+        for m in args.models.split(",")
+    ]
+    where = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"\nmachine: {where}; torch {torch.__version__}")
-    print("| model | device | stored dtype | hooks | floats/token | tokens | ctx x batch | bare forward tok/s | capture tok/s | capture/bare | store MB/s during capture |")
+    print("| model | device | stored dtype | hooks | floats/token | tokens | ctx x batch | bare forward tok/s | capture tok/s "
+          "| capture/bare | store MB/s during capture |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['device']} | {r['dtype']} | {r['hooks']} | {r['floats/token']} | {r['tokens']} | {r['ctx x batch']} | "
-              f"{r['bare forward tok/s']:,.0f} | {r['capture tok/s']:,.0f} | {r['capture/bare']:.2f} | {r['store MB/s during capture']:.0f} |")
+        print(
+            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['hooks']} | {r['floats/token']} | {r['tokens']} | {r['ctx x batch']} | "
+            f"{r['bare forward tok/s']:,.0f} | {r['capture tok/s']:,.0f} | {r['capture/bare']:.2f} | {r['store MB/s during capture']:.0f} |"
+        )
     print(f"\nstore ingest alone (encode + write + publish, float32, 768 floats x 16384 rows x 8 batches): {ingest_rate(768, 16384, 8):,.0f} MB/s")
 
 

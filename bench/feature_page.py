@@ -102,7 +102,8 @@ def main() -> None:
     print("| tokens | rows | d_sae | pages | median ms | p95 ms | max ms | densest feature (rows) ms | tokens + tables load s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {report.tokens:,} | {report.rows:,} | {report.d_sae} | {len(times)} | {statistics.median(times):.1f} | "
-          f"{times[int(0.95 * (len(times) - 1))]:.1f} | {times[-1]:.1f} | {busiest_ms:.1f} ({int(live['count'].max()):,}) | {load_s:.2f} |")  # fmt: skip
+          f"{times[int(0.95 * (len(times) - 1))]:.1f} | {times[-1]:.1f} | "
+          f"{busiest_ms:.1f} ({int(live['count'].max()):,}) | {load_s:.2f} |")  # fmt: skip
     print(f"rows per sampled feature: median {int(statistics.median(rows)):,}, max {max(rows):,}")
     common = store.df("SELECT token FROM tokens GROUP BY token ORDER BY count(*) DESC LIMIT 3")["token"].tolist()
     for token in common:

@@ -55,7 +55,7 @@ def main() -> None:
         for name, fn in variants.items():
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             print(f"| {d_in}x{d_sae} k{k} B{B} | {name} | {ms:.3f} |")
-        del z, zf, x, W
+        z = zf = x = W = None  # the lambdas above hold them: drop them before the next shape
         torch.cuda.empty_cache()
 
 

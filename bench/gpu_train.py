@@ -290,12 +290,14 @@ def main() -> None:
         x_eval = pool.pop()
         floor = encoder_floor_ms(d_in, d_sae, B)
         makers: list[tuple[str, Callable[[], Method]]] = [
-            *((name, lambda name=name, kw=kw: OursFusedStep(d_in, d_sae, k, pool[0], name=name, **kw))
-              for name, kw in FUSED_VARIANTS.items()),
+            *((name, lambda name=name, kw=kw: OursFusedStep(d_in, d_sae, k, pool[0], name=name, **kw)) for name, kw in FUSED_VARIANTS.items()),
             ("ours (triton, graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=True, graph=True, bf16=True)),
             ("ours (project Trainer.train_step)", lambda: ProjectTrainer(d_in, d_sae, k, pool[0])),
             ("ours (triton, no graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=True, graph=False, bf16=True)),
-            ("ours (triton, row-major W_enc, graph)", lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=False, graph=True, bf16=True)),
+            (
+                "ours (triton, row-major W_enc, graph)",
+                lambda: Ours(d_in, d_sae, k, pool[0], backend="triton", feature_major=False, graph=True, bf16=True),
+            ),
             ("ours (torch)", lambda: Ours(d_in, d_sae, k, pool[0], backend="torch", feature_major=False, graph=False, bf16=False)),
             ("sparsify TopK", lambda: Sparsify(d_in, d_sae, k, pool[0])),
             ("SAELens TopK", lambda: SaeLens(d_in, d_sae, k, pool[0], batch=False)),
@@ -314,7 +316,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-        del pool, x_eval
+        pool = x_eval = None  # the makers above hold them: drop them before the next config
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -325,10 +327,11 @@ def main() -> None:
             print(f"| {r['config']} | {r['method']} | error: {r['error']} | | | | |")
             continue
         frac = r["tok_per_s"] / r["floor_tok_per_s"]
-        print(f"| {r['config']} | {r['method']} | {r['tok_per_s'] / 1e6:.3f}M | {frac:.1%} | {r['ms_per_step']:.3f} | "
-              f"{r['peak_gib']:.2f} | {r['fvu']:.4f} |")
-    print("\nencoder-matmul floor (tokens/s): " + ", ".join(
-        sorted({f"{r['config']}: {r['floor_tok_per_s'] / 1e6:.2f}M" for r in results})))
+        print(
+            f"| {r['config']} | {r['method']} | {r['tok_per_s'] / 1e6:.3f}M | {frac:.1%} | {r['ms_per_step']:.3f} | "
+            f"{r['peak_gib']:.2f} | {r['fvu']:.4f} |"
+        )
+    print("\nencoder-matmul floor (tokens/s): " + ", ".join(sorted({f"{r['config']}: {r['floor_tok_per_s'] / 1e6:.2f}M" for r in results})))
 
 
 if __name__ == "__main__":

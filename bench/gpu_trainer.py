@@ -441,7 +441,8 @@ def part_c(cuda: bool) -> dict:
             if ckpt.exists():
                 state = torch.load(ckpt, weights_only=False)
                 out["nan_guard_checkpoint_step" + tag] = int(state["step"])
-                out["nan_guard_checkpoint_finite" + tag] = all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+                floats = [v for v in state["model"].values() if v.is_floating_point()]
+                out["nan_guard_checkpoint_finite" + tag] = all(bool(torch.isfinite(v).all()) for v in floats)
             else:
                 out["nan_guard_checkpoint_step" + tag] = None
     print(json.dumps(out), flush=True)
@@ -477,8 +478,7 @@ def part_p(shapes, cuda: bool) -> list[dict]:
             table = prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60)
         except Exception:  # older spelling
             table = prof.key_averages().table(sort_by=key.replace("device", "cuda"), row_limit=22, max_name_column_width=60)
-        row = {"config": "x".join(map(str, shape)), "host_ms_per_step_issue": 1e3 * sorted(host)[10],
-               "synced_ms_per_step": 1e3 * sorted(wall)[10]}
+        row = {"config": "x".join(map(str, shape)), "host_ms_per_step_issue": 1e3 * sorted(host)[10], "synced_ms_per_step": 1e3 * sorted(wall)[10]}
         print(json.dumps(row), flush=True)
         print(table, flush=True)
         rows.append(row)
@@ -513,7 +513,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         import triton
 
-        print(f"device: {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+        print(
+            f"device: {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, triton {triton.__version__}", flush=True
+        )
     shapes = SMOKE_CONFIGS if args.smoke else CONFIGS
     steps = min(args.steps, 60) if args.smoke else args.steps
     parts = args.parts.split(",")
@@ -540,10 +542,13 @@ def main() -> None:
                 print(f"| {r['config']} | {r['method']} | error: {r['error']} | | | | |")
                 continue
             frac = f"{r['tok_per_s'] / r['floor_tok_per_s']:.1%}" if r.get("floor_tok_per_s") else "-"
-            print(f"| {r['config']} | {r['method']} | {r['tok_per_s'] / 1e6:.3f}M | {frac} | {r['ms_per_step']:.2f} | "
-                  f"{r['peak_gib']:.2f} | {r['fvu']:.4f} |")
+            print(
+                f"| {r['config']} | {r['method']} | {r['tok_per_s'] / 1e6:.3f}M | {frac} | {r['ms_per_step']:.2f} | "
+                f"{r['peak_gib']:.2f} | {r['fvu']:.4f} |"
+            )
     if "ddp" in results:
-        print("\n| config | global batch | steps | ranks identical | rel. diff 2 GPUs vs 1 (max over tensors) | rel. diff 1 GPU vs its repeat | FVU 1 / 2 GPUs | 1 GPU tokens/s | 2 GPUs tokens/s | 2 vs 1 |")
+        print("\n| config | global batch | steps | ranks identical | rel. diff 2 GPUs vs 1 (max over tensors) "
+              "| rel. diff 1 GPU vs its repeat | FVU 1 / 2 GPUs | 1 GPU tokens/s | 2 GPUs tokens/s | 2 vs 1 |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["ddp"]:
             if "error" in r:
@@ -552,8 +557,10 @@ def main() -> None:
             rep = f"{max(r['rel_diff_one_repeat'].values()):.2e}" if "rel_diff_one_repeat" in r else "-"
             one, two = r.get("one_gpu_tok_per_s"), r.get("two_gpu_tok_per_s")
             speed = f"{one / 1e6:.3f}M | {two / 1e6:.3f}M | {two / one:.2f}x" if one and two else "- | - | -"
-            print(f"| {r['config']} | {r['global_batch']} | {r['steps']} | {r['ranks_identical']} | {max(r['rel_diff_two_vs_one'].values()):.2e} | "
-                  f"{rep} | {r['one_gpu_fvu']:.4f} / {r['two_gpu_fvu']:.4f} | {speed} |")
+            print(
+                f"| {r['config']} | {r['global_batch']} | {r['steps']} | {r['ranks_identical']} | {max(r['rel_diff_two_vs_one'].values()):.2e} | "
+                f"{rep} | {r['one_gpu_fvu']:.4f} / {r['two_gpu_fvu']:.4f} | {speed} |"
+            )
     if "checks" in results:
         print("\nchecks: " + json.dumps(results["checks"]))
 

@@ -48,7 +48,7 @@ def main() -> None:
             fn = lambda: decode_residual(idx, val, w, b_dec, x, scale, grad_out_dtype=torch.bfloat16)
             us = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
             print(f"| {d_in}x{d_sae} k{k} B{B} | {name} | default | default | {us:.1f} |", flush=True)
-        del W, w
+        W = w = None  # the lambdas above hold them: drop them before the next shape
         torch.cuda.empty_cache()
 
 

@@ -16,7 +16,9 @@ if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
     path = Path(sys.argv[1])
 else:
     path = Path(tempfile.mkdtemp()) / "store"
-    run_capture(CaptureSettings(model="tiny-relu", data="builtin", hooks=["blocks.1.hook_resid_post"], tokens=2048, ctx=64, batch_size=8, store=str(path)))
+    run_capture(
+        CaptureSettings(model="tiny-relu", data="builtin", hooks=["blocks.1.hook_resid_post"], tokens=2048, ctx=64, batch_size=8, store=str(path))
+    )
 store = Store.open(path)
 print(store.info()["views"])
 

@@ -42,7 +42,11 @@ class ReconstructionStats:
         fvu = self.sq_err / max(total_var, 1e-30)
         density = self.fire_counts.double() / n
         live = density[density > 0]
-        hist = torch.histogram(live.log10().clamp(LOG_DENSITY_EDGES[0], LOG_DENSITY_EDGES[-1]), torch.tensor(LOG_DENSITY_EDGES, dtype=torch.float64))[0] if len(live) else torch.zeros(len(LOG_DENSITY_EDGES) - 1)
+        hist = (
+            torch.histogram(live.log10().clamp(LOG_DENSITY_EDGES[0], LOG_DENSITY_EDGES[-1]), torch.tensor(LOG_DENSITY_EDGES, dtype=torch.float64))[0]
+            if len(live)
+            else torch.zeros(len(LOG_DENSITY_EDGES) - 1)
+        )
         return {
             "tokens": self.tokens,
             "fvu": fvu,

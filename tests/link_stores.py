@@ -97,7 +97,9 @@ def _dense(root: Path) -> Store:
     handle = dense_handle()
     store = capture(handle, root, ["lazy", "sinks"], tokens=2000, ctx=48, batch_size=8, hooks=[HOOK])
     out = handle.model.blocks
-    run_feature_pass(store, random_sae(root / "sae-neurons", 16, {f: out[l].mlp.W_out[n].detach() for f, (l, n) in NEURON_ROWS.items()}), name="neurons")
+    run_feature_pass(
+        store, random_sae(root / "sae-neurons", 16, {f: out[l].mlp.W_out[n].detach() for f, (l, n) in NEURON_ROWS.items()}), name="neurons"
+    )
     tokens = store.tokens()
     sinks = set(sink_tokens(store))
     later = tokens[tokens["pos"] > 0]
@@ -166,4 +168,3 @@ def link_stores(base: Path) -> LinkStores:
         _moe(root / "moe")
         (root / "built").touch()
     return LinkStores(Store.open(root / "dense" / "store"), Store.open(root / "moe" / "store"))
-

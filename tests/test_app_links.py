@@ -56,7 +56,9 @@ def test_feature_page_draws_the_experts_against_their_load(stores, monkeypatch):
     assert metrics(at)["firings on attention-sink tokens"] != "not captured"
 
 
-@pytest.mark.parametrize("page,store,unit", [("super_experts", "moe", None), ("attention_sinks", "dense", SINK_HEAD), ("lazy_neurons", "dense", None)])
+@pytest.mark.parametrize(
+    "page,store,unit", [("super_experts", "moe", None), ("attention_sinks", "dense", SINK_HEAD), ("lazy_neurons", "dense", None)]
+)
 def test_phenomena_pages_show_the_features_on_their_tokens(page, store, unit, stores, monkeypatch):
     at = open_page(page, getattr(stores, store).root, monkeypatch)
     assert "Features on these tokens" in [s.value for s in at.subheader]

@@ -144,11 +144,11 @@ def test_comparison_shows_the_chosen_saes(demo, monkeypatch):
 def zoo_store(tmp_path_factory, tiny_relu):
     """A store of tiny-relu (a model the app can load by name, context 256) with one SAE passed over it."""
     from sae.config import TrainConfig
-    from workbench.training_data import StoreSource
     from sae.trainer import Trainer
     from workbench import Store
     from workbench.analysis.features import run_feature_pass
     from workbench.capture.runner import CaptureSettings, run_capture
+    from workbench.training_data import StoreSource
 
     root = tmp_path_factory.mktemp("zoo") / "store"
     hook = "blocks.0.hook_resid_post"

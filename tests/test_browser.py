@@ -28,7 +28,10 @@ DENSE_PAGES = [("", "overview", 0), ("lazy_neurons", "lazy_neurons", 3), ("atten
 MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6)]
 
 # Under CI (.ci/run installs Chromium) a missing browser fails the test instead of skipping it.
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and os.environ.get("CI") != "true", reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists() and os.environ.get("CI") != "true",
+    reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)",
+)
 
 
 def free_port() -> int:
@@ -69,9 +72,7 @@ def check_pages(browser, url: str, pages: list[tuple[str, str, int]]) -> None:
         page.goto(f"{url}/{path}")
         page.wait_for_selector("h1", timeout=60_000)
         if charts:
-            page.wait_for_function(
-                "n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n", arg=charts, timeout=60_000
-            )
+            page.wait_for_function("n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n", arg=charts, timeout=60_000)
         page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
         page.wait_for_timeout(500)
         assert not page.locator("[data-testid='stException']").count(), f"{name}: exception on the page"
@@ -94,9 +95,7 @@ def test_every_page_renders_in_chromium(tmp_path_factory, tmp_path):
     demo = demo_stores(tmp_path_factory.getbasetemp())
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             with serving(demo.dense, demo.saes, tmp_path / "dense.log") as url:
                 check_pages(browser, url, DENSE_PAGES)

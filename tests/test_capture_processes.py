@@ -56,7 +56,9 @@ def test_sigkill_leaves_whole_batches_and_rerun_resumes_exactly(tmp_path):
     assert "resumed after" in rerun.stdout
     resumed = Store.open(store)
     for view in ("tokens", "act_blocks_1_hook_resid_post", "act_blocks_0_mlp_hook_post"):
-        n, distinct, lo, hi = resumed.sql(f"SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM {view}").fetchall()[0]
+        n, distinct, lo, hi = resumed.sql(f"SELECT count(*), count(DISTINCT token_index), min(token_index), max(token_index) FROM {view}").fetchall()[
+            0
+        ]
         assert (n, distinct, lo, hi) == (TOKENS, TOKENS, 0, TOKENS - 1), view
     assert not list((store / "capture").glob(".tmp-*"))
 
@@ -107,9 +109,7 @@ READER = textwrap.dedent(
 def test_a_reader_process_queries_while_a_capture_writes(tmp_path):
     store = tmp_path / "store"
     writer = start_workbench(*CAPTURE_ARGS, "--store", str(store), log=tmp_path / "writer.log")
-    reader = subprocess.run(
-        [sys.executable, "-c", READER, str(store), str(TOKENS)], capture_output=True, text=True, timeout=180, cwd=REPO
-    )
+    reader = subprocess.run([sys.executable, "-c", READER, str(store), str(TOKENS)], capture_output=True, text=True, timeout=180, cwd=REPO)
     writer.wait(timeout=180)
     assert writer.returncode == 0, (tmp_path / "writer.log").read_text()[-2000:]
     assert reader.returncode == 0, reader.stderr[-2000:]

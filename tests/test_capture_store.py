@@ -54,7 +54,9 @@ def test_streaming_chunks_cover_every_row_once(tmp_path, tiny_relu):
 
 def test_half_precision_storage_is_exact_in_its_dtype(tmp_path, tiny_relu):
     run_capture(
-        CaptureSettings(model="tiny-relu", data="builtin", hooks=HOOKS[:1], tokens=256, ctx=64, batch_size=2, store=str(tmp_path / "s"), dtype="float16"),
+        CaptureSettings(
+            model="tiny-relu", data="builtin", hooks=HOOKS[:1], tokens=256, ctx=64, batch_size=2, store=str(tmp_path / "s"), dtype="float16"
+        ),
         handle=tiny_relu,
         progress=False,
     )

@@ -1,7 +1,8 @@
 """The Trainer with the fused TopK step (sae.fused_step): the same training as with the
 autograd step (with and without AuxK), exact resume, checkpoints either step resumes (those
-written before the step interface included), and which step `step` picks. Kernels run under TRITON_INTERPRET=1 (slow: about a second a step at these shapes,
-mostly the top-k), so runs are a few steps long.
+written before the step interface included), and which step `step` picks. Kernels run
+under TRITON_INTERPRET=1 (slow: about a second a step at these shapes, mostly the top-k),
+so runs are a few steps long.
 
 Tolerance against the autograd Trainer: both run float32 on the CPU; the kernels sum in
 another order than torch, a rounding difference of ~1e-7 relative per sum, and Adam's
@@ -50,8 +51,21 @@ DATA = make_data()
 
 def config(**kw) -> TrainConfig:
     """Tiny shapes, none a block multiple; warm-up and decay so the lr changes every step."""
-    base = dict(arch="topk", d_in=12, d_sae=20, k=3, tokens=8 * STEPS, batch_size=8, lr=1e-2, aux="none", init_tokens=96,
-                seed=1, warmup_steps=2, decay_fraction=0.5, checkpoint_every=1000)
+    base = dict(
+        arch="topk",
+        d_in=12,
+        d_sae=20,
+        k=3,
+        tokens=8 * STEPS,
+        batch_size=8,
+        lr=1e-2,
+        aux="none",
+        init_tokens=96,
+        seed=1,
+        warmup_steps=2,
+        decay_fraction=0.5,
+        checkpoint_every=1000,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -10,7 +10,16 @@ import pytest
 
 from tests.cli_process import run_workbench
 from tests.link_stores import (
-    DEAD, DENSE, NEURON_ROWS, SINK_HEAD, dense_handle, link_stores, massive_tokens, neuron_tokens, routed_expert, sink_tokens,
+    DEAD,
+    DENSE,
+    NEURON_ROWS,
+    SINK_HEAD,
+    dense_handle,
+    link_stores,
+    massive_tokens,
+    neuron_tokens,
+    routed_expert,
+    sink_tokens,
     super_expert,
 )  # fmt: skip
 from workbench import Store

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from tests.phenomena_models import VOCAB, capture, handle_for, moe_config, stored_ids
 from workbench.analysis.super_experts import analyze_experts, expert_maxima, expert_top_tokens, massive_activations
 from workbench.capture.probes.moe_layers import (
-    ExpertOutputs, RoutedBatch, find_moe_layers, record_expert_outputs, record_routing,
+    ExpertOutputs,
+    RoutedBatch,
+    find_moe_layers,
+    record_expert_outputs,
+    record_routing,
 )  # fmt: skip
 
 CTX, BATCH, TOKENS = 48, 2, 200

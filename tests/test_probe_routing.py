@@ -11,7 +11,12 @@ import torch
 
 from tests.phenomena_models import capture, handle_for, moe_config, stored_ids
 from workbench.analysis.routing import (
-    analyze_routing, coactivation, load_statistics, load_summary, simulate_drops, specialisation_score,
+    analyze_routing,
+    coactivation,
+    load_statistics,
+    load_summary,
+    simulate_drops,
+    specialisation_score,
     token_specialisation,
 )  # fmt: skip
 

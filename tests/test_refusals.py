@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.config import TrainConfig
-from workbench.training_data import StoreSource
 from sae.trainer import Trainer
 from tests.test_capture_bad_input import _snapshot
 from tests.test_sae_store import cli
 from workbench import Store
 from workbench.capture.runner import CaptureSettings, run_capture
 from workbench.store.encoding import encode_activations
+from workbench.training_data import StoreSource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

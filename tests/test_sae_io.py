@@ -18,7 +18,6 @@ from sae.rules import TopKRule
 from sae.synthetic import SyntheticFeatures
 from sae.trainer import Trainer
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

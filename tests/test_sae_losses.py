@@ -12,7 +12,6 @@ from sae.losses import aux_candidates, aux_reconstruction_loss, aux_zipf_loss, a
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

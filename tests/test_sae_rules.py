@@ -16,7 +16,6 @@ from sae.rules.gba import geometric_targets
 from sae.synthetic import SyntheticFeatures, SyntheticSource
 from sae.trainer import Trainer
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -22,7 +22,6 @@ from tests.phenomena_models import dense_config, handle_for
 from workbench.evaluation import ce_loss_score, evaluate_sae, token_windows
 from workbench.store.encoding import encode_activations
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -12,7 +12,6 @@ from sae.errors import SAEError
 from sae.synthetic import SyntheticFeatures, SyntheticSource, recovery
 from sae.trainer import Trainer
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

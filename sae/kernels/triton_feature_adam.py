@@ -182,12 +182,46 @@ def _feature_row_sum(f, row_ptr, coef_ptr, dense_ptr, chunk_ptr, chunk_fired_ptr
 
 @triton.jit
 def _feature_adam_kernel(
-    offsets_ptr, row_ptr, val_ptr, gval_ptr, grad_out_ptr, xc_ptr,
-    w_dec_ptr, m_dec_ptr, v_dec_ptr, w_dec_lp_ptr, w_enc_ptr, m_enc_ptr, v_enc_ptr, w_enc_lp_ptr,
-    b_enc_ptr, m_b_ptr, v_b_ptr, db_enc_ptr, fired_ptr, lr_ptr, step_ptr,
-    aux_row_ptr, aux_dec_ptr, aux_enc_ptr, chunk_dec_ptr, chunk_enc_ptr, chunk_fired_ptr,
-    D, beta1, beta2, log2_beta1, log2_beta2, eps,
-    CHUNK: tl.constexpr, HAS_AUX: tl.constexpr, WRITE_LP: tl.constexpr, WRITE_DEC_LP: tl.constexpr, MOMENTS_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    offsets_ptr,
+    row_ptr,
+    val_ptr,
+    gval_ptr,
+    grad_out_ptr,
+    xc_ptr,
+    w_dec_ptr,
+    m_dec_ptr,
+    v_dec_ptr,
+    w_dec_lp_ptr,
+    w_enc_ptr,
+    m_enc_ptr,
+    v_enc_ptr,
+    w_enc_lp_ptr,
+    b_enc_ptr,
+    m_b_ptr,
+    v_b_ptr,
+    db_enc_ptr,
+    fired_ptr,
+    lr_ptr,
+    step_ptr,
+    aux_row_ptr,
+    aux_dec_ptr,
+    aux_enc_ptr,
+    chunk_dec_ptr,
+    chunk_enc_ptr,
+    chunk_fired_ptr,
+    D,
+    beta1,
+    beta2,
+    log2_beta1,
+    log2_beta2,
+    eps,
+    CHUNK: tl.constexpr,
+    HAS_AUX: tl.constexpr,
+    WRITE_LP: tl.constexpr,
+    WRITE_DEC_LP: tl.constexpr,
+    MOMENTS_BF16: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program (f, part): part 0 updates feature f's decoder row, part 1 its encoder row and
     b_enc[f]. One program holding both rows is limited by its registers to too few programs
@@ -209,8 +243,25 @@ def _feature_adam_kernel(
         w = tl.load(w_dec_ptr + at, mask=mask_d, other=0.0)
         m = tl.load(m_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
         v = tl.load(v_dec_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-        acc, fired = _feature_row_sum(f, row_ptr, val_ptr, grad_out_ptr, chunk_dec_ptr, chunk_fired_ptr, aux_row_ptr, aux_dec_ptr,
-                                      start, end, D, offs_d, mask_d, CHUNK, HAS_AUX, BLOCK_P, BLOCK_D)
+        acc, fired = _feature_row_sum(
+            f,
+            row_ptr,
+            val_ptr,
+            grad_out_ptr,
+            chunk_dec_ptr,
+            chunk_fired_ptr,
+            aux_row_ptr,
+            aux_dec_ptr,
+            start,
+            end,
+            D,
+            offs_d,
+            mask_d,
+            CHUNK,
+            HAS_AUX,
+            BLOCK_P,
+            BLOCK_D,
+        )
         # tangent gradient, Adam, back to the unit sphere
         g = acc - tl.sum(acc * w, axis=0) * w
         w, m, v = _adam(w, m, v, g, beta1, beta2, eps, step_size, inv_sqrt_bc2)
@@ -226,8 +277,25 @@ def _feature_adam_kernel(
         w = tl.load(w_enc_ptr + at, mask=mask_d, other=0.0)
         m = tl.load(m_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
         v = tl.load(v_enc_ptr + at, mask=mask_d, other=0.0).to(tl.float32)
-        acc, _ = _feature_row_sum(f, row_ptr, gval_ptr, xc_ptr, chunk_enc_ptr, chunk_fired_ptr, aux_row_ptr, aux_enc_ptr,
-                                  start, end, D, offs_d, mask_d, CHUNK, HAS_AUX, BLOCK_P, BLOCK_D)
+        acc, _ = _feature_row_sum(
+            f,
+            row_ptr,
+            gval_ptr,
+            xc_ptr,
+            chunk_enc_ptr,
+            chunk_fired_ptr,
+            aux_row_ptr,
+            aux_enc_ptr,
+            start,
+            end,
+            D,
+            offs_d,
+            mask_d,
+            CHUNK,
+            HAS_AUX,
+            BLOCK_P,
+            BLOCK_D,
+        )
         w, m, v = _adam(w, m, v, acc, beta1, beta2, eps, step_size, inv_sqrt_bc2)
         tl.store(w_enc_ptr + at, w, mask=mask_d)
         if WRITE_LP:
@@ -235,16 +303,16 @@ def _feature_adam_kernel(
         random = _hash32(counter + 1) if MOMENTS_BF16 else counter
         _store_moment(m_enc_ptr + at, m, random, mask_d, MOMENTS_BF16)
         _store_moment(v_enc_ptr + at, v, random >> 16, mask_d, MOMENTS_BF16)
-        b, mb, vb = _adam(tl.load(b_enc_ptr + f), tl.load(m_b_ptr + f), tl.load(v_b_ptr + f), tl.load(db_enc_ptr + f),
-                          beta1, beta2, eps, step_size, inv_sqrt_bc2)
+        b, mb, vb = _adam(
+            tl.load(b_enc_ptr + f), tl.load(m_b_ptr + f), tl.load(v_b_ptr + f), tl.load(db_enc_ptr + f), beta1, beta2, eps, step_size, inv_sqrt_bc2
+        )
         tl.store(b_enc_ptr + f, b)
         tl.store(m_b_ptr + f, mb)
         tl.store(v_b_ptr + f, vb)
 
 
 @triton.jit
-def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, feat_ptr, row_ptr, sval_ptr, sgval_ptr, P, K,
-                         BLOCK: tl.constexpr):
+def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, feat_ptr, row_ptr, sval_ptr, sgval_ptr, P, K, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     pair = tl.load(order_ptr + offs, mask=mask, other=0)
@@ -255,16 +323,24 @@ def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, feat_ptr, row_pt
 
 
 @triton.jit
-def _vector_adam_kernel(p_ptr, m_ptr, v_ptr, g_ptr, g_minus_ptr, lr_ptr, step_ptr, N,
-                        beta1, beta2, log2_beta1, log2_beta2, eps, BLOCK: tl.constexpr):
+def _vector_adam_kernel(p_ptr, m_ptr, v_ptr, g_ptr, g_minus_ptr, lr_ptr, step_ptr, N, beta1, beta2, log2_beta1, log2_beta2, eps, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     t = tl.load(step_ptr).to(tl.float32)
     step_size = tl.load(lr_ptr).to(tl.float32) / (1.0 - tl.exp2(t * log2_beta1))
     inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(g_minus_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p, m, v = _adam(tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(m_ptr + offs, mask=mask, other=0.0),
-                    tl.load(v_ptr + offs, mask=mask, other=0.0), g, beta1, beta2, eps, step_size, inv_sqrt_bc2)
+    p, m, v = _adam(
+        tl.load(p_ptr + offs, mask=mask, other=0.0),
+        tl.load(m_ptr + offs, mask=mask, other=0.0),
+        tl.load(v_ptr + offs, mask=mask, other=0.0),
+        g,
+        beta1,
+        beta2,
+        eps,
+        step_size,
+        inv_sqrt_bc2,
+    )
     tl.store(p_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
@@ -288,8 +364,9 @@ def sort_pairs(indices: torch.Tensor, values: torch.Tensor, grad_val: torch.Tens
     P = order.numel()
     out = [torch.empty(P, device=values.device, dtype=dtype) for dtype in (torch.int32, torch.int32, torch.float32, torch.float32)]
     if P:
-        _sorted_pairs_kernel[(triton.cdiv(P, 1024),)](order, indices.reshape(-1), values.reshape(-1), grad_val.reshape(-1), *out,
-                                                      P, indices.shape[1], BLOCK=1024, num_warps=4)
+        _sorted_pairs_kernel[(triton.cdiv(P, 1024),)](
+            order, indices.reshape(-1), values.reshape(-1), grad_val.reshape(-1), *out, P, indices.shape[1], BLOCK=1024, num_warps=4
+        )
     return SortedPairs(offsets, *out)
 
 
@@ -304,9 +381,7 @@ class PairChunks(NamedTuple):
     fired: torch.Tensor  # [C] int32: positive values
 
 
-def chunk_sums(
-    pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 1024
-) -> PairChunks:
+def chunk_sums(pairs: SortedPairs, grad_out: torch.Tensor, xc: torch.Tensor, size: int = 32, block_p: int = 16, block_d: int = 1024) -> PairChunks:
     """Sum the runs of `size` sorted pairs that lie inside one feature, one program per
     (run, block of block_d columns, decoder or encoder): what feature_sums and feature_adam then add for a
     frequent feature instead of walking its pairs one after another. Arguments as for
@@ -314,14 +389,31 @@ def chunk_sums(
     require(size > 0, f"`size` must be positive (got {size})")
     P, D = pairs.row.numel(), grad_out.shape[1]
     n = P // size
-    out = PairChunks(size, torch.empty(n, D, device=xc.device), torch.empty(n, D, device=xc.device),
-                     torch.empty(n, device=xc.device), torch.empty(n, device=xc.device, dtype=torch.int32))
+    out = PairChunks(
+        size,
+        torch.empty(n, D, device=xc.device),
+        torch.empty(n, D, device=xc.device),
+        torch.empty(n, device=xc.device),
+        torch.empty(n, device=xc.device, dtype=torch.int32),
+    )
     if n:
         block_d = min(triton.next_power_of_2(D), block_d)
         _chunk_sums_kernel[(n, triton.cdiv(D, block_d), 2)](
-            pairs.feature, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
-            out.dec, out.enc, out.grad_val, out.fired, D,
-            CHUNK=size, BLOCK_P=min(block_p, triton.next_power_of_2(size)), BLOCK_D=block_d, num_warps=4,
+            pairs.feature,
+            pairs.row,
+            pairs.value,
+            pairs.grad_val,
+            grad_out,
+            xc,
+            out.dec,
+            out.enc,
+            out.grad_val,
+            out.fired,
+            D,
+            CHUNK=size,
+            BLOCK_P=min(block_p, triton.next_power_of_2(size)),
+            BLOCK_D=block_d,
+            num_warps=4,
         )
     return out
 
@@ -331,8 +423,15 @@ def feature_sums(pairs: SortedPairs, chunks: PairChunks | None = None, block_p: 
     n_features = pairs.offsets.numel() - 1
     out = torch.empty(n_features, device=pairs.grad_val.device, dtype=torch.float32)
     if n_features:
-        _feature_sums_kernel[(n_features,)](pairs.offsets, pairs.grad_val, chunks.grad_val if chunks is not None else out, out,
-                                            CHUNK=chunks.size if chunks is not None else 0, BLOCK_P=block_p, num_warps=1)
+        _feature_sums_kernel[(n_features,)](
+            pairs.offsets,
+            pairs.grad_val,
+            chunks.grad_val if chunks is not None else out,
+            out,
+            CHUNK=chunks.size if chunks is not None else 0,
+            BLOCK_P=block_p,
+            num_warps=1,
+        )
     return out
 
 
@@ -374,8 +473,7 @@ def feature_adam(
     aux_row, aux_dec, aux_enc = aux if aux is not None else (b_enc, b_enc, b_enc)  # unread without aux
     chunk_dec, chunk_enc, chunk_fired = (chunks.dec, chunks.enc, chunks.fired) if chunks is not None else (b_enc,) * 3  # likewise
     require(len({t.dtype for t in (*moments["W_dec"], *moments["W_enc_t"])}) == 1, "`moments` of the weight matrices must share one dtype")
-    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, W_dec_lp, aux_dec, aux_enc,
-              *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
+    for t in (W_dec, W_enc_t, b_enc, grad_out, xc, W_enc_lp, W_dec_lp, aux_dec, aux_enc, *moments["W_dec"], *moments["W_enc_t"], *moments["b_enc"]):
         require(t.is_contiguous(), "`params`, `moments`, `grad_out`, `xc` and `aux` must be contiguous")
     fired = torch.empty(F, device=W_dec.device, dtype=torch.float32)
     if F == 0:
@@ -384,12 +482,44 @@ def feature_adam(
     num_warps = num_warps or (2 if block_d <= 1024 else 4)
     beta1, beta2 = betas
     _feature_adam_kernel[(F, 2)](
-        pairs.offsets, pairs.row, pairs.value, pairs.grad_val, grad_out, xc,
-        W_dec, *moments["W_dec"], W_dec_lp, W_enc_t, *moments["W_enc_t"], W_enc_lp,
-        b_enc, *moments["b_enc"], db_enc, fired, lr, step, aux_row, aux_dec, aux_enc, chunk_dec, chunk_enc, chunk_fired,
-        D, beta1, beta2, math.log2(beta1), math.log2(beta2), eps,
-        CHUNK=chunks.size if chunks is not None else 0, HAS_AUX=aux is not None, MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16,
-        WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(), WRITE_DEC_LP=W_dec_lp.data_ptr() != W_dec.data_ptr(), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
+        pairs.offsets,
+        pairs.row,
+        pairs.value,
+        pairs.grad_val,
+        grad_out,
+        xc,
+        W_dec,
+        *moments["W_dec"],
+        W_dec_lp,
+        W_enc_t,
+        *moments["W_enc_t"],
+        W_enc_lp,
+        b_enc,
+        *moments["b_enc"],
+        db_enc,
+        fired,
+        lr,
+        step,
+        aux_row,
+        aux_dec,
+        aux_enc,
+        chunk_dec,
+        chunk_enc,
+        chunk_fired,
+        D,
+        beta1,
+        beta2,
+        math.log2(beta1),
+        math.log2(beta2),
+        eps,
+        CHUNK=chunks.size if chunks is not None else 0,
+        HAS_AUX=aux is not None,
+        MOMENTS_BF16=moments["W_dec"][0].dtype == torch.bfloat16,
+        WRITE_LP=W_enc_lp.data_ptr() != W_enc_t.data_ptr(),
+        WRITE_DEC_LP=W_dec_lp.data_ptr() != W_dec.data_ptr(),
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return fired
 
@@ -408,9 +538,12 @@ def vector_adam(
     grad - grad_minus (any float dtypes; the arithmetic is float32), in one launch (torch's
     ops take a dozen on a few thousand numbers)."""
     n = param.numel()
-    require(all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus)),
-            f"`moments`, `grad` and `grad_minus` must be contiguous with the {n} elements of `param`")
+    require(
+        all(t.is_contiguous() and t.numel() == n for t in (param, *moments, grad, grad_minus)),
+        f"`moments`, `grad` and `grad_minus` must be contiguous with the {n} elements of `param`",
+    )
     block = min(triton.next_power_of_2(max(n, 1)), 1024)
     beta1, beta2 = betas
-    _vector_adam_kernel[(triton.cdiv(n, block),)](param, *moments, grad, grad_minus, lr, step, n, beta1, beta2,
-                                                  math.log2(beta1), math.log2(beta2), eps, BLOCK=block, num_warps=4)
+    _vector_adam_kernel[(triton.cdiv(n, block),)](
+        param, *moments, grad, grad_minus, lr, step, n, beta1, beta2, math.log2(beta1), math.log2(beta2), eps, BLOCK=block, num_warps=4
+    )

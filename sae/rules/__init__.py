@@ -7,11 +7,11 @@ import importlib
 import pkgutil
 
 from sae.rules.base import SparsityRule
-from sae.rules.topk import TopKRule
-from sae.rules.mutual_choice import MutualChoiceRule
 from sae.rules.gba import GBARule
 from sae.rules.jumprelu import JumpReLURule, JumpReLUTrainingRule
+from sae.rules.mutual_choice import MutualChoiceRule
 from sae.rules.relu import ReLURule
+from sae.rules.topk import TopKRule
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from workbench.analysis.features import features_table, stats_table
-from workbench.analysis.links import LINKS_TABLE, stored_files, experts_table, neurons_table, phenomena_table, summary_table
+from workbench.analysis.links import LINKS_TABLE, experts_table, neurons_table, phenomena_table, stored_files, summary_table
 from workbench.store.reader import Store, sql_identifier
 
 #: A feature the page opens on fires at least this often and has most of its top examples

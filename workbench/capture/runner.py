@@ -32,8 +32,8 @@ from workbench.store.crash import crash_point
 from workbench.store.encoding import STORAGE_DTYPES
 from workbench.store.layout import (
     FORMAT_VERSION,
-    WRITE_TEST_PREFIX,
     TOKENS_TABLE,
+    WRITE_TEST_PREFIX,
     committed_batches,
     holds_only_leftovers,
     read_manifest,
@@ -237,7 +237,8 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
                 token_index = number * batch_size * ctx + torch.arange(ids.numel()).view(ids.shape)
                 keep = token_index < settings.tokens
                 cache = handle.run(ids, forward_hooks, stop_at_layer=stop_at)
-                batch_ctx = BatchContext(tokens=ids.to(handle.device), token_index=token_index.to(handle.device), keep=keep.to(handle.device), batch=number)
+                batch_ctx = BatchContext(tokens=ids.to(handle.device), token_index=token_index.to(handle.device),
+                                         keep=keep.to(handle.device), batch=number)
                 pending = PendingBatch(
                     ids=ids, docs=docs, token_index=token_index, keep=keep,
                     activations=HostCopy.start({hook: cache[hook] for hook in settings.hooks}),

@@ -16,7 +16,9 @@ def features_command(
     chunk_tokens: int = typer.Option(16384, "--chunk-tokens", help="tokens encoded at once"),
     corr_tokens: int = typer.Option(100_000, "--corr-tokens", help="tokens used for co-firing correlations"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-    sort_rows: int = typer.Option(RUN_ROWS, "--sort-rows", help="feature rows sorted in memory at once (about 50 bytes each); more are spilled to disk and merged"),
+    sort_rows: int = typer.Option(
+        RUN_ROWS, "--sort-rows", help="feature rows sorted in memory at once (about 50 bytes each); more are spilled to disk and merged"
+    ),
 ) -> None:
     """Encode the stored activations with an SAE; write sparse feature activations and stats."""
     from workbench.analysis.features import features_table, run_feature_pass  # torch + SAE code load only here
@@ -25,7 +27,13 @@ def features_command(
     check_device(device)
 
     report = run_feature_pass(
-        Store.open(store), sae, name=name, hook=hook, chunk_tokens=chunk_tokens, corr_tokens=corr_tokens, device=device,
+        Store.open(store),
+        sae,
+        name=name,
+        hook=hook,
+        chunk_tokens=chunk_tokens,
+        corr_tokens=corr_tokens,
+        device=device,
         sort_rows=sort_rows,
     )
     print(

@@ -76,13 +76,18 @@ def rule_flags(arch: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def train_command(
     store: Optional[Path] = typer.Option(None, help="Capture store folder to read activations from (or --model)."),
-    hook: str = typer.Option(..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model); "
-                             "a transcoder's input, e.g. blocks.2.ln2.hook_normalized."),
-    target_hook: Optional[str] = typer.Option(None, help="Train a transcoder: predict this stored hook (e.g. blocks.2.hook_mlp_out) "
-                                              "from --hook's activations of the same tokens; the loss is the FVU of the target."),
+    hook: str = typer.Option(
+        ..., help="Hook to train on, e.g. blocks.2.hook_resid_post (stored, or of --model); a transcoder's input, e.g. blocks.2.ln2.hook_normalized."
+    ),
+    target_hook: Optional[str] = typer.Option(
+        None,
+        help="Train a transcoder: predict this stored hook (e.g. blocks.2.hook_mlp_out) "
+        "from --hook's activations of the same tokens; the loss is the FVU of the target.",
+    ),
     skip: bool = typer.Option(False, "--skip", help="With --target-hook: a skip transcoder (adds a learned linear term W_skip x)."),
-    model: Optional[str] = typer.Option(None, help="Train with no store: run this model (any `capture` takes) over --data "
-                                        "and train on its activations as they come."),
+    model: Optional[str] = typer.Option(
+        None, help="Train with no store: run this model (any `capture` takes) over --data and train on its activations as they come."
+    ),
     data: str = typer.Option("builtin", help="With --model: the text (as `capture --data` takes)."),
     ctx: int = typer.Option(128, help="With --model: context length of each window."),
     arch: str = typer.Option("topk", help=" | ".join(rule_names()) + "."),
@@ -94,26 +99,42 @@ def train_command(
     out: Path = typer.Option(..., help="Output folder: SAELens cfg.json + sae_weights.safetensors, training.json, checkpoint.pt."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     precision: str = typer.Option("bf16", help="bf16 | fp32: the encoder product's precision on CUDA (CPU is always fp32)."),
-    step: str = typer.Option("auto", help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
-                             "(CUDA or --backend triton, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd."),
-    backend: Optional[str] = typer.Option(None, help="triton | torch: the kernels' implementation (default: triton on CUDA, "
-                                          "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests)."),
+    step: str = typer.Option(
+        "auto",
+        help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
+        "(CUDA or --backend triton, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd.",
+    ),
+    backend: Optional[str] = typer.Option(
+        None,
+        help="triton | torch: the kernels' implementation (default: triton on CUDA, "
+        "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests).",
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
-    aux: Optional[str] = typer.Option(None, help="auxk | aux-zipf | none (default: " + ", ".join(
-        f"{training_rule(name).default_aux} for {name}" for name in rule_names()) + ")."),
+    aux: Optional[str] = typer.Option(
+        None, help="auxk | aux-zipf | none (default: " + ", ".join(f"{training_rule(name).default_aux} for {name}" for name in rule_names()) + ")."
+    ),
     dead_tokens: int = typer.Option(1_000_000, help="A feature is dead after this many tokens without firing."),
     chunk_tokens: int = typer.Option(65536, help="Tokens per chunk read from the store (with --model: run through it at once)."),
     buffer_chunks: int = typer.Option(4, help="Chunks shuffled together (memory: chunk-tokens * buffer-chunks * d_in values)."),
-    resident: Optional[bool] = typer.Option(None, "--resident/--stream", help="Hold the hook's stored activations on --device "
-                                            "(default: when they take at most half its free memory) or stream them."),
+    resident: Optional[bool] = typer.Option(
+        None,
+        "--resident/--stream",
+        help="Hold the hook's stored activations on --device (default: when they take at most half its free memory) or stream them.",
+    ),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (default: every 10 minutes of training)."),
-    held_out: Optional[float] = typer.Option(None, help=f"Share of the store's context windows (the last ones) kept out of "
-                                             f"training for `workbench eval` (default {HELD_OUT_FRACTION:g}, at most "
-                                             f"{HELD_OUT_MAX_TOKENS:,} tokens; 0 holds none out; --resume keeps the run's own)."),
+    held_out: Optional[float] = typer.Option(
+        None,
+        help=f"Share of the store's context windows (the last ones) kept out of "
+        f"training for `workbench eval` (default {HELD_OUT_FRACTION:g}, at most "
+        f"{HELD_OUT_MAX_TOKENS:,} tokens; 0 holds none out; --resume keeps the run's own).",
+    ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    release: Optional[str] = typer.Option(None, help="List the finished SAE in this local release (as RELEASE/<out folder name>), "
-                                          "so load_sae('RELEASE/ID') finds it offline (workbench/releases.py)."),
+    release: Optional[str] = typer.Option(
+        None,
+        help="List the finished SAE in this local release (as RELEASE/<out folder name>), "
+        "so load_sae('RELEASE/ID') finds it offline (workbench/releases.py).",
+    ),
     **rule_options: Any,
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
@@ -142,8 +163,17 @@ def train_command(
 
         opened = Store.open(store)
         split = training_split(opened, out, resume, held_out)
-        source = StoreSource(opened, hook, chunk_tokens=chunk_tokens, buffer_chunks=buffer_chunks, seed=seed,
-                             device=device, resident=resident, held_out=split, target_hook=target_hook)
+        source = StoreSource(
+            opened,
+            hook,
+            chunk_tokens=chunk_tokens,
+            buffer_chunks=buffer_chunks,
+            seed=seed,
+            device=device,
+            resident=resident,
+            held_out=split,
+            target_hook=target_hook,
+        )
         if split is not None and split.tokens:
             print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
     else:
@@ -157,8 +187,21 @@ def train_command(
         print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
     width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
     config = TrainConfig(
-        arch=arch, d_in=source.d_in, d_sae=width, d_out=source.d_out, skip=skip, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-        device=device, precision=precision, aux=aux, dead_tokens=dead_tokens, checkpoint_every=checkpoint_every, **settings,
+        arch=arch,
+        d_in=source.d_in,
+        d_sae=width,
+        d_out=source.d_out,
+        skip=skip,
+        tokens=tokens,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        precision=precision,
+        aux=aux,
+        dead_tokens=dead_tokens,
+        checkpoint_every=checkpoint_every,
+        **settings,
     )
     command = ["workbench", *sys.argv[1:]]
     if resume:
@@ -186,8 +229,11 @@ def eval_command(
     sae_dir: Path = typer.Argument(..., help="SAE folder (ours or any SAELens topk/jumprelu/standard folder)."),
     store: Path = typer.Option(..., help="Store to evaluate on."),
     hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's metadata.hook_name)."),
-    split: str = typer.Option("held-out", help="held-out: the tokens the SAE's run held out of training (all stored "
-                              "tokens, with a note, where it recorded none); all: every stored token."),
+    split: str = typer.Option(
+        "held-out",
+        help="held-out: the tokens the SAE's run held out of training (all stored "
+        "tokens, with a note, where it recorded none); all: every stored token.",
+    ),
     tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N tokens of the split (default: all of them)."),
     ce_sequences: int = typer.Option(32, help="Context windows (of the split) for the CE-loss score (0 skips it)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
@@ -207,12 +253,23 @@ def eval_command(
         print(f"note: {result['split_note']}")
     first = result["split_tokens"][0]
     on = result["hook"] + (f" -> {result['target_hook']}" if "target_hook" in result else "")
-    table = Table(title=f"{sae_dir} on {on}: {result['split']} tokens, "
-                        f"token_index [{first:,}, {first + result['tokens']:,}) ({result['tokens']:,} tokens)")
+    table = Table(
+        title=f"{sae_dir} on {on}: {result['split']} tokens, token_index [{first:,}, {first + result['tokens']:,}) ({result['tokens']:,} tokens)"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_mean", "ce_zero",
-                "loss_recovered", "loss_recovered_zero"):
+    for key in (
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "ce_clean",
+        "ce_sae",
+        "ce_mean",
+        "ce_zero",
+        "loss_recovered",
+        "loss_recovered_zero",
+    ):
         if key in result:
             table.add_row(key, f"{result[key]:.4f}")
     if "ce_skipped" in result:

@@ -46,10 +46,14 @@ def list_command() -> None:
 @zoo_app.command("train")
 def train_command(
     name: str = typer.Argument(..., help="zoo model to train (see `workbench zoo list`)"),
-    minutes: Optional[float] = typer.Option(None, help="time budget in minutes: fewer steps if the recipe would not fit, set from the measured speed"),
+    minutes: Optional[float] = typer.Option(
+        None, help="time budget in minutes: fewer steps if the recipe would not fit, set from the measured speed"
+    ),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's; --minutes can only lower it)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
-    out: Optional[Path] = typer.Option(None, help="folder to write (default: NAME in the zoo folder `workbench zoo list` shows, replaced only at the end)"),
+    out: Optional[Path] = typer.Option(
+        None, help="folder to write (default: NAME in the zoo folder `workbench zoo list` shows, replaced only at the end)"
+    ),
 ) -> None:
     """Train the tokenizer and the model on the builtin corpus and write weights + training.json."""
     import torch
