@@ -40,12 +40,12 @@ bars = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "L
 for col, metric in enumerate(("fvu", "l0", "dead_fraction"), start=1):
     bars.add_bar(x=labels, y=rows[metric], showlegend=False, row=1, col=col)
 bars.update_yaxes(range=[0, 1], row=1, col=3)  # a fraction: all-zero bars still read as 0, not as an empty axis
-bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens "
-                         "(all stored tokens, training tokens included; `workbench eval` scores the held-out ones)", height=420)
+bars.update_layout(title=f"{len(rows)} SAE(s) on {hook}, same {int(rows['tokens'].max()) if len(rows) else 0:,} tokens", height=420)
 st.plotly_chart(bars)
+st.caption("Over all stored tokens, the SAEs' training tokens included; `workbench eval` scores the held-out ones.")
 
 training = make_subplots(rows=1, cols=3, subplot_titles=("FVU while training", "L0 while training", "dead fraction while training"))
-untracked = []
+untracked, histories = [], []
 for n, (label, folder) in enumerate(zip(labels, rows["folder"])):
     colour = DEFAULT_PLOTLY_COLORS[n % len(DEFAULT_PLOTLY_COLORS)]  # one colour per SAE in all three panels
     try:
@@ -56,11 +56,18 @@ for n, (label, folder) in enumerate(zip(labels, rows["folder"])):
     if not len(history):
         untracked.append(label)
         continue
+    histories.append(history)
     for col, metric in enumerate(CURVES, start=1):
         training.add_scatter(x=history["tokens"], y=history[metric], mode="lines", name=label, legendgroup=label,
                              line_color=colour, showlegend=col == 1, row=1, col=col)  # fmt: skip
 if len(training.data):
     training.update_xaxes(title_text="training tokens")
+    # an SAE's first steps (FVU above 1, L0 before its sparsity settles) would set the scale:
+    # the panels show the range the runs end in; hovering still reads every point
+    training.update_yaxes(range=[0, 1.05], row=1, col=1)
+    finals = [float(h["l0"].iloc[-1]) for h in histories if len(h)]
+    if finals:
+        training.update_yaxes(range=[0, 2 * max(finals)], row=1, col=2)
     training.update_yaxes(range=[0, 1], row=1, col=3)
     training.update_layout(title="Training curves (training.json history; TensorBoard: `tensorboard --logdir SAE_DIR`)", height=420)
     st.plotly_chart(training)
