@@ -1,4 +1,5 @@
-"""One TopK training step as a handful of kernels, with no autograd and no host sync.
+"""One TopK training step as a handful of kernels, with no autograd and no host sync; and
+the Mutual Choice step through the same kernels (FusedBatchTopKStep).
 
 The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
@@ -15,13 +16,14 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
-With AuxK (a call with aux = the dead features), as sae.autograd_step computes it: each
-row's k_aux largest z among the dead features reconstruct the residual e = x - x_hat
-(step 3 writes e). A dead feature takes up to a whole batch of these entries, so they are
-not pairs for step 6 but dense products over the dead features' columns only (_auxk: the
-encoder product's dtype, torch matmuls), whose rows step 6 adds to the dead features'
-sums; b_dec gets none of the aux reconstruction's gradient directly (it has no b_dec),
-only through the encoder, like the main entries.
+With an auxiliary loss (a call with aux: the features of positive aux weight and their
+weights w, prepare_aux), as sae.autograd_step computes it: each row's k_aux largest z among
+those features activate as w * ReLU(z) and reconstruct the residual e = x - x_hat (step 3
+writes e); AuxK's weights are 1 on the dead features, aux_zipf's the Zipf deficits. One such
+feature takes up to a whole batch of these entries, so they are not pairs for step 6 but
+dense products over their columns only (_aux: the encoder product's dtype, torch matmuls),
+whose rows step 6 adds to those features' sums; b_dec gets none of the aux reconstruction's
+gradient directly (it has no b_dec), only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
 The step shares storage with the model it trains, which must hold W_enc feature-major
@@ -43,7 +45,8 @@ from sae.errors import SAEError
 from sae.kernels.backend import resolve_backend
 from sae.losses import batch_variance
 from sae.model import SparseAutoencoder
-from sae.rules import TopKRule
+from sae.rules import MutualChoiceRule, TopKRule
+from sae.rules.base import SparsityRule
 from sae.step import StepStats
 
 
@@ -52,6 +55,11 @@ class FusedTopKStep:
     Adam(betas, eps), no weight decay."""
 
     kind = "fused"
+    #: The rule this step's selection (select) implements: exactly this class, not a subclass
+    #: (Matryoshka extends Mutual Choice with nested losses these kernels do not compute).
+    rule_type: type[SparsityRule] = TopKRule
+    #: Whether a step issues no host sync, so sae.graph_step.CudaGraphStep can capture it.
+    capturable = True
 
     def __init__(
         self,
@@ -70,7 +78,7 @@ class FusedTopKStep:
         """precision: the encoder product's dtype ("bf16" or "fp32"), and the decoder
         copy's that the decode gathers (float32 rows stay the master); grad_out_dtype: how
         the reconstruction gradient is stored for the decoder's per-feature sums (bf16
-        halves what they gather; the sums stay float32); k_aux, aux_alpha: AuxK's entries
+        halves what they gather; the sums stay float32); k_aux, aux_alpha: the aux loss's entries
         per token and its weight in the loss, for a call with `aux`; moments_dtype:
         the weight matrices' Adam moments (bfloat16: stochastic rounding, 2/3 of the
         optimizer's memory traffic); pair_chunk: runs of this many pairs
@@ -79,8 +87,10 @@ class FusedTopKStep:
         (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
         batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
-        if not isinstance(model.rule, TopKRule) or model.tied:
-            raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
+        if type(model.rule) is not self.rule_type or model.tied:
+            names = " and ".join(step.rule_type.name for step in FUSED_STEPS)
+            raise SAEError(f"{type(self).__name__} trains {self.rule_type.name} SAEs, not this `model`'s "
+                           f"{model.rule.name} (the fused steps train {names}; other rules train through sae.autograd_step)")
         device = model.W_dec.device
         if resolve_backend(device, backend) != "triton":
             raise SAEError('the fused step runs Triton kernels: pass a CUDA `model`, or `backend="triton"` on CPU '
@@ -90,7 +100,7 @@ class FusedTopKStep:
         if not model.W_enc.t().is_contiguous() or not model.W_dec.is_contiguous():
             raise SAEError("the fused step needs `model` with W_enc feature-major and W_dec contiguous: "
                            "call model.make_encoder_feature_major() first")
-        self.model, self.k, self.betas, self.eps = model, model.rule.k, betas, eps
+        self.model, self.betas, self.eps = model, betas, eps
         self.grad_out_dtype, self.pair_chunk = grad_out_dtype, pair_chunk
         self.k_aux, self.aux_alpha = min(k_aux, model.d_sae), aux_alpha
         W_enc_t = model.W_enc.data.t()
@@ -138,13 +148,22 @@ class FusedTopKStep:
         self.lr.fill_(float(lr))
         self._host_lr = float(lr)
 
-    def prepare_aux(self, aux_weights: torch.Tensor | None) -> torch.Tensor | None:
-        """The ids of the features with aux weight > 0 (AuxK's dead features), or None when
-        there are none: a host sync, once a step, as the autograd step's aux selection."""
+    def prepare_aux(self, aux_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ids, weights) of the features with aux weight > 0 (AuxK's dead features, weight
+        1), or None when there are none: a host sync, once a step, as the autograd step's
+        aux selection."""
         if aux_weights is None:
             return None
-        dead = torch.nonzero(aux_weights > 0).squeeze(1)
-        return dead if dead.numel() else None
+        ids = torch.nonzero(aux_weights > 0).squeeze(1)
+        return (ids, aux_weights[ids]) if ids.numel() else None
+
+    def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values float32 [B, w], indices [B, w]) the rule keeps of z [B, d_sae]: each row's
+        k largest through ReLU (sae.kernels.triton_topk.row_topk)."""
+        from sae.kernels.triton_topk import row_topk
+
+        values, indices, _ = row_topk(z, self.model.rule.k)
+        return values, indices
 
     # ---- checkpoints: the moments in torch.optim.Adam's state_dict layout --------------------
     def _adam_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -172,28 +191,28 @@ class FusedTopKStep:
                 self.step_count.copy_(saved["step"].reshape(1))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, aux: torch.Tensor | None = None, target: torch.Tensor | None = None) -> StepStats:
-        """One Adam step on the batch x [B, d_in] (float32, contiguous). aux: the ids of the
-        features AuxK may revive this step (prepare_aux; a non-empty LongTensor, needs
-        k_aux > 0); None: no AuxK. target: must be None (this step trains autoencoders;
-        transcoders train through the autograd step)."""
+    def __call__(self, x: torch.Tensor, aux: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 target: torch.Tensor | None = None) -> StepStats:
+        """One Adam step on the batch x [B, d_in] (float32, contiguous). aux: the features the
+        auxiliary loss reaches this step and their weights (prepare_aux; non-empty, needs
+        k_aux > 0); None: no auxiliary loss. target: must be None (this step trains
+        autoencoders; transcoders train through the autograd step)."""
         if target is not None:
             raise SAEError('the fused step trains autoencoders only; train a transcoder with `step="autograd"`')
-        dead_features = aux
+        aux_features, aux_weights = (None, None) if aux is None else aux
         from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual
         from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs, vector_adam
-        from sae.kernels.triton_topk import row_topk
 
         p = self.params
         self.step_count += 1
         lp = p["W_enc_lp"].dtype
         xc, variance, scale = centre(x, self.b_dec, lp)
         z = torch.addmm(p["b_enc"].to(lp), xc, p["W_enc_lp"].t())
-        values, indices, _ = row_topk(z, self.k)
-        z_dead = None if dead_features is None else z.index_select(1, dead_features)
+        values, indices = self.select(z)
+        z_aux = None if aux_features is None else z.index_select(1, aux_features)
         del z
-        residual = None if dead_features is None else torch.empty_like(x)
+        residual = None if aux_features is None else torch.empty_like(x)
         grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, x, scale,
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
         with self._beside():  # small reductions, in parallel with the pairs' sort and sums
@@ -204,10 +223,10 @@ class FusedTopKStep:
         chunks = chunk_sums(pairs, grad_out, xc, self.pair_chunk) if self.pair_chunk else None
         db_enc = feature_sums(pairs, chunks)
         self._join()
-        if dead_features is not None:
-            if self.k_aux <= 0 or dead_features.numel() == 0:
-                raise SAEError("AuxK needs `k_aux` > 0 and a dead feature in `aux`")
-            aux, aux_grads = self._auxk(z_dead, dead_features, residual, xc, db_enc)
+        if aux_features is not None:
+            if self.k_aux <= 0 or aux_features.numel() == 0:
+                raise SAEError("the auxiliary loss needs `k_aux` > 0 and a feature in `aux`")
+            aux, aux_grads = self._aux(z_aux, aux_features, aux_weights, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
         # b_dec's gradient through the encoder, before W_enc moves, through the copy the
         # product read (in bf16: half the bytes, db_enc rounded to bf16 too)
@@ -218,24 +237,54 @@ class FusedTopKStep:
             vector_adam(self.b_dec, self.b_dec_moments, db_dec_out, db_dec_enc, self.lr, self.step_count, self.betas, self.eps)
         return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance[0], tokens=len(x))
 
-    def _auxk(
-        self, z_dead: torch.Tensor, dead_features: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor, db_enc: torch.Tensor
+    def _aux(
+        self, z_aux: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor,
+        db_enc: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """sae.losses.auxk_loss on the dead features' columns z_dead [B, n] of z: per row the
-        k_aux largest (all n when fewer) activate as a = ReLU(z) and reconstruct e = residual;
-        loss ||a W_dead - e||^2 / ||e - mean(e)||^2. Its gradient, scaled by aux_alpha, as
-        dense products over the n dead features: adds the b_enc part to db_enc in place and
-        returns (loss, (row, dW_dec, dW_enc)) for feature_adam's aux."""
-        n, F = dead_features.numel(), self.params["W_dec"].shape[0]
-        W_dead = self.params["W_dec"].index_select(0, dead_features).to(z_dead.dtype)
-        top, local = z_dead.topk(min(self.k_aux, n), dim=1, sorted=False)
-        acts = torch.zeros_like(z_dead).scatter_(1, local, top.relu())
-        err = (acts @ W_dead).float() - residual
+        """sae.losses.aux_reconstruction_loss on the columns z_aux [B, n] of z of the aux
+        features (weights w [n]): per row the k_aux largest (all n when fewer) activate as
+        a = w * ReLU(z) and reconstruct e = residual; loss ||a W_aux - e||^2 / ||e - mean(e)||^2.
+        Its gradient, scaled by aux_alpha, as dense products over the n features: adds the
+        b_enc part to db_enc in place and returns (loss, (row, dW_dec, dW_enc)) for
+        feature_adam's aux."""
+        n, F = features.numel(), self.params["W_dec"].shape[0]
+        W_aux = self.params["W_dec"].index_select(0, features).to(z_aux.dtype)
+        w = weights.to(z_aux.dtype)
+        top, local = z_aux.topk(min(self.k_aux, n), dim=1, sorted=False)
+        acts = torch.zeros_like(z_aux).scatter_(1, local, top.relu()).mul_(w)
+        err = (acts @ W_aux).float() - residual
         e_var = batch_variance(residual)
         loss = err.pow(2).sum() / e_var
         grad_e_hat = ((2 * self.aux_alpha / e_var) * err).to(acts.dtype)
-        grad_acts = (grad_e_hat @ W_dead.t()).masked_fill_(acts <= 0, 0)
-        db_enc.index_add_(0, dead_features, grad_acts.sum(dim=0, dtype=torch.float32))
+        grad_z = (grad_e_hat @ W_aux.t()).masked_fill_(acts <= 0, 0).mul_(w)
+        db_enc.index_add_(0, features, grad_z.sum(dim=0, dtype=torch.float32))
         row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
-        row[dead_features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
-        return loss, (row, acts.t() @ grad_e_hat, grad_acts.t() @ xc)
+        row[features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
+        return loss, (row, acts.t() @ grad_e_hat, grad_z.t() @ xc)
+
+
+class FusedBatchTopKStep(FusedTopKStep):
+    """Mutual Choice (the batch's k*B largest) through the same kernels: the rule's own
+    selection (MutualChoiceRule.select: each row cut to its row_cap largest by the Triton
+    top-k, the batch's k*B largest of those, the code trimmed to its widest row; it also
+    records the step's threshold estimate), then the fused decode, backward and Adam. Rows
+    keep different numbers of features; padding has value 0 and adds nothing. The
+    selection's one host read (the widest row) keeps the step out of a CUDA graph."""
+
+    rule_type = MutualChoiceRule
+    capturable = False
+
+    def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rule = self.model.rule
+        rule.train()  # the threshold estimate is a training-mode record
+        code = rule.select(z)
+        return code.values.float().contiguous(), code.indices.contiguous()
+
+
+#: The fused steps, each training its rule_type.
+FUSED_STEPS: tuple[type[FusedTopKStep], ...] = (FusedTopKStep, FusedBatchTopKStep)
+
+
+def fused_step_class(rule: SparsityRule) -> type[FusedTopKStep] | None:
+    """The fused step that trains this rule (its exact class), or None."""
+    return next((step for step in FUSED_STEPS if type(rule) is step.rule_type), None)

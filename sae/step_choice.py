@@ -1,7 +1,7 @@
 """Which training step trains a config (`workbench train --step`), and building it.
 
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
-arch topk with aux none or auxk through Triton kernels, replayed as a CUDA graph on CUDA;
+arch topk (replayed as a CUDA graph on CUDA) and mutual-choice through Triton kernels;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
 transcoder: the fused step trains autoencoders only). The fused step applies Adam
@@ -22,8 +22,6 @@ from sae.registry import rule_names, training_rule
 from sae.step import TrainStep
 
 STEPS = ("auto", "fused", "autograd", "data-parallel")
-#: Auxiliary losses the fused step computes.
-FUSED_AUX = ("auxk", "none")
 
 
 def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
@@ -34,8 +32,6 @@ def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
     if "fused" not in training_rule(config.arch).steps:
         fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
         return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
-    if config.aux not in FUSED_AUX:
-        return f"the fused step supports `aux` {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use `step=\"autograd\"`"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return 'the fused step trains in one process (data-parallel runs use the autograd step); use `step="autograd"`'
     if backend != "triton":
@@ -68,15 +64,15 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
     on_cuda = model.W_dec.device.type == "cuda"
     low = on_cuda and config.precision == "bf16"
     if kind == "fused":
-        from sae.fused_step import FusedTopKStep
+        from sae.fused_step import fused_step_class
         from sae.graph_step import CudaGraphStep
 
         model.make_encoder_feature_major()
         dtype = torch.bfloat16 if low else torch.float32
-        fused = FusedTopKStep(model, lr=config.learning_rate, precision=config.precision if on_cuda else "fp32",
-                              grad_out_dtype=dtype, moments_dtype=dtype, k_aux=config.aux_k, aux_alpha=config.aux_alpha,
-                              backend=backend)
-        return CudaGraphStep(fused) if on_cuda else fused
+        fused = fused_step_class(model.rule)(model, lr=config.learning_rate, precision=config.precision if on_cuda else "fp32",
+                                             grad_out_dtype=dtype, moments_dtype=dtype, k_aux=config.aux_k,
+                                             aux_alpha=config.aux_alpha, backend=backend)
+        return CudaGraphStep(fused) if on_cuda and fused.capturable else fused
     options = {"autocast_dtype": torch.bfloat16 if low else None, "aux_k": config.aux_k, "aux_alpha": config.aux_alpha}
     if kind == "data-parallel":
         from sae.distributed import DataParallelStep

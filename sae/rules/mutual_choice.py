@@ -10,8 +10,8 @@ run lags behind them (its inference L0 came out a fifth under k); the rule track
 exponential moving average (what a checkpoint mid-run holds) and, over the last
 CALIBRATION_FRACTION of the run's steps, where the learning rate has decayed, takes the
 plain mean of those steps' minima instead (update_threshold), so the saved threshold is the
-estimate on the final weights. Registers the training rule "mutual-choice" (autograd step,
-one process).
+estimate on the final weights. Registers the training rule "mutual-choice" (the autograd
+step, and sae.fused_step's FusedBatchTopKStep on CUDA; one process).
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class MutualChoiceConfig(TopKConfig):
 
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
+    steps=("autograd", "fused"),
     build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps),
     short_run_settings={"k": 16},
 ))
