@@ -17,8 +17,8 @@ k largest entries (TopK, the same budget k*B), then the batch budget. From a ran
 batch budget goes to the tokens and latents with the largest pre-activations, so tokens with
 few active features (where a rare feature is seen with the least interference) get few or no
 latents and rare features are learned late or never: on the Zipf synthetic case (n=128 in
-d=42) plain batch top-k recovered 70% of the features where TopK recovered all; with the
-TopK start, 95%, at FVU and L0 as before or better (docs/methods.md). Once features have
+d=42, three seeds) plain batch top-k recovered 70-79% of the features where TopK recovered
+97-100%; with the TopK start 91-96%, at a lower FVU (docs/methods.md). Once features have
 formed, the batch budget reallocates them between tokens. Registers the training rule
 "mutual-choice" (autograd step, one process).
 """
