@@ -55,6 +55,7 @@ def runs(case: dict, features: SyntheticFeatures) -> list[tuple[str, dict]]:
         (f"Mutual Choice k={round(mean)}", dict(arch="mutual-choice", k=round(mean))),
         (f"Mutual Choice k={round(mean)}, no aux", dict(arch="mutual-choice", k=round(mean), aux="none")),
         (f"Mutual Choice k={round(mean)}, AuxK", dict(arch="mutual-choice", k=round(mean), aux="auxk")),
+        (f"Mutual Choice k={round(mean)}, no TopK start", dict(arch="mutual-choice", k=round(mean), topk_start=0.0)),
         (f"Feature Choice k={round(mean)}", dict(arch="feature-choice", k=round(mean))),
         ("GBA (defaults)", dict(arch="gba")),
         ("GBA, top target 0.5", dict(arch="gba", gba_p_max=0.5)),

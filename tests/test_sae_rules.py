@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sae.config import TrainConfig
+from sae.errors import SAEError
 from sae.rules import GBARule, MutualChoiceRule, TopKRule
 from sae.rules.gba import geometric_targets
 from sae.synthetic import SyntheticFeatures, SyntheticSource
@@ -158,3 +159,27 @@ def test_gba_statistics_from_the_code_match_the_dense_definition():
     assert torch.equal(rule.peak, torch.maximum(peak_before, biased.max(dim=0).values.clamp(min=0)))
     assert int(rule.buffer_tokens) == 64 and float(rule.peak[:20].max()) == 0.0
     assert code.width == int((biased > 0).sum(dim=1).max())
+
+
+def test_mutual_choice_starts_as_topk_and_a_resume_continues_the_count():
+    """The first topk_start of the run's steps keep k per token; then the batch budget,
+    also after a resume from the state of a step inside the TopK start."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(32, 300, generator=g)
+    z[:4] += 2.0
+    rule = MutualChoiceRule(k=5, steps=8, topk_start=0.25)  # TopK for steps 0 and 1
+    assert torch.equal(rule(z).l0(), torch.full((32,), 5))
+    rule.after_step(None, 0)
+    resumed = MutualChoiceRule(k=5, steps=8, topk_start=0.25)
+    resumed.load_state_dict(rule.state_dict())
+    for r in (rule, resumed):
+        assert torch.equal(r(z).l0(), torch.full((32,), 5))
+        r.after_step(None, 1)
+        code = r(z)
+        assert int(code.l0().sum()) == 5 * 32 and code.l0()[:4].float().mean() > 5
+    assert MutualChoiceRule(k=5, steps=8, topk_start=0.0)(z).l0()[:4].float().mean() > 5
+
+
+def test_mutual_choice_topk_start_must_be_a_share_of_the_run():
+    with pytest.raises(SAEError, match="topk_start=1"):
+        TrainConfig(arch="mutual-choice", d_in=8, d_sae=32, k=4, tokens=1024, batch_size=256, topk_start=1.0)

@@ -32,7 +32,7 @@ from torch import nn
 from sae.code import SparseCode
 from sae.errors import SAEError
 from sae.registry import TrainingRule, register_rule
-from sae.rules.mutual_choice import MutualChoiceConfig, MutualChoiceRule
+from sae.rules.mutual_choice import BatchBudgetConfig, MutualChoiceRule
 from sae.rules.topk import expected_density
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class MatryoshkaRule(MutualChoiceRule):
 
 
 @dataclass
-class MatryoshkaConfig(MutualChoiceConfig):
+class MatryoshkaConfig(BatchBudgetConfig):
     """Mutual Choice's k and theta decay, and the prefix widths."""
 
     matryoshka_widths: str | None = field(default=None, metadata={

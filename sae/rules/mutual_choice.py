@@ -10,7 +10,15 @@ run lags behind them (its inference L0 came out a fifth under k); the rule track
 exponential moving average (what a checkpoint mid-run holds) and, over the last
 CALIBRATION_FRACTION of the run's steps, where the learning rate has decayed, takes the
 plain mean of those steps' minima instead (update_threshold), so the saved threshold is the
-estimate on the final weights. Registers the training rule "mutual-choice" (the autograd
+estimate on the final weights.
+
+TopK start: over the first TOPK_START_FRACTION of the run's steps the rule keeps each token's
+k largest entries (TopK, the same budget k*B), then the batch budget. From a random start the
+batch budget goes to the tokens and latents with the largest pre-activations, so tokens with
+few active features (where a rare feature is seen with the least interference) get few or no
+latents and rare features are learned late or never; the TopK start lets features form first,
+and the batch budget then reallocates them between tokens (docs/methods.md has the synthetic
+recovery with and without it). Registers the training rule "mutual-choice" (the autograd
 step, and sae.fused_step's FusedBatchTopKStep on CUDA; one process).
 """
 
@@ -25,7 +33,7 @@ from torch import nn
 
 from sae.code import SparseCode, code_from_mask
 from sae.errors import SAEError
-from sae.kernels import batch_topk
+from sae.kernels import batch_topk, topk_rows
 from sae.registry import TrainingRule, register_rule
 from sae.rules.base import SparsityRule
 from sae.rules.topk import TopKConfig, expected_density
@@ -36,6 +44,9 @@ if TYPE_CHECKING:
 #: The inference threshold is the plain mean of the per-batch estimates over this last
 #: fraction of the run's steps (at least one step); before that, an EMA of them.
 CALIBRATION_FRACTION = 0.05
+
+#: The default share of a run's first steps trained as per-token TopK (see the module's docstring).
+TOPK_START_FRACTION = 0.25
 
 
 def calibration_start(steps: int | None) -> int | None:
@@ -69,11 +80,16 @@ class MutualChoiceRule(SparsityRule):
     name = "mutual-choice"
     saelens_architecture = "jumprelu"
 
-    def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8, steps: int | None = None) -> None:
-        """steps: the run's length, which places the threshold's calibration window (None:
-        the EMA throughout)."""
+    def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8, steps: int | None = None,
+                 topk_start: float = TOPK_START_FRACTION) -> None:
+        """steps: the run's length, which places the threshold's calibration window and the
+        TopK start's end (None: the EMA throughout, no TopK start); topk_start: the share of
+        the steps trained as per-token TopK."""
         super().__init__()
         self.k = int(k)
+        self.topk_until = int(topk_start * steps) if steps is not None else 0
+        #: steps this rule has trained (theta_updates on the host, read once per run or resume)
+        self._steps_seen: int | None = None
         self.row_cap = self.k * int(row_cap_factor)
         self.theta_decay = float(theta_decay)
         self.calibrate_from = calibration_start(steps)
@@ -88,6 +104,10 @@ class MutualChoiceRule(SparsityRule):
         overflow count), the selection is redone exactly over the whole matrix. One host
         read (the overflow and the widest row together); nothing after batch_topk is dense."""
         z = z.detach()
+        if self.training and self._in_topk_start():
+            values, indices = topk_rows(z, min(self.k, z.shape[1]))
+            self._estimate = torch.where(values > 0, values, torch.inf).amin()
+            return SparseCode(indices=indices, values=values)
         selected = batch_topk(z, self.k, cap=self.row_cap)
         kept = selected.values > 0
         overflow, widest = torch.stack([selected.overflow, kept.sum(dim=1).max()]).tolist()
@@ -106,11 +126,28 @@ class MutualChoiceRule(SparsityRule):
             self._estimate = smallest
         return code
 
+    def _in_topk_start(self) -> bool:
+        """Whether this training step is in the TopK start. Every step that keeps a value
+        updates the threshold, so theta_updates counts the steps trained (checkpointed: a
+        resumed run continues where it stopped); read from the device once, then counted."""
+        if self.topk_until == 0:
+            return False
+        if self._steps_seen is None:
+            self._steps_seen = int(self.theta_updates)
+        return self._steps_seen < self.topk_until
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        """Loading new state (a resume) makes the step count be read again."""
+        self._steps_seen = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """The threshold takes the estimate of the step just taken (update_threshold)."""
         if self._estimate is not None:
             update_threshold(self.theta, self.theta_updates, self._estimate, step, self.calibrate_from, self.theta_decay)
             self._estimate = None
+            if self._steps_seen is not None:
+                self._steps_seen += 1
 
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z.relu(), z > self.theta)
@@ -120,8 +157,9 @@ class MutualChoiceRule(SparsityRule):
 
 
 @dataclass
-class MutualChoiceConfig(TopKConfig):
-    """k, now the mean per token of the batch's budget, and theta's EMA decay."""
+class BatchBudgetConfig(TopKConfig):
+    """k, now the mean per token of the batch's budget, and theta's EMA decay (the settings
+    Mutual Choice shares with Matryoshka BatchTopK)."""
 
     k: int | None = field(default=None, metadata={"help": "Mean active features per token (the batch keeps k * batch-size)."})
     theta_decay: float = field(default=0.99, metadata={"help": "EMA decay of the inference threshold before its final calibration."})
@@ -132,9 +170,23 @@ class MutualChoiceConfig(TopKConfig):
             raise SAEError(f"`theta_decay={self.theta_decay}` must be between 0 and 1")
 
 
+@dataclass
+class MutualChoiceConfig(BatchBudgetConfig):
+    """The batch budget's settings and the TopK start's share of the run."""
+
+    topk_start: float = field(default=TOPK_START_FRACTION, metadata={
+        "help": "Share of the run's first steps trained as per-token TopK before the batch budget."})
+
+    def check(self, run: TrainConfig) -> None:
+        super().check(run)
+        if not 0 <= self.topk_start < 1:
+            raise SAEError(f"`topk_start={self.topk_start}` must be at least 0 and under 1")
+
+
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
     steps=("autograd", "fused"),
-    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps),
+    build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps,
+                                                 topk_start=settings.topk_start),
     short_run_settings={"k": 16},
 ))
