@@ -62,21 +62,21 @@ WARMUP = 10
 LR = 4e-4
 
 
-def synthetic_pool(d_in: int, k: int, B: int, n_batches: int, seed: int) -> list[torch.Tensor]:
+def synthetic_pool(d_in: int, k: int, B: int, n_batches: int, seed: int, device: str = "cuda") -> list[torch.Tensor]:
     """Batches of x = sum of k/2 ground-truth unit directions per token (Zipf-frequent,
     exponential magnitudes) + small noise; n_gt = 8 d_in directions. Same for every method."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n_gt = 8 * d_in
-    V = torch.randn(n_gt, d_in, device="cuda", generator=gen)
+    V = torch.randn(n_gt, d_in, device=device, generator=gen)
     V /= V.norm(dim=1, keepdim=True)
-    freq = 1.0 / torch.arange(1, n_gt + 1, device="cuda", dtype=torch.float32) ** 0.7
+    freq = 1.0 / torch.arange(1, n_gt + 1, device=device, dtype=torch.float32) ** 0.7
     per_token = max(k // 2, 1)
     out = []
     for _ in range(n_batches):
         idx = torch.multinomial(freq, B * per_token, replacement=True, generator=gen).view(B, per_token)
-        mag = torch.empty(B, per_token, device="cuda").exponential_(generator=gen)
+        mag = torch.empty(B, per_token, device=device).exponential_(generator=gen)
         x = torch.nn.functional.embedding_bag(idx, V, per_sample_weights=mag, mode="sum")
-        x += 0.05 * torch.randn(B, d_in, device="cuda", generator=gen)
+        x += 0.05 * torch.randn(B, d_in, device=device, generator=gen)
         out.append(x.contiguous())
     return out
 

@@ -89,7 +89,7 @@ class AutogradStep:
             x_hat, code, aux_code = self.forward(x, select_aux)
         variance = batch_variance(y_all)
         sq = (y - x_hat).pow(2).sum()
-        term = model.rule.loss_term(x, code, model)
+        term = model.rule.loss_term(x, y, code, model)
         objective = sq if term is None else sq + term
         scale = self.loss_scale
         main = (objective * scale if scale != 1 else objective) / variance

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.store_access import SAES_ENV, STORE_ENV
 from sae.config import TrainConfig
+from sae.data import TensorSource
 from sae.io import load_sae
 from sae.model import SparseAutoencoder
 from sae.rules.jumprelu import JumpReLUTrainingRule
@@ -58,7 +59,7 @@ def test_jumprelu_gradients_equal_saelens_dense_estimators(backend):
     variance = (x - x.mean(0)).pow(2).sum()
 
     x_hat, code, _ = model(x)
-    ours = grads(model, ((x - x_hat).pow(2).sum() + rule.loss_term(x, code, model)) / variance)
+    ours = grads(model, ((x - x_hat).pow(2).sum() + rule.loss_term(x, x, code, model)) / variance)
     assert code.width < 40  # not the whole dictionary
 
     theta = rule.threshold
@@ -98,7 +99,7 @@ def test_matryoshka_loss_is_the_nested_prefix_losses_and_their_gradient():
     model = small_model(rule)
     x = torch.randn(32, 12, generator=torch.Generator().manual_seed(4))
     x_hat, code, _ = model(x)
-    term = rule.loss_term(x, code, model)
+    term = rule.loss_term(x, x, code, model)
     dense = code.to_dense(40)
     want = sum((x - (dense[:, :m] @ model.W_dec[:m] + model.b_dec)).pow(2).sum() for m in (4, 10))
     torch.testing.assert_close(term, want)
@@ -107,6 +108,29 @@ def test_matryoshka_loss_is_the_nested_prefix_losses_and_their_gradient():
     g = grads(model, term)["W_dec"]
     assert g[:10].abs().sum() > 0 and torch.all(g[10:] == 0)
     assert default_widths(16384) == (1024, 2048, 4096, 8192, 16384) and default_widths(8) == (1, 2, 4, 8)
+
+
+def test_matryoshka_transcoder_levels_predict_the_target():
+    """A skip transcoder's inner levels are its predictions of the target (d_out != d_in),
+    linear term included, and the autograd step trains it without a shape error."""
+    rule = MatryoshkaRule(k=5, widths=(4, 10, 40))
+    model = SparseAutoencoder(12, 40, rule, d_out=7, skip=True)
+    model.init_weights(torch.Generator().manual_seed(0), torch.zeros(7))
+    with torch.no_grad():
+        model.W_skip.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(4))
+    y = torch.randn(32, 7, generator=torch.Generator().manual_seed(5))
+    _, code, _ = model(x)
+    dense = code.to_dense(40)
+    want = sum((y - (dense[:, :m] @ model.W_dec[:m] + model.b_dec + x @ model.W_skip.T)).pow(2).sum() for m in (4, 10))
+    torch.testing.assert_close(rule.loss_term(x, y, code, model), want)
+    config = TrainConfig(arch="matryoshka", d_in=12, d_sae=40, d_out=7, skip=True, k=5, matryoshka_widths="4,10,40",
+                         tokens=64 * 20, batch_size=64, lr=5e-3, init_tokens=64)
+    data = torch.randn(64 * 4, 12, generator=torch.Generator().manual_seed(6))
+    target = torch.tanh(data[:, :7]) + 0.5 * data[:, 7:].sum(1, keepdim=True)
+    trainer = Trainer.start(config, TensorSource(data, target=target))
+    trainer.fit(progress=False)
+    assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
 
 
 def test_matryoshka_l0_is_k_in_training_and_near_it_at_inference():

@@ -58,10 +58,11 @@ class SparsityRule(nn.Module):
         through a straight-through estimator on the code's values)."""
         return code
 
-    def loss_term(self, x: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
-        """A loss term of the rule's own for this training batch x (its code from train_code),
-        in the units of the batch's summed squared error: the step adds it to that error
-        before dividing by the batch's variance. None: the rule adds nothing."""
+    def loss_term(self, x: torch.Tensor, target: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
+        """A loss term of the rule's own for this training batch x (its code from train_code)
+        and the step's target (x itself for an autoencoder, the other hook's batch for a
+        transcoder), in the units of the batch's summed squared error: the step adds it to
+        that error before dividing by the batch's variance. None: the rule adds nothing."""
         return None
 
     def after_step(self, model: nn.Module, step: int) -> None:

@@ -163,7 +163,7 @@ class JumpReLUTrainingRule(SparsityRule):
         self._step = _StepSTE.apply(pre, theta, self.bandwidth)
         return SparseCode(indices=code.indices, values=_ThresholdSTE.apply(code.values, pre, theta, self.bandwidth))
 
-    def loss_term(self, x: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor:
+    def loss_term(self, x: torch.Tensor, target: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor:
         """lambda * the batch's summed L0 (its gradient reaches theta only)."""
         step, self._step = self._step, None
         return self.coefficient() * step.sum()

@@ -7,7 +7,8 @@ a_j W_dec[j] + b_dec, and the loss is the sum over levels of ||x - x_hat_m||^2 (
 equation and SAELens's; the whole dictionary is the last level, which is the step's own
 reconstruction error, so SparsityRule.loss_term adds the inner levels). Early features are
 used by every level, so they learn the general directions and later ones the specific
-ones, which keeps a general feature from being absorbed into its specialisations.
+ones, which keeps a general feature from being absorbed into its specialisations. A
+transcoder's levels predict its target the same way (with a skip transcoder's linear term).
 
 Selection is BatchTopK over the whole dictionary, the Mutual Choice rule of this package
 (sae.rules.mutual_choice: the k*B largest entries of the batch, and for inference the EMA
@@ -68,13 +69,14 @@ class MatryoshkaRule(MutualChoiceRule):
         super().__init__(k, theta_decay=theta_decay)
         self.widths = tuple(int(w) for w in widths)
 
-    def loss_term(self, x: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
-        """sum over the inner levels m of ||x - x_hat_m||^2 over the batch; each level decodes
-        the code with the entries of features >= m zeroed (the same sparse decode)."""
+    def loss_term(self, x: torch.Tensor, target: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
+        """sum over the inner levels m of ||target - prediction_m||^2 over the batch; each
+        level's prediction is the model's output from the code with the entries of features
+        >= m zeroed (the same sparse decode; a skip transcoder's linear term included)."""
         total = None
         for width in self.widths[:-1]:
             inner = SparseCode(indices=code.indices, values=torch.where(code.indices < width, code.values, 0))
-            error = (x - model.decode(inner)).pow(2).sum()
+            error = (target - model.output(x, inner)).pow(2).sum()
             total = error if total is None else total + error
         return total
 
