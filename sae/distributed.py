@@ -89,16 +89,18 @@ class DataParallelStep(AutogradStep):
         return stats
 
 
-def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str | Path | None = None) -> SparseAutoencoder:
+def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str | Path | None = None,
+                        step: str = "data-parallel", backend: str | None = None) -> SparseAutoencoder:
     """Train under torchrun: joins the process group, puts each rank on its GPU (cuda:LOCAL_RANK)
     when the config asks for CUDA, trains (only rank 0 writes checkpoints and the saved
-    SAE), and leaves the process group."""
+    SAE), and leaves the process group. step, backend: the Trainer's ("fused": the fused
+    TopK step over the ranks, sae.fused_data_parallel)."""
     rank, _, local_rank = init_process_group()
     if config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")
         torch.cuda.set_device(local_rank)
     try:
-        trainer = Trainer.start(config, source, out if rank == 0 else None, step="data-parallel")
+        trainer = Trainer.start(config, source, out if rank == 0 else None, step=step, backend=backend)
         model = trainer.fit(progress=rank == 0)
         # DDP's reducer must go, and every rank must be done with its collectives, before
         # the group is destroyed: otherwise gloo can abort the process at exit.

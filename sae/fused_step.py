@@ -35,6 +35,7 @@ Triton only: backend "triton" (on CUDA, or on CPU under TRITON_INTERPRET=1 for t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -146,6 +147,16 @@ class FusedTopKStep:
         dead = torch.nonzero(aux_weights > 0).squeeze(1)
         return dead if dead.numel() else None
 
+    # ---- the places sae.fused_data_parallel.FusedDataParallelStep splits over processes -------
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of the global batch this process encodes and decodes (all of them here)."""
+        return x
+
+    def gather_rows(self, *parts: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """Start gathering per-row tensors of the shard into the global batch's; the returned
+        call waits for them (here: the tensors themselves, at once)."""
+        return lambda: list(parts)
+
     # ---- checkpoints: the moments in torch.optim.Adam's state_dict layout --------------------
     def _adam_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(exp_avg, exp_avg_sq) of each trained parameter, in model.parameters() order and
@@ -189,13 +200,19 @@ class FusedTopKStep:
         self.step_count += 1
         lp = p["W_enc_lp"].dtype
         xc, variance, scale = centre(x, self.b_dec, lp)
-        z = torch.addmm(p["b_enc"].to(lp), xc, p["W_enc_lp"].t())
+        own = self.shard(x)
+        z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
         values, indices, _ = row_topk(z, self.k)
         z_dead = None if dead_features is None else z.index_select(1, dead_features)
         del z
-        residual = None if dead_features is None else torch.empty_like(x)
-        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, x, scale,
+        codes = self.gather_rows(values, indices, *(() if z_dead is None else (z_dead,)))
+        residual = None if dead_features is None else torch.empty_like(own)
+        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, own, scale,
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
+        grads = self.gather_rows(grad_out, grad_val, sq_err, *(() if residual is None else (residual,)))
+        values, indices, *dead_rows = codes()
+        grad_out, grad_val, sq_err, *residual_rows = grads()
+        z_dead, residual = (dead_rows[0], residual_rows[0]) if dead_features is not None else (None, None)
         with self._beside():  # small reductions, in parallel with the pairs' sort and sums
             sq = sq_err.sum()
             loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None

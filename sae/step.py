@@ -14,7 +14,8 @@ train), so any step resumes any other's checkpoint.
 
 Implementations: sae.autograd_step.AutogradStep (every rule; torch Adam),
 sae.fused_step.FusedTopKStep (TopK as Triton kernels, Adam inside them),
-sae.distributed.DataParallelStep (the autograd step over torchrun's processes) and
+sae.distributed.DataParallelStep (the autograd step over torchrun's processes),
+sae.fused_data_parallel.FusedDataParallelStep (the fused step over them) and
 sae.graph_step.CudaGraphStep (replays any capturable step as one CUDA graph);
 sae.step_choice.build_step picks one for a config.
 """

@@ -4,9 +4,10 @@
 arch topk with aux none or auxk through Triton kernels, replayed as a CUDA graph on CUDA;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
-transcoder: the fused step trains autoencoders only). The fused step applies Adam
-inside the kernel that sums each feature's gradient, so no gradient exists to all-reduce:
-data-parallel runs stay autograd.
+transcoder: the fused step trains autoencoders only). In a process group of more than one
+rank (torchrun) every step is data parallel: "fused" builds
+sae.fused_data_parallel.FusedDataParallelStep (eager: no CUDA graph), "autograd" resolves
+to "data-parallel", and "auto" to one of the two by the same rule.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
         return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
     if config.aux not in FUSED_AUX:
         return f"the fused step supports `aux` {' or '.join(FUSED_AUX)}, not {config.aux}; pass one of those or use `step=\"autograd\"`"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return 'the fused step trains in one process (data-parallel runs use the autograd step); use `step="autograd"`'
     if backend != "triton":
         return (f'the fused step runs Triton kernels, which need `device="cuda"` (not {config.device}) or, on the CPU, '
                 '`backend="triton"` under TRITON_INTERPRET=1 (slow, for tests); use `device="cuda"` or `step="autograd"`')
@@ -51,12 +50,17 @@ def resolve_step(config: TrainConfig, step: str, backend: str) -> str:
         raise SAEError(f"unknown `step=\"{step}\"`: choose one of {', '.join(STEPS)}")
     if step == "auto":
         fast = fused_unsupported(config, backend) is None and torch.device(config.device).type == "cuda"
-        return "fused" if fast else "autograd"
-    if step == "fused":
+        step = "fused" if fast else "autograd"
+    elif step == "fused":
         why = fused_unsupported(config, backend)
         if why is not None:
             raise SAEError(f'`step="fused"` cannot train this run: {why}')
-    return step
+    return "data-parallel" if step == "autograd" and several_processes() else step
+
+
+def several_processes() -> bool:
+    """Whether this process is one rank of a process group of more than one (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend: str) -> TrainStep:
@@ -73,9 +77,13 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
 
         model.make_encoder_feature_major()
         dtype = torch.bfloat16 if low else torch.float32
-        fused = FusedTopKStep(model, lr=config.learning_rate, precision=config.precision if on_cuda else "fp32",
-                              grad_out_dtype=dtype, moments_dtype=dtype, k_aux=config.aux_k, aux_alpha=config.aux_alpha,
-                              backend=backend)
+        options = dict(precision=config.precision if on_cuda else "fp32", grad_out_dtype=dtype, moments_dtype=dtype,
+                       k_aux=config.aux_k, aux_alpha=config.aux_alpha, backend=backend)
+        if several_processes():
+            from sae.fused_data_parallel import FusedDataParallelStep
+
+            return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
+        fused = FusedTopKStep(model, lr=config.learning_rate, **options)
         return CudaGraphStep(fused) if on_cuda else fused
     options = {"autocast_dtype": torch.bfloat16 if low else None, "aux_k": config.aux_k, "aux_alpha": config.aux_alpha}
     if kind == "data-parallel":
