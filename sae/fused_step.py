@@ -134,6 +134,9 @@ class FusedTopKStep:
             if self.params[lp].data_ptr() != self.params[master].data_ptr():
                 self.params[lp].copy_(self.params[master])
 
+    def weights_to_model(self) -> None:
+        """Nothing to copy: the step trains the model's storage in place."""
+
     def set_lr(self, lr: float) -> None:
         """A device write, no sync: safe between graph replays."""
         self.lr.fill_(float(lr))

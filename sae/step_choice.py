@@ -7,7 +7,8 @@ is fused where it can train the config on CUDA, else autograd (always autograd f
 transcoder: the fused step trains autoencoders only). In a process group of more than one
 rank (torchrun) every step is data parallel: "fused" builds
 sae.fused_data_parallel.FusedDataParallelStep (eager: no CUDA graph), "autograd" resolves
-to "data-parallel", and "auto" to one of the two by the same rule.
+to "data-parallel", and "auto" to one of the two by the same rule. "shard-latents"
+(sae.latent_shard) splits a TopK SAE's features over the ranks instead of the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sae.model import SparseAutoencoder
 from sae.registry import rule_names, training_rule
 from sae.step import TrainStep
 
-STEPS = ("auto", "fused", "autograd", "data-parallel")
+STEPS = ("auto", "fused", "autograd", "data-parallel", "shard-latents")
 #: Auxiliary losses the fused step computes.
 FUSED_AUX = ("auxk", "none")
 
@@ -69,7 +70,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
     decoder's loss gradient and the weights' Adam moments in bf16 (less memory traffic at
     no measurable cost in FVU: bench/gpu_adam_moments.py). The CPU trains float32."""
     kind = resolve_step(config, step, backend)
-    on_cuda = model.W_dec.device.type == "cuda"
+    on_cuda = torch.device(config.device).type == "cuda"
     low = on_cuda and config.precision == "bf16"
     if kind == "fused":
         from sae.fused_step import FusedTopKStep
@@ -85,6 +86,15 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
             return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
         fused = FusedTopKStep(model, lr=config.learning_rate, **options)
         return CudaGraphStep(fused) if on_cuda else fused
+    if kind == "shard-latents":
+        from sae.latent_shard import ShardedTopKStep
+
+        if config.arch != "topk" or config.aux != "none" or config.d_out is not None:
+            raise SAEError('`step="shard-latents"` trains `arch="topk"` autoencoders with `aux="none"`; '
+                           f"got arch {config.arch}, aux {config.aux}{', a transcoder' if config.d_out is not None else ''}")
+        if config.checkpoint_every is None:
+            raise SAEError('`step="shard-latents"` saves at the same steps on every rank: pass `checkpoint_every`')
+        return ShardedTopKStep(model, config.learning_rate, config.device, autocast_dtype=torch.bfloat16 if low else None)
     options = {"autocast_dtype": torch.bfloat16 if low else None, "aux_k": config.aux_k, "aux_alpha": config.aux_alpha}
     if kind == "data-parallel":
         from sae.distributed import DataParallelStep
