@@ -111,6 +111,13 @@ def train_command(
         help="triton | torch: the kernels' implementation (default: triton on CUDA, "
         "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests).",
     ),
+    shard_latents: bool = typer.Option(
+        False,
+        "--shard-latents",
+        help="Under torchrun: split the SAE's features over the ranks (each holds d_sae / N of them and their Adam "
+        "state) instead of the batch, for an SAE wider than one GPU; --arch topk, --aux none; checkpoints every "
+        "--checkpoint-every steps (default 1000).",
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
     aux: Optional[str] = typer.Option(
@@ -162,6 +169,13 @@ def train_command(
         raise WorkbenchError("--target-hook trains from a store: capture both hooks with `workbench capture --hooks A,B`, then pass --store")
     from sae.distributed import launched_by_torchrun, process_group
 
+    if shard_latents:
+        if not launched_by_torchrun():
+            raise WorkbenchError("--shard-latents splits the features over torchrun's processes: "
+                                 "launch with torchrun --nproc_per_node N -m workbench.cli train ...")
+        if step != "auto":
+            raise WorkbenchError(f"--shard-latents is its own step: drop --step {step}")
+        step, checkpoint_every = "shard-latents", checkpoint_every or 1000
     group = process_group(device) if launched_by_torchrun() else contextlib.nullcontext((0, device))
     with group as (rank, device):
         if store is not None:
