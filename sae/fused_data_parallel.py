@@ -8,8 +8,8 @@ pass. So instead of all-reducing gradients of the weights' size (2 * d_sae * d_i
 the ranks all-gather what those sums read, per row of the batch: the top-k values and
 indices, the reconstruction gradient grad_out [B, d_in], grad_val [B, k] and the squared
 errors (with AuxK also the dead features' pre-activations and the residual), B * (d_in + 3k)
-numbers, 1/16 of the gradients at B 4096, d_sae 65536. Every rank then runs the rest of
-the step (the pairs' sort, the per-feature sums and Adam, b_dec's Adam) on the same global
+numbers, about 1/30 of the gradients at d_in 2048, d_sae 65536, k 64, B 4096. Every rank
+then runs the rest of the step (the pairs' sort, the per-feature sums and Adam, b_dec's Adam) on the same global
 tensors, so the ranks apply the identical update and keep bit-identical weights, and the
 step is the one-process step up to the encoder product's rounding on a block of rows.
 The centring (x - b_dec and the batch variance) reads the whole batch on every rank: the
