@@ -7,8 +7,8 @@ restarted at the batch number the checkpoint reached, so an interrupted run cont
 its checkpoint ends in the same state as an uninterrupted one.
 
 The step itself is a sae.step.TrainStep (sae.step_choice.build_step picks it: the
-autograd step, the fused TopK step, the data-parallel step; on CUDA the fused one replayed
-as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
+autograd step, the fused TopK step, the data-parallel ones, the latent-sharded one; on
+CUDA the one-process fused step replayed as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
 checkpoints, where the step's optimiser state travels in torch Adam's layout. The kernels'
 backend is resolved once, from the `backend` argument or the device
 (sae.kernels.backend.resolve_backend).
