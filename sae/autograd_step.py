@@ -126,3 +126,6 @@ class AutogradStep:
 
     def weights_changed(self) -> None:
         """Nothing to refresh: the step reads the model's parameters themselves."""
+
+    def weights_to_model(self) -> None:
+        """Nothing to copy: the step trains the model's parameters themselves."""

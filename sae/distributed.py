@@ -16,13 +16,18 @@ global). It trains rules whose registration says data_parallel (per-row selectio
 (Mutual Choice's top k*B, GBA's statistics) and the auxiliary losses need the same global
 treatment of their own batch statistics and are refused with a clear message.
 
-Launch: torchrun --nproc_per_node N your_script.py, where the script builds a TrainConfig
-and a source and calls `train_data_parallel(config, source, out)`.
+Launch: `torchrun --nproc_per_node N -m workbench.cli train ...` (workbench/commands/train.py
+joins the group through process_group), or torchrun --nproc_per_node N your_script.py,
+where the script builds a TrainConfig and a source and calls
+`train_data_parallel(config, source, out)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +94,38 @@ class DataParallelStep(AutogradStep):
         return stats
 
 
-def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str | Path | None = None) -> SparseAutoencoder:
-    """Train under torchrun: joins the process group, puts each rank on its GPU (cuda:LOCAL_RANK)
-    when the config asks for CUDA, trains (only rank 0 writes checkpoints and the saved
-    SAE), and leaves the process group."""
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several torchrun started (WORLD_SIZE > 1 in its environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[tuple[int, str]]:
+    """Join the torchrun job for the block: yields (rank, the device this rank trains on:
+    its own GPU, cuda:LOCAL_RANK, where `device` is CUDA). On leaving, waits for every
+    rank, then leaves the group. Drop any DDP-wrapped model before the block ends: gloo
+    can abort the process at exit when the group goes first."""
     rank, _, local_rank = init_process_group()
-    if config.device.startswith("cuda"):
-        config = dataclasses.replace(config, device=f"cuda:{local_rank}")
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     try:
-        trainer = Trainer.start(config, source, out if rank == 0 else None, step="data-parallel")
-        model = trainer.fit(progress=rank == 0)
-        # DDP's reducer must go, and every rank must be done with its collectives, before
-        # the group is destroyed: otherwise gloo can abort the process at exit.
-        del trainer
+        yield rank, device
         dist.barrier()
-        return model
     finally:
         dist.destroy_process_group()
+
+
+def train_data_parallel(config: TrainConfig, source: ActivationSource, out: str | Path | None = None,
+                        step: str = "data-parallel", backend: str | None = None) -> SparseAutoencoder:
+    """Train under torchrun (process_group; only rank 0 writes checkpoints and the saved
+    SAE). step, backend: the Trainer's ("fused": the fused TopK step over the ranks,
+    sae.fused_data_parallel; "shard-latents": the features split over them,
+    sae.latent_shard)."""
+    with process_group(config.device) as (rank, device):
+        config = dataclasses.replace(config, device=device)
+        trainer = Trainer.start(config, source, out, step=step, backend=backend)
+        trainer.writer = rank == 0
+        model = trainer.fit(progress=rank == 0)
+        del trainer  # its DDP reducer, before the group goes
+    return model

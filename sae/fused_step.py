@@ -37,6 +37,7 @@ Triton only: backend "triton" (on CUDA, or on CPU under TRITON_INTERPRET=1 for t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,6 +144,9 @@ class FusedTopKStep:
             if self.params[lp].data_ptr() != self.params[master].data_ptr():
                 self.params[lp].copy_(self.params[master])
 
+    def weights_to_model(self) -> None:
+        """Nothing to copy: the step trains the model's storage in place."""
+
     def set_lr(self, lr: float) -> None:
         """A device write, no sync: safe between graph replays."""
         self.lr.fill_(float(lr))
@@ -164,6 +168,16 @@ class FusedTopKStep:
 
         values, indices, _ = row_topk(z, self.model.rule.k)
         return values, indices
+
+    # ---- the places sae.fused_data_parallel.FusedDataParallelStep splits over processes -------
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of the global batch this process encodes and decodes (all of them here)."""
+        return x
+
+    def gather_rows(self, *parts: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+        """Start gathering per-row tensors of the shard into the global batch's; the returned
+        call waits for them (here: the tensors themselves, at once)."""
+        return lambda: list(parts)
 
     # ---- checkpoints: the moments in torch.optim.Adam's state_dict layout --------------------
     def _adam_moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,13 +222,19 @@ class FusedTopKStep:
         self.step_count += 1
         lp = p["W_enc_lp"].dtype
         xc, variance, scale = centre(x, self.b_dec, lp)
-        z = torch.addmm(p["b_enc"].to(lp), xc, p["W_enc_lp"].t())
+        own = self.shard(x)
+        z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
         values, indices = self.select(z)
         z_aux = None if aux_features is None else z.index_select(1, aux_features)
         del z
-        residual = None if aux_features is None else torch.empty_like(x)
-        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, x, scale,
+        codes = self.gather_rows(values, indices, *(() if z_aux is None else (z_aux,)))
+        residual = None if aux_features is None else torch.empty_like(own)
+        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, own, scale,
                                                      grad_out_dtype=self.grad_out_dtype, residual=residual)
+        grads = self.gather_rows(grad_out, grad_val, sq_err, *(() if residual is None else (residual,)))
+        values, indices, *aux_rows = codes()
+        grad_out, grad_val, sq_err, *residual_rows = grads()
+        z_aux, residual = (aux_rows[0], residual_rows[0]) if aux_features is not None else (None, None)
         with self._beside():  # small reductions, in parallel with the pairs' sort and sums
             sq = sq_err.sum()
             loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None

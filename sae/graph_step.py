@@ -74,3 +74,6 @@ class CudaGraphStep:
 
     def weights_changed(self) -> None:
         self.inner.weights_changed()
+
+    def weights_to_model(self) -> None:
+        self.inner.weights_to_model()

@@ -14,7 +14,9 @@ train), so any step resumes any other's checkpoint.
 
 Implementations: sae.autograd_step.AutogradStep (every rule; torch Adam),
 sae.fused_step.FusedTopKStep (TopK as Triton kernels, Adam inside them),
-sae.distributed.DataParallelStep (the autograd step over torchrun's processes) and
+sae.distributed.DataParallelStep (the autograd step over torchrun's processes),
+sae.fused_data_parallel.FusedDataParallelStep (the fused step over them),
+sae.latent_shard.ShardedTopKStep (the features split over them) and
 sae.graph_step.CudaGraphStep (replays any capturable step as one CUDA graph);
 sae.step_choice.build_step picks one for a config.
 """
@@ -73,4 +75,10 @@ class TrainStep(Protocol):
     def weights_changed(self) -> None:
         """Call after the model's weights were written from outside the step (initialised,
         loaded from a checkpoint), so copies the step keeps of them are refreshed."""
+        ...
+
+    def weights_to_model(self) -> None:
+        """Make the model hold the trained weights before it is saved: a step that trains
+        them elsewhere (sae.latent_shard's shards) copies them back; the others train the
+        model itself and have nothing to do."""
         ...

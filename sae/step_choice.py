@@ -4,9 +4,11 @@
 arch topk (replayed as a CUDA graph on CUDA) and mutual-choice through Triton kernels;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
-transcoder: the fused step trains autoencoders only). The fused step applies Adam
-inside the kernel that sums each feature's gradient, so no gradient exists to all-reduce:
-data-parallel runs stay autograd.
+transcoder: the fused step trains autoencoders only). In a process group of more than one
+rank (torchrun) every step is data parallel: "fused" builds
+sae.fused_data_parallel.FusedDataParallelStep (eager: no CUDA graph), "autograd" resolves
+to "data-parallel", and "auto" to one of the two by the same rule. "shard-latents"
+(sae.latent_shard) splits a TopK SAE's features over the ranks instead of the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sae.model import SparseAutoencoder
 from sae.registry import rule_names, training_rule
 from sae.step import TrainStep
 
-STEPS = ("auto", "fused", "autograd", "data-parallel")
+STEPS = ("auto", "fused", "autograd", "data-parallel", "shard-latents")
 
 
 def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
@@ -32,8 +34,8 @@ def fused_unsupported(config: TrainConfig, backend: str) -> str | None:
     if "fused" not in training_rule(config.arch).steps:
         fused = " or ".join(f'`arch="{name}"`' for name in rule_names() if "fused" in training_rule(name).steps)
         return f"the fused step trains {fused} only, not {config.arch}; use `step=\"autograd\"`"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return 'the fused step trains in one process (data-parallel runs use the autograd step); use `step="autograd"`'
+    if several_processes() and not training_rule(config.arch).data_parallel:
+        return f'the fused data-parallel step trains per-token rules only, not {config.arch}; train it in one process'
     if backend != "triton":
         return (f'the fused step runs Triton kernels, which need `device="cuda"` (not {config.device}) or, on the CPU, '
                 '`backend="triton"` under TRITON_INTERPRET=1 (slow, for tests); use `device="cuda"` or `step="autograd"`')
@@ -47,12 +49,17 @@ def resolve_step(config: TrainConfig, step: str, backend: str) -> str:
         raise SAEError(f"unknown `step=\"{step}\"`: choose one of {', '.join(STEPS)}")
     if step == "auto":
         fast = fused_unsupported(config, backend) is None and torch.device(config.device).type == "cuda"
-        return "fused" if fast else "autograd"
-    if step == "fused":
+        step = "fused" if fast else "autograd"
+    elif step == "fused":
         why = fused_unsupported(config, backend)
         if why is not None:
             raise SAEError(f'`step="fused"` cannot train this run: {why}')
-    return step
+    return "data-parallel" if step == "autograd" and several_processes() else step
+
+
+def several_processes() -> bool:
+    """Whether this process is one rank of a process group of more than one (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend: str) -> TrainStep:
@@ -61,7 +68,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
     decoder's loss gradient and the weights' Adam moments in bf16 (less memory traffic at
     no measurable cost in FVU: bench/gpu_adam_moments.py). The CPU trains float32."""
     kind = resolve_step(config, step, backend)
-    on_cuda = model.W_dec.device.type == "cuda"
+    on_cuda = torch.device(config.device).type == "cuda"
     low = on_cuda and config.precision == "bf16"
     if kind == "fused":
         from sae.fused_step import fused_step_class
@@ -69,10 +76,23 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
 
         model.make_encoder_feature_major()
         dtype = torch.bfloat16 if low else torch.float32
-        fused = fused_step_class(model.rule)(model, lr=config.learning_rate, precision=config.precision if on_cuda else "fp32",
-                                             grad_out_dtype=dtype, moments_dtype=dtype, k_aux=config.aux_k,
-                                             aux_alpha=config.aux_alpha, backend=backend)
+        options = dict(precision=config.precision if on_cuda else "fp32", grad_out_dtype=dtype, moments_dtype=dtype,
+                       k_aux=config.aux_k, aux_alpha=config.aux_alpha, backend=backend)
+        if several_processes():
+            from sae.fused_data_parallel import FusedDataParallelStep
+
+            return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
+        fused = fused_step_class(model.rule)(model, lr=config.learning_rate, **options)
         return CudaGraphStep(fused) if on_cuda and fused.capturable else fused
+    if kind == "shard-latents":
+        from sae.latent_shard import ShardedTopKStep
+
+        if config.arch != "topk" or config.aux != "none" or config.d_out is not None:
+            raise SAEError('`step="shard-latents"` trains `arch="topk"` autoencoders with `aux="none"`; '
+                           f"got arch {config.arch}, aux {config.aux}{', a transcoder' if config.d_out is not None else ''}")
+        if config.checkpoint_every is None:
+            raise SAEError('`step="shard-latents"` saves at the same steps on every rank: pass `checkpoint_every`')
+        return ShardedTopKStep(model, config.learning_rate, config.device, autocast_dtype=torch.bfloat16 if low else None)
     options = {"autocast_dtype": torch.bfloat16 if low else None, "aux_k": config.aux_k, "aux_alpha": config.aux_alpha}
     if kind == "data-parallel":
         from sae.distributed import DataParallelStep

@@ -7,8 +7,8 @@ restarted at the batch number the checkpoint reached, so an interrupted run cont
 its checkpoint ends in the same state as an uninterrupted one.
 
 The step itself is a sae.step.TrainStep (sae.step_choice.build_step picks it: the
-autograd step, the fused TopK step, the data-parallel step; on CUDA the fused one replayed
-as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
+autograd step, the fused TopK step, the data-parallel ones, the latent-sharded one; on
+CUDA the one-process fused step replayed as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
 checkpoints, where the step's optimiser state travels in torch Adam's layout. The kernels'
 backend is resolved once, from the `backend` argument or the device
 (sae.kernels.backend.resolve_backend).
@@ -119,10 +119,16 @@ class Trainer:
             raise SAEError(f"data has {what} but the config asks for `d_out={config.d_out}`")
         self.config, self.source, self.out = config, source, out
         self.command = command if command is not None else list(sys.argv)
+        #: whether this process writes `out` (under torchrun rank 0 alone; the others still
+        #: take part in what a save gathers from the ranks)
+        self.writer = True
         self.device = torch.device(config.device)
         self.backend = resolve_backend(self.device, backend)
         torch.manual_seed(config.seed)
-        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config), config.d_out, config.skip).to(self.device)
+        #: where the model lives: the device, or host memory for a step that trains shards
+        #: of it on the ranks' devices (sae.latent_shard)
+        self.model_device = torch.device("cpu") if step == "shard-latents" else self.device
+        self.model = SparseAutoencoder(config.d_in, config.d_sae, make_rule(config), config.d_out, config.skip).to(self.model_device)
         self.model.backend = self.backend
         self.on_cuda = self.device.type == "cuda"
         #: the training step (sae.step.TrainStep)
@@ -203,7 +209,7 @@ class Trainer:
         self.target_scale = self.input_scale if y is x else self._scale_of(y, "target activations")
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.init_weights(generator, geometric_median(y * self.target_scale).cpu())
-        self.model.to(self.device)
+        self.model.to(self.model_device)
         self.density.fill_(training_rule(cfg.arch).initial_density(self.model.rule, cfg))
         self.stepper.weights_changed()
 
@@ -366,6 +372,7 @@ class Trainer:
 
     # ---- outputs -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        self.stepper.weights_to_model()
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -384,6 +391,9 @@ class Trainer:
         write that fails (unwritable folder, full disk) leaves the last checkpoint as it was."""
         assert self.out is not None
         self.check_finite()
+        state = self.state()
+        if not self.writer:
+            return
         data = self.source.describe()
         held = data_tokens(data)
         record = {
@@ -404,7 +414,7 @@ class Trainer:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as handle:  # through Python's file, so a failed write is an OSError
-                torch.save(self.state(), handle)
+                torch.save(state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.out / CHECKPOINT_FILE)
@@ -436,4 +446,7 @@ class Trainer:
     def save_sae(self, folder: str | Path) -> Path:
         """The trained SAE as a SAELens folder (input and target scales folded into the weights)."""
         self.check_finite()
+        self.stepper.weights_to_model()
+        if not self.writer:
+            return Path(folder)
         return save_sae(folder, self.model, self.input_scale, self.saelens_metadata(), target_scale=self.target_scale)

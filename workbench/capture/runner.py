@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from workbench.capture.batch_tables import HostCopy, PendingBatch, TokenVocabulary
 from workbench.capture.probe import BatchContext, Probe
+from workbench.capture.ranks import CaptureRanks
 from workbench.capture.texts import load_corpus
 from workbench.capture.windows import iter_batches, iter_windows
 from workbench.errors import WorkbenchError
@@ -173,8 +174,35 @@ def _check_compatible(root: Path, old: dict[str, Any], new: dict[str, Any]) -> N
         )
 
 
-def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, progress: bool = True) -> CaptureReport:
-    """Capture `settings.tokens` tokens into the store, resuming whatever is already there."""
+def _take_store(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The store's manifest: the one it holds (which must match this capture's) or, for a
+    new store, this capture's, written; then what killed writers left is cleared."""
+    old = read_manifest(root)
+    if old is not None:
+        _check_compatible(root, old, manifest)
+        manifest = old
+    elif not holds_only_leftovers(root):
+        raise WorkbenchError(f"{root} is not empty and is not a workbench store: use an empty or new folder")
+    else:
+        write_manifest(root, manifest)
+    remove_partial_batches(root)
+    return manifest
+
+
+def _joined_store(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest rank 0 took (_take_store), as a rank beside it sees it."""
+    old = read_manifest(root)
+    if old is None:
+        raise WorkbenchError(f"rank 0 did not open store {root} (its error says why)")
+    _check_compatible(root, old, manifest)
+    return old
+
+
+def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, progress: bool = True,
+                ranks: CaptureRanks = CaptureRanks()) -> CaptureReport:
+    """Capture `settings.tokens` tokens into the store, resuming whatever is already there.
+    ranks: this process's share under torchrun (workbench.capture.ranks: every rank runs
+    this with the same settings; the report counts all ranks' tokens)."""
     check_settings(settings)
     corpus = load_corpus(settings.data)
     settings.data = corpus.spec
@@ -204,16 +232,14 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
         raise
 
     manifest = _manifest_for(settings, handle, shapes, corpus.fingerprint)
-    old = read_manifest(root)
-    if old is not None:
-        _check_compatible(root, old, manifest)
-        manifest = old
-    elif not holds_only_leftovers(root):
-        raise WorkbenchError(f"{root} is not empty and is not a workbench store: use an empty or new folder")
+    if ranks.rank == 0:
+        try:
+            manifest = _take_store(root, manifest)
+        finally:
+            ranks.barrier()  # the other ranks start once the store is ready, or see why not
     else:
-        write_manifest(root, manifest)
-
-    remove_partial_batches(root)
+        ranks.barrier()
+        manifest = _joined_store(root, manifest)
     done = {int(p.name.removeprefix("batch-")): p for p in committed_batches(root)}
     stored_tokens = sum(_rows(p) for p in done.values())
 
@@ -227,12 +253,14 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
     writer = BatchWriter(root, threads=1 if handle.device.type == "cpu" else WRITER_THREADS_ON_ACCELERATOR)
     started = time.perf_counter()
     new_tokens = 0
-    bar = tqdm(total=settings.tokens, initial=stored_tokens, unit="tok", unit_scale=True, desc="capture", disable=not progress)
+    bar = tqdm(total=settings.tokens, initial=stored_tokens, unit="tok", unit_scale=True, desc="capture",
+               disable=not progress or ranks.rank != 0)
+    skip = set(done) | {n for n in range(n_batches) if not ranks.owns(n)}
     try:
         with ExitStack() as stack:
             for probe in probes:
                 stack.enter_context(probe.attach(handle))
-            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=set(done), last=n_batches - 1)
+            batches = iter_batches(iter_windows(handle, corpus.documents, ctx), batch_size, skip=skip, last=n_batches - 1)
             for number, ids, docs in batches:
                 token_index = number * batch_size * ctx + torch.arange(ids.numel()).view(ids.shape)
                 keep = token_index < settings.tokens
@@ -251,8 +279,9 @@ def run_capture(settings: CaptureSettings, handle: ModelHandle | None = None, pr
     finally:
         bar.close()
         writer.close()
+    new_tokens = ranks.total(new_tokens)  # every rank's batches are on disk past this
     exhausted = stored_tokens + new_tokens < settings.tokens
-    if not exhausted:
+    if not exhausted and ranks.rank == 0:
         manifest["capture"]["complete"] = True
         write_manifest(root, manifest)
     return CaptureReport(

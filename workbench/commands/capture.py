@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from workbench.capture.ranks import capture_ranks
 from workbench.capture.runner import CaptureSettings, run_capture
 from workbench.store.layout import activation_view
 from workbench.store.reader import Store
@@ -28,12 +29,17 @@ def capture_command(
                               "(bfloat16 for a model that runs in bf16, else float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
 ) -> None:
-    """Run the model over the data and record tokens, activations and probes into a store."""
-    settings = CaptureSettings(
-        model=model, data=data, hooks=_split(hooks), tokens=tokens, ctx=ctx, batch_size=batch_size,
-        store=store, dtype=dtype, probes=_split(probes), device=device,
-    )
-    report = run_capture(settings)
+    """Run the model over the data and record tokens, activations and probes into a store.
+    Under torchrun (`torchrun --nproc_per_node N -m workbench.cli capture ...`) the ranks
+    capture disjoint batches of the one store (workbench.capture.ranks)."""
+    with capture_ranks() as ranks:
+        settings = CaptureSettings(
+            model=model, data=data, hooks=_split(hooks), tokens=tokens, ctx=ctx, batch_size=batch_size,
+            store=store, dtype=dtype, probes=_split(probes), device=ranks.device(device),
+        )
+        report = run_capture(settings, ranks=ranks)
+    if ranks.rank:
+        return
     rate = report.new_tokens / report.seconds if report.seconds > 0 else 0.0
     resumed = f", resumed after {report.resumed_batches} stored batches" if report.resumed_batches else ""
     print(f"stored {report.tokens} tokens in {report.store} ({report.new_tokens} new at {rate:,.0f} tok/s{resumed})")

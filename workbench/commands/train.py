@@ -7,6 +7,7 @@ CLI attaches the command (with_rule_options), so a registered rule needs no chan
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import sys
@@ -102,12 +103,20 @@ def train_command(
     step: str = typer.Option(
         "auto",
         help="auto | fused | autograd: fused = the TopK step as Triton kernels with no autograd "
-        "(CUDA or --backend triton, --arch topk, --aux none or auxk, one process); auto = fused where it can run, else autograd.",
+        "(CUDA or --backend triton, --arch topk, --aux none or auxk); auto = fused where it can run, else autograd. "
+        "Under torchrun both run data parallel over the ranks.",
     ),
     backend: Optional[str] = typer.Option(
         None,
         help="triton | torch: the kernels' implementation (default: triton on CUDA, "
         "torch on the CPU; triton on the CPU runs only under TRITON_INTERPRET=1, for tests).",
+    ),
+    shard_latents: bool = typer.Option(
+        False,
+        "--shard-latents",
+        help="Under torchrun: split the SAE's features over the ranks (each holds d_sae / N of them and their Adam "
+        "state) instead of the batch, for an SAE wider than one GPU; --arch topk, --aux none; checkpoints every "
+        "--checkpoint-every steps (default 1000).",
     ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
@@ -139,7 +148,9 @@ def train_command(
 ) -> None:
     """Train a sparse autoencoder (TopK, Mutual Choice, GBA: any registered rule, --arch) on one
     hook of a store (or of a model run on the fly with --model), or with --target-hook a
-    transcoder from one stored hook to another (--skip: a skip transcoder)."""
+    transcoder from one stored hook to another (--skip: a skip transcoder). Under torchrun
+    (`torchrun --nproc_per_node N -m workbench.cli train ...`) the ranks train data parallel,
+    each on its GPU, and rank 0 writes --out (sae.step_choice says which step)."""
     from sae.config import TrainConfig
     from sae.trainer import Trainer
     from workbench.models.device import check_device
@@ -156,73 +167,89 @@ def train_command(
         raise WorkbenchError("--skip is a skip transcoder: pass --target-hook too")
     if target_hook is not None and model is not None:
         raise WorkbenchError("--target-hook trains from a store: capture both hooks with `workbench capture --hooks A,B`, then pass --store")
-    if store is not None:
-        from workbench import Store
-        from workbench.held_out import training_split
-        from workbench.training_data import StoreSource
+    from sae.distributed import launched_by_torchrun, process_group
 
-        opened = Store.open(store)
-        split = training_split(opened, out, resume, held_out)
-        source = StoreSource(
-            opened,
-            hook,
-            chunk_tokens=chunk_tokens,
-            buffer_chunks=buffer_chunks,
+    if shard_latents:
+        if not launched_by_torchrun():
+            raise WorkbenchError("--shard-latents splits the features over torchrun's processes: "
+                                 "launch with torchrun --nproc_per_node N -m workbench.cli train ...")
+        if step != "auto":
+            raise WorkbenchError(f"--shard-latents is its own step: drop --step {step}")
+        step, checkpoint_every = "shard-latents", checkpoint_every or 1000
+    group = process_group(device) if launched_by_torchrun() else contextlib.nullcontext((0, device))
+    with group as (rank, device):
+        if store is not None:
+            from workbench import Store
+            from workbench.held_out import training_split
+            from workbench.training_data import StoreSource
+
+            opened = Store.open(store)
+            split = training_split(opened, out, resume, held_out)
+            source = StoreSource(
+                opened,
+                hook,
+                chunk_tokens=chunk_tokens,
+                buffer_chunks=buffer_chunks,
+                seed=seed,
+                device=device,
+                resident=resident,
+                held_out=split,
+                target_hook=target_hook,
+            )
+            if split is not None and split.tokens and rank == 0:
+                print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
+        else:
+            if held_out:
+                raise WorkbenchError("--held-out applies to --store: live-model training (--model) has no store to hold tokens out of")
+            from workbench.training_data import live_model_source
+
+            source = live_model_source(model, data, hook, ctx, tokens, chunk_tokens, buffer_chunks, seed, device)
+        held = source.describe().get("store_tokens", source.describe().get("tokens"))
+        if held and tokens > held and rank == 0:
+            print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
+        width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
+        config = TrainConfig(
+            arch=arch,
+            d_in=source.d_in,
+            d_sae=width,
+            d_out=source.d_out,
+            skip=skip,
+            tokens=tokens,
+            batch_size=batch_size,
+            lr=lr,
             seed=seed,
             device=device,
-            resident=resident,
-            held_out=split,
-            target_hook=target_hook,
+            precision=precision,
+            aux=aux,
+            dead_tokens=dead_tokens,
+            checkpoint_every=checkpoint_every,
+            **settings,
         )
-        if split is not None and split.tokens:
-            print(f"held out for `workbench eval`: the last {split.windows:,} windows, token_index [{split.start:,}, {split.stop:,})")
-    else:
-        if held_out:
-            raise WorkbenchError("--held-out applies to --store: live-model training (--model) has no store to hold tokens out of")
-        from workbench.training_data import live_model_source
+        command = ["workbench", *sys.argv[1:]]
+        if resume:
+            trainer = Trainer.resume(out, source, config, command, step=step, backend=backend)
+        else:
+            trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
+        trainer.writer = rank == 0  # under torchrun rank 0 alone writes the run
+        trainer.fit(progress=progress and rank == 0)
+        last = trainer.history[-1] if trainer.history else {}
+        steps, step_kind = trainer.step, trainer.step_kind
+        del trainer  # a data-parallel step's DDP reducer, before the process group goes
+        if rank:
+            return
+        if release is not None and steps >= config.steps:
+            from workbench.analysis.features import sae_name
+            from workbench.releases import register_release
 
-        source = live_model_source(model, data, hook, ctx, tokens, chunk_tokens, buffer_chunks, seed, device)
-    held = source.describe().get("store_tokens", source.describe().get("tokens"))
-    if held and tokens > held:
-        print(f"note: {tokens:,} training tokens are {tokens / held:.1f} passes over the {held:,} tokens of the data")
-    width = d_sae if d_sae is not None else int(round((expansion if expansion is not None else 8.0) * source.d_in))
-    config = TrainConfig(
-        arch=arch,
-        d_in=source.d_in,
-        d_sae=width,
-        d_out=source.d_out,
-        skip=skip,
-        tokens=tokens,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        precision=precision,
-        aux=aux,
-        dead_tokens=dead_tokens,
-        checkpoint_every=checkpoint_every,
-        **settings,
-    )
-    command = ["workbench", *sys.argv[1:]]
-    if resume:
-        trainer = Trainer.resume(out, source, config, command, step=step, backend=backend)
-    else:
-        trainer = Trainer.start(config, source, out, command, step=step, backend=backend)
-    trainer.fit(progress=progress)
-    last = trainer.history[-1] if trainer.history else {}
-    if release is not None and trainer.step >= config.steps:
-        from workbench.analysis.features import sae_name
-        from workbench.releases import register_release
-
-        listed = register_release(release, sae_name(out), out, str(source.describe().get("model_name") or "unknown"),
-                                  l0=last.get("l0"), variance_explained=1 - last["fvu"] if "fvu" in last else None)  # fmt: skip
-        print(f"listed as {release}/{sae_name(out)} in {listed}")
-    kind = "" if config.d_out is None else f"{'skip ' if config.skip else ''}transcoder {hook} -> {target_hook}, "
-    print(
-        f"saved {out} ({kind}{config.arch}, {trainer.step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
-        f"{trainer.step * config.batch_size:,} tokens): "
-        f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
-    )
+            listed = register_release(release, sae_name(out), out, str(source.describe().get("model_name") or "unknown"),
+                                      l0=last.get("l0"), variance_explained=1 - last["fvu"] if "fvu" in last else None)  # fmt: skip
+            print(f"listed as {release}/{sae_name(out)} in {listed}")
+        kind = "" if config.d_out is None else f"{'skip ' if config.skip else ''}transcoder {hook} -> {target_hook}, "
+        print(
+            f"saved {out} ({kind}{config.arch}, {step_kind} step, d_in={config.d_in}, d_sae={config.d_sae}, "
+            f"{steps * config.batch_size:,} tokens): "
+            f"fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', float('nan')):.1f} dead={last.get('dead_fraction', float('nan')):.3f}"
+        )
 
 
 def eval_command(
