@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-
 from gpu_train import LR, N_POOL, WARMUP, Method, fvu_of, synthetic_pool
+
 from sae.config import TrainConfig
 from sae.data import TensorSource
 from sae.rules.matryoshka import default_widths

@@ -15,8 +15,8 @@ the first log to the last. One table line per rule.
     TRITON_INTERPRET=1 python3 bench/gpu_rules.py --device cpu --tiny --backend triton   # through the Triton kernels
 
 On CPU the trainer is switched to CUDA's path (bf16 autocast, and the sparse decode up to
-CUDA's code width) so the check covers it; --backend triton runs CUDA's kernels there too. GBA's codes are wide until its biases settle (half of d_sae at the start),
-hence the long default warm-up.
+CUDA's code width) so the check covers it; --backend triton runs CUDA's kernels there too.
+GBA's codes are wide until its biases settle, hence the long default warm-up.
 """
 
 from __future__ import annotations
