@@ -31,8 +31,16 @@ def _lazy(store: Store, console: Console) -> None:
     from workbench.analysis.lazy_neurons import analyze_lazy
 
     result = analyze_lazy(store)
-    console.print(_table("Lazy neurons: % of MLP neurons active per token", result["by_layer"],
-                         ["rule", "layer", "pct_active", "neurons", "dead", "dense"]))  # fmt: skip
+    if not result["by_layer"].empty:
+        console.print(_table("Lazy neurons: % of MLP neurons active per token", result["by_layer"],
+                             ["rule", "layer", "pct_active", "neurons", "dead", "dense"]))  # fmt: skip
+    if "experts" in result:
+        per_layer = result["experts"].groupby(["rule", "layer"], as_index=False).agg(
+            experts=("expert", "size"), pct_active=("pct_active", "mean"), dead=("dead", "sum"),
+            dense=("dense", "sum"), unrouted=("unrouted", "sum"),
+        )  # fmt: skip
+        console.print(_table("Lazy expert neurons: % active per routed token (mean over experts)", per_layer,
+                             ["rule", "layer", "experts", "pct_active", "dead", "dense", "unrouted"]))  # fmt: skip
 
 
 def _experts(store: Store, console: Console) -> None:
