@@ -29,9 +29,10 @@ def dense_store(folder: Path, tokens: int = 4000) -> Store:
 
 
 def moe_store(folder: Path, tokens: int = 1000) -> Store:
-    """An MoE model's store with the experts, sinks and routing probes."""
+    """An MoE model's store with the lazy (per-expert), experts, sinks and routing probes."""
     folder.mkdir(parents=True, exist_ok=True)
-    return capture(handle_for(moe_config(), name="planted-moe"), folder, ["experts", "sinks", "routing"], tokens=tokens, ctx=48, batch_size=8)
+    probes = ["lazy", "experts", "sinks", "routing"]
+    return capture(handle_for(moe_config(), name="planted-moe"), folder, probes, tokens=tokens, ctx=48, batch_size=8)
 
 
 def train_saes(store: Store, folder: Path, d_sae: int = 64, tokens: int = 2048) -> list[Path]:

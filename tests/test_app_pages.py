@@ -91,6 +91,19 @@ def test_lazy_neuron_widgets_change_the_figures(demo, monkeypatch):
     assert len(at.dataframe[1].value) > dense
 
 
+def test_moe_lazy_page_draws_experts_and_its_widgets_change_them(demo, monkeypatch):
+    at = open_page("lazy_neurons", demo.moe, monkeypatch)
+    before = specs(at)
+    assert len(before) == 3  # token heatmap, layer x expert heatmap, one layer's per-expert breakdown
+    assert "Expert neurons" in " ".join(h.value for h in at.subheader)
+    experts = before[1]["data"][0]
+    assert len(experts["y"]) == 4 and len(experts["x"]) == 4  # moe_config: 4 layers of 4 experts
+    checked(at.selectbox[0].set_value(3).run())
+    assert specs(at)[2]["data"] != before[2]["data"]
+    checked(at.radio[0].set_value("fat").run())
+    assert specs(at)[1]["data"][0]["z"] != experts["z"]
+
+
 def test_sink_threshold_changes_sink_rate(demo, monkeypatch):
     at = open_page("attention_sinks", demo.dense, monkeypatch)
     before = specs(at)[1]["data"]

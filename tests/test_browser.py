@@ -25,7 +25,7 @@ SHOTS = REPO / "docs" / "screenshots"
 #: (url path, screenshot name, plotly charts the page draws on its store)
 DENSE_PAGES = [("", "overview", 0), ("lazy_neurons", "lazy_neurons", 3), ("attention_sinks", "attention_sinks", 3),
                ("sae_features", "sae_features", 2), ("sae_comparison", "sae_comparison", 4)]  # fmt: skip
-MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6)]
+MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6), ("lazy_neurons", "lazy_neurons_moe", 3)]
 
 # Under CI (.ci/run installs Chromium) a missing browser fails the test instead of skipping it.
 pytestmark = pytest.mark.skipif(
