@@ -76,10 +76,12 @@ def expert_sections(store: Store, rule: str) -> None:
     )  # fmt: skip
     layer = st.selectbox("Layer of the expert breakdown", sorted(summary["layer"].unique()))
     part = summary[summary["layer"] == layer]
-    counts = part.melt(id_vars="expert", value_vars=["dead", "dense", "unrouted"], var_name="state", value_name="count")
+    part = part.assign(live=part["neurons"] - part["dead"] - part["dense"] - part["unrouted"])
+    counts = part.melt(id_vars="expert", value_vars=["dead", "dense", "live", "unrouted"], var_name="state", value_name="count")
     st.plotly_chart(
-        px.bar(counts, x="expert", y="count", color="state", barmode="group",
-               title=f"Layer {layer}: dead (never fired on a routed token), dense and unrouted neurons per expert ({rule})",
+        px.bar(counts, x="expert", y="count", color="state", barmode="stack",
+               color_discrete_map={"dead": "#d62728", "dense": "#1f77b4", "live": "#c7c7c7", "unrouted": "#ff7f0e"},
+               title=f"Layer {layer}: each expert's neurons, dead (never fired on a routed token), dense, live or unrouted ({rule})",
                labels={"count": "neurons"})
         .update_xaxes(dtick=1),
     )  # fmt: skip
