@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from workbench.capture.texts import load_corpus

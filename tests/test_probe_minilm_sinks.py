@@ -42,9 +42,7 @@ def test_special_token_alpha_rows_equal_the_patterns_read_directly(minilm_store)
     ids = torch.tensor(tokens["token_id"].values).view(-1, CTX)
     hooks = [f"blocks.{l}.attn.hook_pattern" for l in range(handle.n_layers)]
     cache = handle.run(ids, hooks)
-    rows = store.df(
-        "SELECT s.layer, s.head, s.pos, s.alpha, t.seq, t.token FROM sink_special_alpha AS s JOIN tokens AS t USING (token_index)"
-    )
+    rows = store.df("SELECT s.layer, s.head, s.pos, s.alpha, t.seq, t.token FROM sink_special_alpha AS s JOIN tokens AS t USING (token_index)")
     assert set(rows["token"]) == {"[CLS]", "[SEP]"}  # plain English: no [UNK]
     sep = rows[rows["token"] == "[SEP]"]
     assert set(sep["pos"]) == {CTX - 1} and len(sep) == len(ids) * handle.n_layers * 12  # every window, layer, head

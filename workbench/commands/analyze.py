@@ -71,8 +71,10 @@ def _sinks(store: Store, console: Console) -> None:
     console.print(_table("Hidden sinks (later positions with alpha > 0.1)", result["hidden"].head(10),
                          ["token", "occurrences", "heads", "mean_alpha"]))  # fmt: skip
     if "special" in result:
-        special = result["special"].groupby("special", as_index=False).agg(
-            mean_alpha=("alpha", "mean"), max_alpha=("alpha", "max"), occurrences=("occurrences", "max")
+        special = (
+            result["special"]
+            .groupby("special", as_index=False)
+            .agg(mean_alpha=("alpha", "mean"), max_alpha=("alpha", "max"), occurrences=("occurrences", "max"))
         )
         console.print(_table("Special tokens: alpha over heads", special, ["special", "mean_alpha", "max_alpha", "occurrences"]))
 

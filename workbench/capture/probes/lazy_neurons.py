@@ -189,9 +189,7 @@ class LazyNeuronProbe(Probe):
         active fraction of the hidden neurons of the experts it was routed to (into `activity`)."""
         keep = ctx.keep.reshape(-1)
         flat_index = ctx.token_index.reshape(-1)
-        counts = Rows(
-            layer=pa.int32(), expert=pa.int32(), rule=pa.string(), neuron=pa.int32(), fired=pa.int64(), tokens=pa.int64()
-        )
+        counts = Rows(layer=pa.int32(), expert=pa.int32(), rule=pa.string(), neuron=pa.int32(), fired=pa.int64(), tokens=pa.int64())
         top = Rows(layer=pa.int32(), expert=pa.int32(), neuron=pa.int32(), value=pa.float32(), token_index=pa.int64())
         thresholds = Rows(layer=pa.int32(), expert=pa.int32(), threshold=pa.float32(), cett=pa.float32())
         for moe in self.moe:
