@@ -1,7 +1,8 @@
 """Small real stores for the app's tests: captures of the tiny test models through the real
 runner, three SAEs (TopK, Mutual Choice, GBA) trained on one hook with their training records,
-their feature passes, and a zoo model's store (tiny-relu, which the app can load, so the
-pages that run the model have one) with one TopK SAE."""
+their feature passes, a zoo model's store (tiny-relu, which the app can load, so the
+pages that run the model have one) with one TopK SAE, and an encoder's store (MiniLM's sinks
+on the builtin-english corpus, for the special-token sections)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from sae.trainer import Trainer
 from tests.phenomena_models import capture, dense_config, handle_for, moe_config
 from workbench import Store
 from workbench.analysis.features import run_feature_pass
+from workbench.capture.runner import CaptureSettings, run_capture
+from workbench.models.english_corpus import ENGLISH_SPEC
 from workbench.models.registry import load_model
 from workbench.training_data import StoreSource
 
@@ -29,9 +32,10 @@ def dense_store(folder: Path, tokens: int = 4000) -> Store:
 
 
 def moe_store(folder: Path, tokens: int = 1000) -> Store:
-    """An MoE model's store with the experts, sinks and routing probes."""
+    """An MoE model's store with the lazy (per-expert), experts, sinks and routing probes."""
     folder.mkdir(parents=True, exist_ok=True)
-    return capture(handle_for(moe_config(), name="planted-moe"), folder, ["experts", "sinks", "routing"], tokens=tokens, ctx=48, batch_size=8)
+    probes = ["lazy", "experts", "sinks", "routing"]
+    return capture(handle_for(moe_config(), name="planted-moe"), folder, probes, tokens=tokens, ctx=48, batch_size=8)
 
 
 def train_saes(store: Store, folder: Path, d_sae: int = 64, tokens: int = 2048) -> list[Path]:
@@ -53,6 +57,7 @@ class DemoStores:
     saes: list[Path]
     zoo: Path
     zoo_sae: Path
+    minilm: Path
 
 
 def demo_stores(base: Path) -> DemoStores:
@@ -65,9 +70,19 @@ def demo_stores(base: Path) -> DemoStores:
         moe_store(root / "moe")
         train_saes(dense, root / "saes")
         zoo_store(root / "zoo")
+        minilm_store(root / "minilm")
         (root / "built").touch()
     return DemoStores(root / "dense" / "store", root / "moe" / "store", sorted((root / "saes").iterdir()),
-                      root / "zoo" / "store", root / "zoo" / "sae-topk")  # fmt: skip
+                      root / "zoo" / "store", root / "zoo" / "sae-topk", root / "minilm" / "store")  # fmt: skip
+
+
+def minilm_store(folder: Path, tokens: int = 1024) -> Store:
+    """all-MiniLM-L6-v2's sinks probe over the builtin-english corpus (the demo's MiniLM data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = CaptureSettings(model="all-MiniLM-L6-v2", data=ENGLISH_SPEC, hooks=[], tokens=tokens, ctx=64, batch_size=4,
+                               store=str(folder / "store"), probes=["sinks"])  # fmt: skip
+    run_capture(settings, handle=load_model("minilm"), progress=False)
+    return Store.open(folder / "store")
 
 
 def zoo_store(folder: Path, tokens: int = 1500) -> Store:

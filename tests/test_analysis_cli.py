@@ -74,9 +74,9 @@ def test_zoo_moe_capture_with_all_probes_then_analyze_all(tmp_path, monkeypatch,
     assert code == 0, err
     code, out, err = _cli(monkeypatch, capsys, "analyze", "all", "--store", str(store))
     assert code == 0, err
-    for title in ("Experts:", "Massive activations", "Sink_1", "Routing:", "Simulated drops"):
+    for title in ("Lazy expert neurons", "Experts:", "Massive activations", "Sink_1", "Routing:", "Simulated drops"):
         assert title in out
-    assert "Lazy neurons" not in out  # MoE experts are not dense MLPs
+    assert "Lazy neurons:" not in out  # no dense MLP: only the experts' neurons are counted
     code, out, err = _cli(monkeypatch, capsys, "capture", "--model", "tiny-relu", *args, "--probes", "experts", "--store", str(tmp_path / "relu"))
     assert code == 2
     assert err.strip() == "error: probe 'experts' cannot run: model tiny-relu has no mixture-of-experts layers"

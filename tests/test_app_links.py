@@ -3,25 +3,15 @@
 
 from __future__ import annotations
 
-import base64
-
-import numpy as np
 import pytest
 
 from tests.link_stores import SINK_HEAD, link_stores, routed_expert
-from tests.test_app_pages import checked, open_page, specs
+from tests.test_app_pages import checked, open_page, specs, values
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     return link_stores(tmp_path_factory.getbasetemp())
-
-
-def values(column) -> list:
-    """A figure column as a list: plotly writes numpy arrays as {"dtype", "bdata" (base64)}."""
-    if isinstance(column, dict):
-        return np.frombuffer(base64.b64decode(column["bdata"]), dtype=column["dtype"]).tolist()
-    return list(column)
 
 
 def metrics(at) -> dict[str, str]:

@@ -3,15 +3,19 @@ figures drawn from real stores, and each page's widgets changing its figures' da
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.store_access import SAES_ENV, STORE_ENV
 from tests.app_stores import demo_stores
+from workbench import Store
+from workbench.analysis.attention_sinks import special_token_alpha
 
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
 PAGES = ["overview", "lazy_neurons", "super_experts", "attention_sinks", "routing", "sae_features", "sae_comparison"]
@@ -40,6 +44,13 @@ def checked(at: AppTest) -> AppTest:
 
 def specs(at: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def values(column) -> list:
+    """A figure column as a flat list: plotly writes numpy arrays as {"dtype", "bdata" (base64)}."""
+    if isinstance(column, dict):
+        return np.frombuffer(base64.b64decode(column["bdata"]), dtype=column["dtype"]).tolist()
+    return list(column)
 
 
 def infos(at: AppTest) -> str:
@@ -91,11 +102,36 @@ def test_lazy_neuron_widgets_change_the_figures(demo, monkeypatch):
     assert len(at.dataframe[1].value) > dense
 
 
+def test_moe_lazy_page_draws_experts_and_its_widgets_change_them(demo, monkeypatch):
+    at = open_page("lazy_neurons", demo.moe, monkeypatch)
+    before = specs(at)
+    assert len(before) == 3  # token heatmap, layer x expert heatmap, one layer's per-expert breakdown
+    assert "Expert neurons" in " ".join(h.value for h in at.subheader)
+    experts = before[1]["data"][0]
+    assert len(experts["y"]) == 4 and len(experts["x"]) == 4  # moe_config: 4 layers of 4 experts
+    checked(at.selectbox[0].set_value(3).run())
+    assert specs(at)[2]["data"] != before[2]["data"]
+    checked(at.radio[0].set_value("fat").run())
+    assert specs(at)[1]["data"][0]["z"] != experts["z"]
+
+
 def test_sink_threshold_changes_sink_rate(demo, monkeypatch):
     at = open_page("attention_sinks", demo.dense, monkeypatch)
     before = specs(at)[1]["data"]
     checked(at.slider[0].set_value(0.05).run())
     assert specs(at)[1]["data"] != before
+
+
+def test_special_token_heatmaps_show_the_stored_alpha(demo, monkeypatch):
+    at = open_page("attention_sinks", demo.minilm, monkeypatch)
+    titles = {fig["layout"]["title"]["text"].split(" per head")[0]: fig for fig in specs(at)}
+    special = special_token_alpha(Store.open(demo.minilm))
+    for token in ("[CLS]", "[SEP]"):
+        fig = titles[f"Mean alpha of {token}"]
+        expected = special[special["special"] == token].pivot(index="layer", columns="head", values="alpha").to_numpy()
+        np.testing.assert_allclose(values(fig["data"][0]["z"]), expected.ravel(), rtol=1e-6)
+    at = open_page("attention_sinks", demo.dense, monkeypatch)  # a decoder: its <bos> frames every window
+    assert any(fig["layout"]["title"]["text"].startswith("Mean alpha of <bos>") for fig in specs(at))
 
 
 def test_super_expert_cuts_change_the_verdicts(demo, monkeypatch):

@@ -23,9 +23,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "docs" / "screenshots"
 #: (url path, screenshot name, plotly charts the page draws on its store)
-DENSE_PAGES = [("", "overview", 0), ("lazy_neurons", "lazy_neurons", 3), ("attention_sinks", "attention_sinks", 3),
+DENSE_PAGES = [("", "overview", 0), ("lazy_neurons", "lazy_neurons", 3), ("attention_sinks", "attention_sinks", 5),
                ("sae_features", "sae_features", 2), ("sae_comparison", "sae_comparison", 4)]  # fmt: skip
-MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6)]
+MOE_PAGES = [("super_experts", "super_experts", 2), ("routing", "routing", 6), ("lazy_neurons", "lazy_neurons_moe", 3)]
+#: MiniLM's store: an encoder's [CLS] and [SEP] heatmaps, and a pattern the app computes with the model
+ENCODER_PAGES = [("attention_sinks", "attention_sinks_minilm", 6)]
 
 # Under CI (.ci/run installs Chromium) a missing browser fails the test instead of skipping it.
 pytestmark = pytest.mark.skipif(
@@ -101,6 +103,8 @@ def test_every_page_renders_in_chromium(tmp_path_factory, tmp_path):
                 check_pages(browser, url, DENSE_PAGES)
             with serving(demo.moe, [], tmp_path / "moe.log") as url:
                 check_pages(browser, url, MOE_PAGES)
+            with serving(demo.minilm, [], tmp_path / "minilm.log") as url:
+                check_pages(browser, url, ENCODER_PAGES)
         finally:
             browser.close()
-    assert {p.stem for p in SHOTS.glob("*.png")} >= {name for _, name, _ in DENSE_PAGES + MOE_PAGES}
+    assert {p.stem for p in SHOTS.glob("*.png")} >= {name for _, name, _ in DENSE_PAGES + MOE_PAGES + ENCODER_PAGES}

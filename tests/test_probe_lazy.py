@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from tests.phenomena_models import capture, dense_config, handle_for, moe_config, stored_ids
-from workbench.analysis.lazy_neurons import active_percent_by_layer, analyze_lazy, neuron_top_tokens
+from workbench.analysis.lazy_neurons import (
+    active_percent_by_layer,
+    analyze_lazy,
+    expert_neuron_frequencies,
+    has_expert_rows,
+    neuron_top_tokens,
+)
 from workbench.capture.probes.lazy_neurons import LazyNeuronProbe, dropped_output_norm
 from workbench.capture.probes.registry import make_probes
 from workbench.errors import WorkbenchError
@@ -83,11 +89,62 @@ def test_probe_selection_all_skips_what_does_not_apply_and_explicit_names_fail_l
     dense = handle_for(dense_config("relu"))
     moe = handle_for(moe_config(n_layers=2))
     assert [p.name for p in make_probes(["all"], dense)] == ["lazy", "sinks"]
-    assert [p.name for p in make_probes(["all"], moe)] == ["experts", "sinks", "routing"]
+    assert [p.name for p in make_probes(["all"], moe)] == ["lazy", "experts", "sinks", "routing"]
     with pytest.raises(WorkbenchError, match="probe 'experts' cannot run: model planted has no mixture-of-experts"):
         make_probes(["experts"], dense)
-    with pytest.raises(WorkbenchError, match="probe 'lazy' cannot run"):
-        make_probes(["lazy", "routing"], moe)
     with pytest.raises(WorkbenchError, match="unknown probe 'neurons'"):
         make_probes(["neurons"], dense)
     assert LazyNeuronProbe(dense).rules == ["zero"]
+
+
+@torch.inference_mode()
+def test_moe_expert_counts_match_a_direct_computation_over_routed_tokens(tmp_path):
+    handle = handle_for(moe_config(n_layers=2, seed=3))
+    unrouted, dead = (1, 3), (0, 2, 5)  # (layer, expert), (layer, expert, neuron)
+    # the router never picks expert 3 of layer 1: its softmax weight is zeroed before top-k
+    silence = torch.ones(4)
+    silence[unrouted[1]] = 0.0
+    handle.model.add_hook(f"blocks.{unrouted[0]}.mlp.hook_expert_weights", lambda probs, hook: probs * silence, is_permanent=True)
+    handle.model.blocks[dead[0]].mlp.experts[dead[1]].W_gate.weight[dead[2]] = 0.0  # silu(0) * up = 0 exactly
+    store = capture(handle, tmp_path, ["lazy"], tokens=TOKENS, ctx=CTX, batch_size=BATCH)
+    ids = stored_ids(store, CTX)
+    hooks = [f"blocks.{l}.{h}" for l in range(2) for h in ("ln2.hook_normalized", "mlp.hook_expert_indices")]
+    cache = handle.run(ids, hooks)
+    counts = store.df("SELECT layer, expert, rule, neuron, sum(fired) AS fired, sum(tokens) AS n FROM lazy_expert_counts GROUP BY ALL")
+    thresholds = store.df("SELECT batch, layer, expert, threshold FROM lazy_expert_cett_threshold")
+    per_batch = BATCH * CTX
+    for layer in range(2):
+        x = cache[f"blocks.{layer}.ln2.hook_normalized"].reshape(-1, 32)[:TOKENS]
+        chosen = cache[f"blocks.{layer}.mlp.hook_expert_indices"].reshape(-1, 2)[:TOKENS]
+        fired_per_token = torch.zeros(TOKENS)
+        for e, expert in enumerate(handle.model.blocks[layer].mlp.experts):
+            routed = torch.nonzero((chosen == e).any(-1))[:, 0]
+            hidden = torch.nn.functional.silu(expert.W_gate(x[routed])) * expert.W_in(x[routed])
+            w_norm = expert.W_out.weight.norm(dim=0)
+            cett = torch.zeros_like(hidden, dtype=torch.bool)
+            for _, t in thresholds[(thresholds["layer"] == layer) & (thresholds["expert"] == e)].iterrows():
+                rows = (routed // per_batch) == int(t["batch"])
+                cett[rows] = hidden[rows].abs() * w_norm >= t["threshold"]
+            expected = {"zero": hidden != 0, "fat": hidden.abs() >= 1e-2, "cett": cett}
+            for rule, active in expected.items():
+                got = counts[(counts["layer"] == layer) & (counts["expert"] == e) & (counts["rule"] == rule)].sort_values("neuron")
+                np.testing.assert_array_equal(got["fired"].to_numpy(), active.sum(0).numpy())
+                assert (got["n"] == len(routed)).all()
+            fired_per_token.index_add_(0, routed, expected["fat"].sum(1).float())
+        frac = store.df("SELECT active_frac FROM lazy_token_activity WHERE layer = ? AND rule = 'fat' ORDER BY token_index", [layer])
+        np.testing.assert_allclose(frac["active_frac"].to_numpy(), (fired_per_token / (2 * 32)).numpy(), rtol=1e-6)
+    assert store.df("SELECT count(*) AS n FROM lazy_neuron_counts")["n"][0] == 0  # no dense MLP
+    result = analyze_lazy(store)
+    zero = result["expert_frequencies"].query("rule == 'zero'")
+    assert {(r.layer, r.expert) for r in zero.itertuples() if r.state == "unrouted"} == {unrouted}
+    assert {(r.layer, r.expert, r.neuron) for r in zero.itertuples() if r.state == "dead"} == {dead}
+    summary = store.df("SELECT layer, expert, routed, unrouted FROM lazy_expert_summary WHERE rule = 'zero' AND unrouted > 0")
+    assert list(zip(summary["layer"], summary["expert"], summary["routed"], summary["unrouted"])) == [(*unrouted, 0, 32)]
+
+
+def test_expert_rows_are_absent_not_an_error_on_dense_stores(tmp_path):
+    store = capture(handle_for(dense_config("relu", n_layers=1)), tmp_path, ["lazy"], tokens=100)
+    assert not has_expert_rows(store)
+    assert "experts" not in analyze_lazy(store)
+    with pytest.raises(WorkbenchError, match="has no expert rows"):
+        expert_neuron_frequencies(store)

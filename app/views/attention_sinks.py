@@ -1,5 +1,6 @@
-"""Attention sinks: layer x head alpha_1, Sink_1 per layer, hidden-sink tokens, and one head's
-pattern on a chosen text (workbench.analysis.attention_sinks; the pattern runs the model)."""
+"""Attention sinks: layer x head alpha_1, Sink_1 per layer, hidden-sink tokens, a layer x head
+alpha heatmap per special token ([CLS], [SEP], <bos>...), and one head's pattern on a chosen
+text (workbench.analysis.attention_sinks; the pattern runs the model)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from app.store_access import guarded, model_or_reason, require_store
+from app.store_access import cached, guarded, model_or_reason, require_store
 from app.views.phenomenon_features import phenomenon_features_section
 from workbench.analysis import attention_sinks as sinks
 
@@ -34,6 +35,19 @@ if len(hidden):
     st.dataframe(hidden, hide_index=True, height=220)
 else:
     st.caption("No position after the first reached alpha > 0.1 in any head.")
+
+st.subheader("Special tokens: alpha per head")
+if cached(sinks.has_special_rows, store):
+    special = guarded(sinks.special_token_alpha, store)
+    for token, part in special.groupby("special", sort=True):
+        grid = part.pivot(index="layer", columns="head", values="alpha")
+        st.plotly_chart(
+            go.Figure(go.Heatmap(z=grid.to_numpy(), x=[f"h{h}" for h in grid.columns], y=[f"layer {l}" for l in grid.index],
+                                 zmin=0, zmax=1, colorscale="Blues", colorbar={"title": "alpha"}))
+            .update_layout(title=f"Mean alpha of {token} per head ({int(part['occurrences'].max())} occurrences)"),
+        )  # fmt: skip
+else:
+    st.caption("This store was captured before special-token rows existed: recapture with --probes sinks to see them.")
 
 st.subheader("One head's attention pattern")
 handle, reason = model_or_reason(store)

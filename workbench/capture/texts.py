@@ -1,4 +1,5 @@
-"""Reading the documents to capture from: a text file, a folder of them, JSONL, or `builtin`.
+"""Reading the documents to capture from: a text file, a folder of them, JSONL, `builtin` (the
+Python standard library's source) or `builtin-english` (the Python reference manual's prose).
 
 Everything is read and checked before the model loads or the store is touched, so a bad
 data argument costs nothing and changes nothing.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.models.english_corpus import ENGLISH_SPEC, english_documents
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".json", ".jsonl", ".csv", ".html", ".tex"}
 
@@ -61,10 +63,12 @@ def load_corpus(spec: str) -> Corpus:
         from workbench.models.corpus import builtin_documents
 
         docs = builtin_documents("train")
+    elif spec == ENGLISH_SPEC:
+        docs = english_documents()
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise WorkbenchError(f"data '{spec}' does not exist (give a text file, a folder, a .jsonl file or `builtin`)")
+            raise WorkbenchError(f"data '{spec}' does not exist (give a text file, a folder, a .jsonl file, `builtin` or `{ENGLISH_SPEC}`)")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
             if not files:

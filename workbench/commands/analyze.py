@@ -31,8 +31,16 @@ def _lazy(store: Store, console: Console) -> None:
     from workbench.analysis.lazy_neurons import analyze_lazy
 
     result = analyze_lazy(store)
-    console.print(_table("Lazy neurons: % of MLP neurons active per token", result["by_layer"],
-                         ["rule", "layer", "pct_active", "neurons", "dead", "dense"]))  # fmt: skip
+    if not result["by_layer"].empty:
+        console.print(_table("Lazy neurons: % of MLP neurons active per token", result["by_layer"],
+                             ["rule", "layer", "pct_active", "neurons", "dead", "dense"]))  # fmt: skip
+    if "experts" in result:
+        per_layer = result["experts"].groupby(["rule", "layer"], as_index=False).agg(
+            experts=("expert", "size"), pct_active=("pct_active", "mean"), dead=("dead", "sum"),
+            dense=("dense", "sum"), unrouted=("unrouted", "sum"),
+        )  # fmt: skip
+        console.print(_table("Lazy expert neurons: % active per routed token (mean over experts)", per_layer,
+                             ["rule", "layer", "experts", "pct_active", "dead", "dense", "unrouted"]))  # fmt: skip
 
 
 def _experts(store: Store, console: Console) -> None:
@@ -62,6 +70,13 @@ def _sinks(store: Store, console: Console) -> None:
     console.print(_table("alpha_1 per layer x head", grid.reset_index(), ["layer", *grid.columns]))
     console.print(_table("Hidden sinks (later positions with alpha > 0.1)", result["hidden"].head(10),
                          ["token", "occurrences", "heads", "mean_alpha"]))  # fmt: skip
+    if "special" in result:
+        special = (
+            result["special"]
+            .groupby("special", as_index=False)
+            .agg(mean_alpha=("alpha", "mean"), max_alpha=("alpha", "max"), occurrences=("occurrences", "max"))
+        )
+        console.print(_table("Special tokens: alpha over heads", special, ["special", "mean_alpha", "max_alpha", "occurrences"]))
 
 
 def _routing(store: Store, console: Console) -> None:

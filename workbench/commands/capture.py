@@ -18,7 +18,7 @@ def _split(value: str) -> list[str]:
 
 def capture_command(
     model: str = typer.Option(..., "--model", help="zoo name (tiny-relu, tiny-moe), all-MiniLM-L6-v2, a local HF folder, or a TransformerLens name"),
-    data: str = typer.Option("builtin", "--data", help="a text file, a folder of text files, a JSONL file with a 'text' field, or `builtin`"),
+    data: str = typer.Option("builtin", "--data", help="a text file or folder, a JSONL file with a 'text' field, `builtin` or `builtin-english`"),
     hooks: str = typer.Option("", "--hooks", help="comma-separated TransformerLens hook names or globs, e.g. blocks.2.hook_resid_post"),
     tokens: int = typer.Option(100_000, "--tokens", help="tokens to store, exactly"),
     ctx: int = typer.Option(128, "--ctx", help="context length of each window, special tokens included"),

@@ -17,18 +17,22 @@ import typer
 from sae.registry import rule_names, training_rule
 from workbench.commands.train import flag
 from workbench.errors import WorkbenchError
+from workbench.models.english_corpus import ENGLISH_SPEC
 
 SAE_HOOK = "blocks.2.hook_resid_post"
 
 
 def capture_steps(root: Path, tokens: int) -> list[list[str]]:
-    """Captures of the three built-in models, each with every probe that applies, then their analyses."""
-    plan = [("tiny-relu", tokens, 32), ("tiny-moe", tokens // 2, 32), ("all-MiniLM-L6-v2", tokens // 16, 16)]
+    """Captures of the three built-in models, each with every probe that applies, then their analyses.
+    The zoo models read Python source (what they were trained on); MiniLM, trained on natural
+    language, reads the English prose of the Python reference manual."""
+    plan = [("tiny-relu", tokens, 32, "builtin"), ("tiny-moe", tokens // 2, 32, "builtin"),
+            ("all-MiniLM-L6-v2", tokens // 16, 16, ENGLISH_SPEC)]  # fmt: skip
     steps = []
-    for model, n, batch in plan:
+    for model, n, batch, data in plan:
         store = str(root / model)
         hook = "blocks.3.hook_resid_post" if model.startswith("all-MiniLM") else SAE_HOOK
-        steps.append(["capture", "--model", model, "--data", "builtin", "--hooks", hook, "--probes", "all",
+        steps.append(["capture", "--model", model, "--data", data, "--hooks", hook, "--probes", "all",
                       "--tokens", str(n), "--ctx", "128", "--batch-size", str(batch), "--store", store])
         steps.append(["analyze", "all", "--store", store])
     return steps

@@ -12,7 +12,11 @@ Per batch the probe writes, never a T x T pattern:
 - sink_first_alpha (layer, head, first_token_index, alpha_1): alpha of the first position per
   sample, from which Sink_1 = % of (sample, layer, head) with alpha_1 > eps at any eps;
 - sink_hidden (layer, head, token_index, pos, alpha): per sample, the later positions with
-  alpha > hidden_threshold (ACT's hidden sinks), with the token that sat there.
+  alpha > hidden_threshold (ACT's hidden sinks), with the token that sat there;
+- sink_special_alpha (layer, head, token_index, pos, alpha): per sample, alpha of every
+  position holding one of the tokenizer's special tokens ([CLS], [SEP], [UNK]... for BERT
+  encoders, <bos>/<eos> for decoders; the tokens table names which), so the mass special
+  tokens take is read per token kind, not only at position 0.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ def pattern_hooks(handle: ModelHandle) -> list[str]:
     names = set(handle.hook_names())
     hooks = [f"blocks.{l}.attn.hook_pattern" for l in range(handle.n_layers)]
     return [h for h in hooks if h in names]
+
+
+def special_token_ids(handle: ModelHandle) -> list[int]:
+    """Ids of every special token of the model's tokenizer and of its window frame."""
+    ids = {int(i) for i in getattr(handle.tokenizer, "all_special_ids", None) or []}
+    return sorted(ids | set(handle.prefix_ids) | set(handle.suffix_ids))
 
 
 def key_importance(pattern: torch.Tensor, keep: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +64,7 @@ class AttentionSinkProbe(Probe):
         self.hooks = pattern_hooks(handle)
         self.causal = handle.kind != "encoder"
         self.hidden_threshold = hidden_threshold
+        self.special_ids = special_token_ids(handle)
 
     @staticmethod
     def unavailable(handle: ModelHandle) -> str | None:
@@ -69,7 +80,10 @@ class AttentionSinkProbe(Probe):
         attention = Rows(layer=pa.int32(), head=pa.int32(), pos=pa.int32(), attention_sum=pa.float64(), n_queries=pa.int64())
         first = Rows(layer=pa.int32(), head=pa.int32(), first_token_index=pa.int64(), alpha_1=pa.float32())
         hidden = Rows(layer=pa.int32(), head=pa.int32(), token_index=pa.int64(), pos=pa.int32(), alpha=pa.float32())
+        special = Rows(layer=pa.int32(), head=pa.int32(), token_index=pa.int64(), pos=pa.int32(), alpha=pa.float32())
         samples = keep[:, 0]
+        special_ids = torch.tensor(self.special_ids, dtype=ctx.tokens.dtype, device=ctx.tokens.device)
+        sb, sk = torch.nonzero(torch.isin(ctx.tokens, special_ids) & keep.to(ctx.tokens.device), as_tuple=True)
         for hook in self.hooks:
             layer = int(hook.split(".")[1])
             pattern = cache[hook]
@@ -96,8 +110,12 @@ class AttentionSinkProbe(Probe):
             later[:, :, 0] = False
             b, h, k = torch.nonzero(later, as_tuple=True)
             hidden.add(layer=layer, head=h, token_index=ctx.token_index[b, k], pos=k, alpha=alpha[b, h, k])
+            for head in range(n_heads):
+                where = (sb.to(alpha.device), head, sk.to(alpha.device))
+                special.add(layer=layer, head=head, token_index=ctx.token_index[sb, sk], pos=sk, alpha=alpha[where])
         return {
             "sink_attention": attention.table(ctx.batch),
             "sink_first_alpha": first.table(ctx.batch),
             "sink_hidden": hidden.table(ctx.batch),
+            "sink_special_alpha": special.table(ctx.batch),
         }

@@ -2,10 +2,11 @@
 
 Two shapes of MoE layer exist here: TransformerLens' MoE block (a router whose softmax passes
 through `hook_expert_weights`, and one small module per expert whose `W_out` is a plain
-nn.Linear), and the fused layers of transformers 5 (Mixtral, OLMoE, Qwen-MoE: a `gate` router
-returning (logits, top-k weights, top-k indices) and one `experts` module holding 3-D
-`gate_up_proj` / `down_proj` weights). Fused experts cannot be hooked one by one, so their
-down-projection outputs are recomputed from the routed inputs and `down_proj[e]`.
+nn.Linear taking the expert's hidden activation), and the fused layers of transformers 5
+(Mixtral, OLMoE, Qwen-MoE: a `gate` router returning (logits, top-k weights, top-k indices)
+and one `experts` module holding 3-D `gate_up_proj` / `down_proj` weights). Fused experts cannot be hooked one by one, so their
+hidden activations and down-projection outputs are recomputed from the routed inputs,
+`gate_up_proj[e]` and `down_proj[e]`.
 
 Both shapes are found by walking the model's modules, so a model wrapped by a loader
 (TransformerBridge or a bare Hugging Face model) is found the same way.
@@ -158,9 +159,15 @@ def routed_rows(indices: torch.Tensor, expert: int) -> torch.Tensor:
     return token
 
 
+#: Called once per (layer, expert) and forward pass with the flat token of every routed row,
+#: the expert's hidden activation (act_fn(gate) * up) [n_e, d_expert] and its down-projection
+#: output [n_e, d_model], before the routing weight.
+ExpertRowsCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 @contextmanager
-def record_expert_outputs(layers: list[MoeLayer], sink: dict[int, ExpertOutputs]) -> Iterator[None]:
-    """While open, per layer and expert, the max |down-proj output| of every routed row goes to sink."""
+def record_expert_rows(layers: list[MoeLayer], on_rows: ExpertRowsCallback) -> Iterator[None]:
+    """While open, every forward pass hands each expert's routed rows to on_rows(layer, expert, tokens, hidden, output)."""
     handles: list[torch.utils.hooks.RemovableHandle] = []
     routing: dict[int, RoutedBatch] = {}
     with _removed_on_exit(handles):
@@ -168,16 +175,34 @@ def record_expert_outputs(layers: list[MoeLayer], sink: dict[int, ExpertOutputs]
             if moe.style == "tl":
                 handles.append(moe.block.hook_expert_indices.register_forward_hook(_remember_indices(moe, routing)))
                 for e, expert in enumerate(moe.block.experts):
-                    handles.append(expert.W_out.register_forward_hook(_tl_expert_hook(moe, e, routing, sink)))
+                    handles.append(expert.W_out.register_forward_hook(_tl_expert_hook(moe, e, routing, on_rows)))
             else:
                 experts = moe.block.experts
                 if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "act_fn"):
                     raise WorkbenchError(
                         f"MoE layer {moe.layer} has fused experts without gate_up_proj/act_fn; "
-                        "the experts probe knows Mixtral, OLMoE and Qwen-MoE layouts"
+                        "the expert probes know Mixtral, OLMoE and Qwen-MoE layouts"
                     )
-                handles.append(experts.register_forward_hook(_fused_experts_hook(moe, sink), with_kwargs=True))
+                handles.append(experts.register_forward_hook(_fused_experts_hook(moe, on_rows), with_kwargs=True))
         yield
+
+
+@contextmanager
+def record_expert_outputs(layers: list[MoeLayer], sink: dict[int, ExpertOutputs]) -> Iterator[None]:
+    """While open, per layer and expert, the max |down-proj output| of every routed row goes to sink."""
+
+    def on_rows(layer: int, expert: int, tokens: torch.Tensor, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        _store_rows(sink.setdefault(layer, ExpertOutputs()), expert, output, tokens)
+
+    with record_expert_rows(layers, on_rows):
+        yield
+
+
+def expert_down_weight(moe: MoeLayer, expert: int) -> torch.Tensor:
+    """Expert `expert`'s down projection as W_out [d_expert, d_model] (row i: what hidden neuron i writes)."""
+    if moe.style == "tl":
+        return moe.block.experts[expert].W_out.weight.detach().T
+    return moe.block.experts.down_proj[expert].detach().T
 
 
 def _remember_indices(moe: MoeLayer, routing: dict[int, RoutedBatch]) -> Callable[..., None]:
@@ -200,28 +225,27 @@ def _store_rows(out: ExpertOutputs, expert: int, values: torch.Tensor, tokens: t
 
 
 def _tl_expert_hook(
-    moe: MoeLayer, expert: int, routing: dict[int, RoutedBatch], sink: dict[int, ExpertOutputs]
+    moe: MoeLayer, expert: int, routing: dict[int, RoutedBatch], on_rows: ExpertRowsCallback
 ) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         tokens = routed_rows(routing[moe.layer].indices, expert)
         if tokens.shape[0] != output.shape[0]:
             raise WorkbenchError(f"expert {expert} of layer {moe.layer} got {output.shape[0]} rows, expected {tokens.shape[0]}")
-        _store_rows(sink.setdefault(moe.layer, ExpertOutputs()), expert, output, tokens)
+        on_rows(moe.layer, expert, tokens, args[0].detach(), output.detach())  # W_out's input is the hidden activation
 
     return hook
 
 
-def _fused_experts_hook(moe: MoeLayer, sink: dict[int, ExpertOutputs]) -> Callable[..., None]:
+def _fused_experts_hook(moe: MoeLayer, on_rows: ExpertRowsCallback) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
         values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
         hidden, indices = values[0], values[1]
-        out = sink.setdefault(moe.layer, ExpertOutputs())
         with torch.no_grad():
             for e in range(moe.n_experts):
                 tokens = routed_rows(indices, e)
                 gate, up = F.linear(hidden[tokens], module.gate_up_proj[e]).chunk(2, dim=-1)
-                down = F.linear(module.act_fn(gate) * up, module.down_proj[e])
-                _store_rows(out, e, down, tokens)
+                activation = module.act_fn(gate) * up
+                on_rows(moe.layer, e, tokens, activation, F.linear(activation, module.down_proj[e]))
 
     return hook
