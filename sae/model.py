@@ -79,6 +79,25 @@ class SparseAutoencoder(nn.Module):
         if b_dec is not None:
             self.b_dec.copy_(b_dec)
 
+    @torch.no_grad()
+    def fit_encoder_scale(self, x: torch.Tensor) -> float:
+        """Scale W_enc by the c that minimises ||(x - b_dec) - c * decode_directions(code)||^2
+        over the sample x, and return c. For a rule whose selection ignores a common scale of z
+        (TopK with b_enc = 0, as init_weights leaves it) the code's values scale with W_enc, so c
+        is one least-squares ratio. W_enc = W_dec^T at unit norm overshoots: the k rows most
+        aligned with x each return their whole projection, so the k projections add up to more
+        than x (FVU above 1 where k is a large fraction of d_in); the fitted, smaller encoder
+        starts nearer the data and moves farther per Adam step relative to its size."""
+        along, sq = 0.0, 0.0
+        for part in x.split(4096):  # bounds the dense pre-activations of a wide SAE
+            x_hat = self.decode_directions(self.rule.select(self.pre_acts(part)))
+            along += float(((part - self.input_bias()) * x_hat).sum())
+            sq += float(x_hat.pow(2).sum())
+        c = along / sq if sq > 0 else 0.0
+        if c > 0:
+            self.W_enc.mul_(c)
+        return c
+
     def encoder_matrix(self) -> torch.Tensor:
         """W_enc [d_in, d_sae]: the parameter, or with tied weights the unit decoder
         directions (a feature-major view, the layout sae.kernels.sparse_encode prefers)."""

@@ -73,6 +73,29 @@ def test_decoder_rows_stay_unit_norm_and_training_recovers_features():
     assert recovery(model.W_dec.detach(), FEATS.V)["mean_cos"] > 0.6
 
 
+def test_topk_encoder_starts_at_the_scale_that_best_reconstructs_the_init_sample():
+    """W_enc = c W_dec^T with c the least-squares scale of the first reconstruction: the unit
+    transpose (c = 1) overshoots, and any other c reconstructs the init tokens worse."""
+    source = SyntheticSource(FEATS, seed=3)
+    trainer = Trainer.start(config("topk"), source)
+    model = trainer.model
+    x = torch.cat([batch for _, batch in zip(range(8), source.batches(128))]) * trainer.input_scale  # the init sample
+
+    def fvu_at(factor: float) -> float:
+        with torch.no_grad():
+            saved = model.W_enc.clone()
+            model.W_enc.mul_(factor)
+            x_hat = model.reconstruct(x)
+            model.W_enc.copy_(saved)
+        return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    start = fvu_at(1.0)
+    assert start < fvu_at(0.95) and start < fvu_at(1.05)
+    with torch.no_grad():
+        unit = float(model.W_dec.norm(dim=1).mean() / model.W_enc.norm(dim=0).mean())  # back to W_enc = W_dec^T
+    assert unit > 1.05 and fvu_at(unit) > start
+
+
 def test_bad_settings_are_refused_with_one_line():
     with pytest.raises(SAEError, match="`k=100` must be between 1 and d_sae=64"):
         config("topk", k=100)
