@@ -1,5 +1,4 @@
-"""One TopK training step as a handful of kernels, with no autograd and no host sync; and
-the Mutual Choice step through the same kernels (FusedBatchTopKStep).
+"""One TopK training step as a handful of kernels, with no autograd and no host sync.
 
 The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
@@ -46,8 +45,7 @@ from sae.errors import SAEError
 from sae.kernels.backend import resolve_backend
 from sae.losses import batch_variance
 from sae.model import SparseAutoencoder
-from sae.rules import MutualChoiceRule, TopKRule
-from sae.rules.base import SparsityRule
+from sae.rules import TopKRule
 from sae.step import StepStats
 
 
@@ -56,11 +54,6 @@ class FusedTopKStep:
     Adam(betas, eps), no weight decay."""
 
     kind = "fused"
-    #: The rule this step's selection (select) implements: exactly this class, not a subclass
-    #: (Matryoshka extends Mutual Choice with nested losses these kernels do not compute).
-    rule_type: type[SparsityRule] = TopKRule
-    #: Whether a step issues no host sync, so sae.graph_step.CudaGraphStep can capture it.
-    capturable = True
 
     def __init__(
         self,
@@ -88,10 +81,8 @@ class FusedTopKStep:
         (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
         batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
-        if type(model.rule) is not self.rule_type or model.tied:
-            names = " and ".join(step.rule_type.name for step in FUSED_STEPS)
-            raise SAEError(f"{type(self).__name__} trains {self.rule_type.name} SAEs, not this `model`'s "
-                           f"{model.rule.name} (the fused steps train {names}; other rules train through sae.autograd_step)")
+        if not isinstance(model.rule, TopKRule) or model.tied:
+            raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
         device = model.W_dec.device
         if resolve_backend(device, backend) != "triton":
             raise SAEError('the fused step runs Triton kernels: pass a CUDA `model`, or `backend="triton"` on CPU '
@@ -282,29 +273,3 @@ class FusedTopKStep:
         row[features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
         return loss, (row, acts.t() @ grad_e_hat, grad_z.t() @ xc)
 
-
-class FusedBatchTopKStep(FusedTopKStep):
-    """Mutual Choice (the batch's k*B largest) through the same kernels: the rule's own
-    selection (MutualChoiceRule.select: each row cut to its row_cap largest by the Triton
-    top-k, the batch's k*B largest of those, the code trimmed to its widest row; it also
-    records the step's threshold estimate), then the fused decode, backward and Adam. Rows
-    keep different numbers of features; padding has value 0 and adds nothing. The
-    selection's one host read (the widest row) keeps the step out of a CUDA graph."""
-
-    rule_type = MutualChoiceRule
-    capturable = False
-
-    def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rule = self.model.rule
-        rule.train()  # the threshold estimate is a training-mode record
-        code = rule.select(z)
-        return code.values.float().contiguous(), code.indices.contiguous()
-
-
-#: The fused steps, each training its rule_type.
-FUSED_STEPS: tuple[type[FusedTopKStep], ...] = (FusedTopKStep, FusedBatchTopKStep)
-
-
-def fused_step_class(rule: SparsityRule) -> type[FusedTopKStep] | None:
-    """The fused step that trains this rule (its exact class), or None."""
-    return next((step for step in FUSED_STEPS if type(rule) is step.rule_type), None)

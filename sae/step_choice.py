@@ -1,7 +1,7 @@
 """Which training step trains a config (`workbench train --step`), and building it.
 
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
-arch topk (replayed as a CUDA graph on CUDA) and mutual-choice through Triton kernels;
+arch topk through Triton kernels, replayed as a CUDA graph on CUDA;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
 transcoder: the fused step trains autoencoders only). In a process group of more than one
@@ -71,7 +71,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
     on_cuda = torch.device(config.device).type == "cuda"
     low = on_cuda and config.precision == "bf16"
     if kind == "fused":
-        from sae.fused_step import fused_step_class
+        from sae.fused_step import FusedTopKStep
         from sae.graph_step import CudaGraphStep
 
         model.make_encoder_feature_major()
@@ -82,8 +82,8 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
             from sae.fused_data_parallel import FusedDataParallelStep
 
             return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
-        fused = fused_step_class(model.rule)(model, lr=config.learning_rate, **options)
-        return CudaGraphStep(fused) if on_cuda and fused.capturable else fused
+        fused = FusedTopKStep(model, lr=config.learning_rate, **options)
+        return CudaGraphStep(fused) if on_cuda else fused
     if kind == "shard-latents":
         from sae.latent_shard import ShardedTopKStep
 

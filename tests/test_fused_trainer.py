@@ -187,9 +187,9 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not():
     assert resolve_step(config(device="cuda", arch="gba", k=None), "auto", "triton") == "autograd"
     assert resolve_step(config(device="cuda", aux="auxk"), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", aux="aux-zipf"), "auto", "triton") == "fused"
-    assert resolve_step(config(device="cuda", arch="mutual-choice"), "auto", "triton") == "fused"
-    with pytest.raises(SAEError, match='`arch="topk"` or `arch="mutual-choice"` only, not gba'):
-        resolve_step(config(device="cuda", arch="gba", k=None), "fused", "triton")
+    assert resolve_step(config(device="cuda", arch="mutual-choice"), "auto", "triton") == "autograd"
+    with pytest.raises(SAEError, match='`arch="topk"` only, not mutual-choice'):
+        resolve_step(config(device="cuda", arch="mutual-choice", aux="none"), "fused", "triton")
     with pytest.raises(SAEError, match='need `device="cuda"`'):
         resolve_step(config(), "fused", "torch")
     with pytest.raises(SAEError, match="unknown `step="):

@@ -6,11 +6,11 @@ indices (slope 1 where non-zero), padding entries have value 0, values are float
   sae.kernels.triton_topk (no sort; each row guesses its threshold from a sample, then
   one pass over z for most rows), on CPU torch.topk.
 - batch_topk: the whole batch keeps its k*B largest (Mutual Choice / BatchTopK). Rows are
-  first cut to their `cap` largest entries (cap >= k; default 4k; by topk_rows' kernels),
-  then one top-(k*B) over the B*cap candidates sets the batch threshold: no sort of all
-  B x d_sae values. Exact whenever no row holds more than cap of the batch's k*B largest;
-  `overflow` counts rows that may (their cap-th largest z reached the threshold), as a
-  device tensor (no sync).
+  first cut to their `cap` largest entries (cap >= k; default 4k; torch.topk, which at
+  cap = 8k beats the Triton select of topk_rows), then one top-(k*B) over the B*cap
+  candidates sets the batch threshold: no sort of all B x d_sae values. Exact whenever no
+  row holds more than cap of the batch's k*B largest; `overflow` counts rows that may
+  (their cap-th largest z reached the threshold), as a device tensor (no sync).
 - threshold_rows: keep z > theta per feature (JumpReLU; ReLU is theta = 0), at most cap
   per row (the cap largest margins), with the same overflow count.
 """
@@ -45,20 +45,14 @@ def topk_rows(z: torch.Tensor, k: int, backend: str | None = None) -> tuple[torc
     return values.float().relu(), indices
 
 
-def batch_topk(z: torch.Tensor, k: int, cap: int | None = None, backend: str | None = None) -> Selected:
+def batch_topk(z: torch.Tensor, k: int, cap: int | None = None) -> Selected:
     """The k*B largest entries of the batch (ReLU), as rows padded to width cap; threshold
-    is the smallest value kept (0 when fewer than k*B entries are positive). backend: as
-    topk_rows' (None: Triton on CUDA)."""
+    is the smallest value kept (0 when fewer than k*B entries are positive)."""
     B, d_sae = z.shape
     cap = min(cap or 4 * k, d_sae)
-    if resolve_backend(z.device, backend) == "triton":
-        from sae.kernels.triton_topk import row_topk
-
-        cand, indices, row_last = row_topk(z.contiguous(), cap)
-    else:
-        raw, indices = z.topk(cap, dim=1, sorted=False)
-        raw = raw.float()
-        cand, row_last = raw.relu(), raw.min(dim=1).values
+    raw, indices = z.topk(cap, dim=1, sorted=False)
+    raw = raw.float()
+    cand, row_last = raw.relu(), raw.min(dim=1).values
     n_keep = min(k * B, cand.numel())
     threshold = cand.reshape(-1).topk(n_keep, sorted=False).values.min()
     keep = (cand >= threshold) & (cand > 0)

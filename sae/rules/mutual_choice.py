@@ -18,8 +18,8 @@ batch budget goes to the tokens and latents with the largest pre-activations, so
 few active features (where a rare feature is seen with the least interference) get few or no
 latents and rare features are learned late or never; the TopK start lets features form first,
 and the batch budget then reallocates them between tokens (docs/methods.md has the synthetic
-recovery with and without it). Registers the training rule "mutual-choice" (the autograd
-step, and sae.fused_step's FusedBatchTopKStep on CUDA; one process).
+recovery with and without it). Registers the training rule "mutual-choice" (autograd step,
+one process).
 """
 
 from __future__ import annotations
@@ -185,7 +185,6 @@ class MutualChoiceConfig(BatchBudgetConfig):
 
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
-    steps=("autograd", "fused"),
     build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps,
                                                  topk_start=settings.topk_start),
     short_run_settings={"k": 16},
