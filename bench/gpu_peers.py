@@ -235,10 +235,11 @@ def run_method(make: Callable[[], Method], pool: list[tuple[torch.Tensor, torch.
 
 
 def makers(d_in: int, d_sae: int, k: int, B: int, steps: int, device: torch.device,
-           x0: torch.Tensor, y0: torch.Tensor) -> list[tuple[str, bool, Callable[[], Method]]]:
-    """(name, transcoder?, build) of every row of one config."""
+           x0: torch.Tensor, y0: torch.Tensor, jumprelu: dict) -> list[tuple[str, bool, Callable[[], Method]]]:
+    """(name, transcoder?, build) of every row of one config; jumprelu: settings over both
+    JumpReLUs' defaults."""
     dev = str(device)
-    jump = config_for("jumprelu", d_in, d_sae, k, B, steps, dev)
+    jump = config_for("jumprelu", d_in, d_sae, k, B, steps, dev, **jumprelu)
     matr = config_for("matryoshka", d_in, d_sae, k, B, steps, dev)
     assert matr.rule.matryoshka_widths == ",".join(map(str, default_widths(d_sae)))
     tc = {"d_out": d_in}
@@ -264,6 +265,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help=f"{TINY} and a few steps: checks every row runs (e.g. on a CPU)")
     ap.add_argument("--steps", type=int, default=None, help="steps per method (default 150; --tiny 14)")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default all)")
+    ap.add_argument("--jumprelu-init-threshold", type=float, default=None,
+                    help="both JumpReLUs' starting threshold (default: ours, Gemma Scope's 0.001, at which half of d_sae "
+                         "fires on this data at first)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -284,7 +288,8 @@ def main() -> None:
         xs = [x * scale for x in xs]
         ys = [paired_target(x, seed=100 + ci) for x in xs]
         held_x, held_y = xs.pop(), ys.pop()
-        for name, transcoder, make in makers(d_in, d_sae, k, B, steps, device, xs[0], ys[0]):
+        jumprelu = {} if args.jumprelu_init_threshold is None else {"jumprelu_init_threshold": args.jumprelu_init_threshold}
+        for name, transcoder, make in makers(d_in, d_sae, k, B, steps, device, xs[0], ys[0], jumprelu):
             if only and not any(name.startswith(p) for p in only):
                 continue
             pool = [(x, y if transcoder else None) for x, y in zip(xs, ys)]
