@@ -142,7 +142,7 @@ def super_expert(store: Store) -> tuple[int, int, bool, list[int]]:
 
 
 def _moe(root: Path) -> Store:
-    store = capture(moe_handle(), root, ["experts", "sinks", "routing"], tokens=1000, ctx=48, batch_size=8)
+    store = capture(moe_handle(), root, ["experts", "sinks", "routing", "lazy"], tokens=1000, ctx=48, batch_size=8)
     massive = massive_tokens(store)
     later = store.df("SELECT token_index FROM tokens WHERE pos > 0 ORDER BY token_index LIMIT 30")["token_index"].tolist()
     firing = {0: routed_expert(store)[1], 1: massive, 2: later, 3: super_expert(store)[3]}

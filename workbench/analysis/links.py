@@ -244,10 +244,14 @@ def neuron_cosines(decoder: torch.Tensor, w_out: dict[int, torch.Tensor], top: i
 
 
 def _neuron_flags(store: Store) -> pd.DataFrame:
-    """layer, neuron, rule, frequency, dead, dense under the preferred lazy rule; empty without the probe."""
+    """layer, neuron, rule, frequency, dead, dense under the preferred lazy rule; empty without the
+    probe or without dense MLP rows (an all-MoE model's neurons are counted per expert)."""
+    columns = ["layer", "neuron", "rule", "frequency", "dead", "dense"]
     if not _has(store, "lazy"):
-        return pd.DataFrame(columns=["layer", "neuron", "rule", "frequency", "dead", "dense"])
+        return pd.DataFrame(columns=columns)
     freqs = neuron_frequencies(store)
+    if freqs.empty:
+        return pd.DataFrame(columns=columns)
     rule = next(r for r in (*RULE_PREFERENCE, *freqs["rule"].unique()) if r in set(freqs["rule"]))
     chosen = freqs[freqs["rule"] == rule]
     return chosen.assign(dead=chosen["fired"] == 0, dense=chosen["frequency"] >= DENSE_FREQUENCY)[
