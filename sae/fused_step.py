@@ -1,12 +1,16 @@
-"""One TopK training step as a handful of kernels, with no autograd and no host sync.
+"""One TopK (or Mutual Choice) training step as a handful of kernels, with no autograd.
 
 The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
   0. xc = x - b_dec and the batch variance sae.kernels.triton_centre (one read of x)
   1. z = xc @ W_enc + b_enc               one dense product (bf16, or fp32)
-  2. the k largest of each row             sae.kernels.triton_topk.row_topk (split guess + verify)
+  2. the rule's fused_select               TopK: the k largest of each row,
+                                           sae.kernels.triton_topk.row_topk (split guess +
+                                           verify); Mutual Choice: the batch's k*B largest
+                                           as flat entries in row order (RowEntries)
   3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather of
-                                           the decoder's bf16 copy in bf16)
+                                           the decoder's bf16 copy in bf16; for entries,
+                                           each row walks its own)
   4. pairs sorted by feature, db_enc       torch.sort; chunk_sums over the runs of pair_chunk
                                            pairs inside one feature; per-feature sums
   5. b_dec's gradient                      sum of grad_out (on a second stream, beside step 4)
@@ -28,7 +32,9 @@ more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast
 The step shares storage with the model it trains, which must hold W_enc feature-major
 (SparseAutoencoder.make_encoder_feature_major), so the model is current after every step.
 lr and the step count live on the device, so sae.graph_step.CudaGraphStep can capture a
-step. Checkpoints carry the moments in torch.optim.Adam's state_dict layout and float32
+step (TopK, with no host sync; Mutual Choice reads the host once, when its selection
+checks for a row over its cap, and changes selection after its TopK start, so it runs
+eagerly: SparsityRule.fused_graph). Checkpoints carry the moments in torch.optim.Adam's state_dict layout and float32
 (bf16 moments convert both ways exactly), so the autograd step resumes them and back.
 Triton only: backend "triton" (on CUDA, or on CPU under TRITON_INTERPRET=1 for tests).
 """
@@ -42,10 +48,11 @@ from typing import Any
 import torch
 
 from sae.errors import SAEError
+from sae.kernels import RowEntries
 from sae.kernels.backend import resolve_backend
 from sae.losses import batch_variance
 from sae.model import SparseAutoencoder
-from sae.rules import TopKRule
+from sae.registry import rule_names, training_rule
 from sae.step import StepStats
 
 
@@ -81,8 +88,9 @@ class FusedTopKStep:
         (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
         batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
-        if not isinstance(model.rule, TopKRule) or model.tied:
-            raise SAEError("the fused step trains TopK SAEs only (`model`); other rules train through sae.autograd_step")
+        if "fused" not in training_rule(model.rule.name).steps or model.tied:
+            fused = ", ".join(name for name in rule_names() if "fused" in training_rule(name).steps)
+            raise SAEError(f"the fused step trains {fused} SAEs only (`model`); other rules train through sae.autograd_step")
         device = model.W_dec.device
         if resolve_backend(device, backend) != "triton":
             raise SAEError('the fused step runs Triton kernels: pass a CUDA `model`, or `backend="triton"` on CPU '
@@ -152,13 +160,11 @@ class FusedTopKStep:
         ids = torch.nonzero(aux_weights > 0).squeeze(1)
         return (ids, aux_weights[ids]) if ids.numel() else None
 
-    def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values float32 [B, w], indices [B, w]) the rule keeps of z [B, d_sae]: each row's
-        k largest through ReLU (sae.kernels.triton_topk.row_topk)."""
-        from sae.kernels.triton_topk import row_topk
-
-        values, indices, _ = row_topk(z, self.model.rule.k)
-        return values, indices
+    def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
+        """What the rule keeps of z [B, d_sae] (its fused_select): (values float32 [B, w],
+        indices [B, w]), such as TopK's k largest of each row, or RowEntries (Mutual
+        Choice's batch budget)."""
+        return self.model.rule.fused_select(z)
 
     # ---- the places sae.fused_data_parallel.FusedDataParallelStep splits over processes -------
     def shard(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +212,7 @@ class FusedTopKStep:
             raise SAEError('the fused step trains autoencoders only; train a transcoder with `step="autograd"`')
         aux_features, aux_weights = (None, None) if aux is None else aux
         from sae.kernels.triton_centre import centre
-        from sae.kernels.triton_decode_residual import decode_residual
+        from sae.kernels.triton_decode_residual import decode_residual, decode_residual_entries
         from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs, vector_adam
 
         p = self.params
@@ -215,22 +221,27 @@ class FusedTopKStep:
         xc, variance, scale = centre(x, self.b_dec, lp)
         own = self.shard(x)
         z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
-        values, indices = self.select(z)
+        code = self.select(z)
         z_aux = None if aux_features is None else z.index_select(1, aux_features)
         del z
-        codes = self.gather_rows(values, indices, *(() if z_aux is None else (z_aux,)))
         residual = None if aux_features is None else torch.empty_like(own)
-        grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, own, scale,
-                                                     grad_out_dtype=self.grad_out_dtype, residual=residual)
-        grads = self.gather_rows(grad_out, grad_val, sq_err, *(() if residual is None else (residual,)))
-        values, indices, *aux_rows = codes()
-        grad_out, grad_val, sq_err, *residual_rows = grads()
-        z_aux, residual = (aux_rows[0], residual_rows[0]) if aux_features is not None else (None, None)
+        decoded = dict(grad_out_dtype=self.grad_out_dtype, residual=residual)
+        if isinstance(code, RowEntries):  # rows of any width: one process (no rule of them is data parallel)
+            values, indices, rows = code.values, code.indices, code.rows
+            grad_out, grad_val, sq_err = decode_residual_entries(code, p["W_dec_lp"], self.b_dec, own, scale, **decoded)
+        else:
+            (values, indices), rows = code, None
+            codes = self.gather_rows(values, indices, *(() if z_aux is None else (z_aux,)))
+            grad_out, grad_val, sq_err = decode_residual(indices, values, p["W_dec_lp"], self.b_dec, own, scale, **decoded)
+            grads = self.gather_rows(grad_out, grad_val, sq_err, *(() if residual is None else (residual,)))
+            values, indices, *aux_rows = codes()
+            grad_out, grad_val, sq_err, *residual_rows = grads()
+            z_aux, residual = (aux_rows[0], residual_rows[0]) if aux_features is not None else (None, None)
         with self._beside():  # small reductions, in parallel with the pairs' sort and sums
             sq = sq_err.sum()
             loss, aux, aux_grads = sq * scale[0], sq.new_zeros(()), None
             db_dec_out = grad_out.sum(dim=0, dtype=torch.float32)  # b_dec's gradient through x_hat
-        pairs = sort_pairs(indices, values, grad_val, p["W_dec"].shape[0])
+        pairs = sort_pairs(indices, values, grad_val, p["W_dec"].shape[0], rows=rows)
         chunks = chunk_sums(pairs, grad_out, xc, self.pair_chunk) if self.pair_chunk else None
         db_enc = feature_sums(pairs, chunks)
         self._join()

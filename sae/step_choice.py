@@ -1,7 +1,7 @@
 """Which training step trains a config (`workbench train --step`), and building it.
 
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
-arch topk through Triton kernels, replayed as a CUDA graph on CUDA;
+arch topk (replayed as a CUDA graph on CUDA) and mutual-choice through Triton kernels;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
 transcoder: the fused step trains autoencoders only). In a process group of more than one
@@ -83,7 +83,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
 
             return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
         fused = FusedTopKStep(model, lr=config.learning_rate, **options)
-        return CudaGraphStep(fused) if on_cuda else fused
+        return CudaGraphStep(fused) if on_cuda and model.rule.fused_graph else fused
     if kind == "shard-latents":
         from sae.latent_shard import ShardedTopKStep
 

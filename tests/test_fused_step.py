@@ -12,7 +12,8 @@ import torch
 from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep
 from sae.kernels.triton_centre import centre
-from sae.kernels.triton_decode_residual import decode_residual
+from sae.kernels import RowEntries
+from sae.kernels.triton_decode_residual import decode_residual, decode_residual_entries
 from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs
 from sae.losses import aux_candidates, aux_reconstruction_loss
 from sae.model import SparseAutoencoder
@@ -71,6 +72,32 @@ def test_decode_residual_matches_autograd_in_float64(B, F, D, k, poisoned):
     torch.testing.assert_close(grad_val_lp.double(), torch.where(values > 0, (grad_lp.double()[:, None, :] * W_lp.double()[indices]).sum(2), 0.0),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sq_err_lp.double(), (x_hat_lp - x.double()).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("D", [37, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_residual_entries_match_autograd_on_rows_of_any_width(D, dtype, poisoned):
+    gen = torch.Generator().manual_seed(D)
+    B, F = 5, 40
+    widths = torch.tensor([3, 0, 17, 1, 9])  # an empty row, and rows wider than a block of entries
+    rows = torch.arange(B).repeat_interleave(widths)
+    indices = torch.randint(0, F, (len(rows),), generator=gen)
+    values = torch.randn(len(rows), generator=gen).relu()  # ReLU zeros: padding entries
+    code = RowEntries(values, indices, rows.to(torch.int32), torch.cat([torch.zeros(1, dtype=torch.long), widths.cumsum(0)]))
+    W, b_dec, x = torch.randn(F, D, generator=gen), torch.randn(D, generator=gen), torch.randn(B, D, generator=gen)
+    scale, residual = torch.tensor([0.37]), torch.empty(B, D)
+    grad_out, grad_val, sq_err = decode_residual_entries(code, W.to(dtype), b_dec, x, scale, residual=residual)
+
+    W64 = W.to(dtype).double()
+    v64 = values.double().requires_grad_()
+    x_hat = torch.zeros(B, D, dtype=torch.float64).index_add(0, rows, v64[:, None] * W64[indices]) + b_dec.double()
+    x_hat.retain_grad()
+    sq = (x_hat - x.double()).pow(2).sum(1)
+    (0.37 * sq.sum()).backward()
+    torch.testing.assert_close(grad_out.double(), x_hat.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_val.double(), torch.where(values > 0, v64.grad, 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq_err.double(), sq.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(residual.double(), x.double() - x_hat.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,D,mean,shift_off", [(37, 70, 0.0, 1.0), (5, 300, 1000.0, 0.01), (70, 33, 5.0, 5.0), (1, 8, 0.0, 0.0)])
@@ -225,7 +252,7 @@ def test_fused_step_with_graded_aux_weights_trains_like_the_trainer_in_float64()
 
 
 def test_fused_step_refuses_what_it_cannot_train():
-    with pytest.raises(SAEError, match="TopK"):
+    with pytest.raises(SAEError, match="trains topk, mutual-choice SAEs only"):
         FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, backend="triton")
     with pytest.raises(SAEError, match="CUDA"):
         FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3)  # the CPU's backend is torch

@@ -88,7 +88,11 @@ def run_steps(trainer: Trainer) -> list[dict[str, torch.Tensor | float]]:
     return [trainer.train_step(batch) for _, batch in zip(range(STEPS), source().batches(8))]
 
 
-@pytest.mark.parametrize("aux", [dict(aux="none"), AUXK], ids=["none", "auxk"])
+MUTUAL_CHOICE = dict(arch="mutual-choice", k=2)  # step 0 in the TopK start, steps 1-3 the batch budget
+
+
+@pytest.mark.parametrize("aux", [dict(aux="none"), AUXK, dict(MUTUAL_CHOICE, aux="none"), dict(MUTUAL_CHOICE, aux="aux-zipf", k_aux=4)],
+                         ids=["none", "auxk", "mutual-choice", "mutual-choice-aux-zipf"])
 def test_fused_trainer_trains_like_the_autograd_trainer(aux):
     fast, plain = fused(config(**aux)), Trainer.start(config(**aux), source())
     assert (fast.step_kind, plain.step_kind) == ("fused", "autograd")
@@ -101,6 +105,10 @@ def test_fused_trainer_trains_like_the_autograd_trainer(aux):
         torch.testing.assert_close(dict(fast.model.named_parameters())[name], param, **TOLERANCE, msg=name)
     assert torch.equal(fast.tokens_since_fired, plain.tokens_since_fired)
     torch.testing.assert_close(fast.density, plain.density, **TOLERANCE)
+    for name, buffer in plain.model.rule.named_buffers():  # Mutual Choice's threshold and its count
+        torch.testing.assert_close(dict(fast.model.rule.named_buffers())[name], buffer, **TOLERANCE, msg=name)
+    if aux.get("arch") == "mutual-choice":  # the batch budget gave some token more than k features
+        assert plain.model.rule.topk_until == 1 and max(float(m["l0"]) for m in want[1:]) > 0
     if aux["aux"] == "auxk":
         assert all(float(m["aux"]) > 0 for m in want[1:]) and float(want[0]["aux"]) == 0  # nothing dead before step 1
         assert any(0 < float(m["dead_fraction"]) * 20 < 4 for m in want[:-1])  # a step with fewer dead than k_aux
@@ -187,9 +195,10 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not():
     assert resolve_step(config(device="cuda", arch="gba", k=None), "auto", "triton") == "autograd"
     assert resolve_step(config(device="cuda", aux="auxk"), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", aux="aux-zipf"), "auto", "triton") == "fused"
-    assert resolve_step(config(device="cuda", arch="mutual-choice"), "auto", "triton") == "autograd"
-    with pytest.raises(SAEError, match='`arch="topk"` only, not mutual-choice'):
-        resolve_step(config(device="cuda", arch="mutual-choice", aux="none"), "fused", "triton")
+    assert resolve_step(config(device="cuda", arch="mutual-choice"), "auto", "triton") == "fused"
+    assert resolve_step(config(device="cuda", arch="matryoshka"), "auto", "triton") == "autograd"
+    with pytest.raises(SAEError, match='`arch="topk"` or `arch="mutual-choice"` only, not gba'):
+        resolve_step(config(device="cuda", arch="gba", k=None), "fused", "triton")
     with pytest.raises(SAEError, match='need `device="cuda"`'):
         resolve_step(config(), "fused", "torch")
     with pytest.raises(SAEError, match="unknown `step="):

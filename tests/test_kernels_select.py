@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae.errors import SAEError
-from sae.kernels import batch_topk, threshold_rows, topk_rows
+from sae.kernels import batch_topk, batch_topk_entries, threshold_rows, topk_rows
 from sae.kernels.triton_topk import row_topk
 
 
@@ -110,3 +110,27 @@ def test_threshold_rows_is_jumprelu():
     assert torch.equal(dense(sel.values, sel.indices, d_sae), (z * (z > theta)).double())
     small = threshold_rows(z, theta, cap=3)
     assert int(small.overflow) == int(((z > theta).sum(1) >= 3).sum())
+
+
+@pytest.mark.parametrize("cap", [6, None, 300])
+def test_batch_topk_entries_are_the_batchs_k_times_B_largest_in_row_order(cap):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(16, 300, generator=gen)
+    z[2] += 4.0  # one row holds far more of the winners than a cap of 6 (the exact redo)
+    z[5] = -1.0  # a row that keeps nothing
+    code, smallest = batch_topk_entries(z, 4, cap=cap)
+    values, flat = z.relu().reshape(-1).topk(64)
+    assert code.values.numel() == 64 and torch.equal(smallest, values.min())
+    got = torch.zeros(16 * 300).index_put_((code.rows.long() * 300 + code.indices,), code.values)
+    assert torch.equal(got, torch.zeros(16 * 300).index_put_((flat,), values))
+    assert torch.equal(code.rows, code.rows.sort().values)  # row order, row_ptr bounding each row's slice
+    assert torch.equal(code.row_ptr[1:] - code.row_ptr[:-1], torch.bincount(code.rows.long(), minlength=16))
+    assert code.row_ptr[6] == code.row_ptr[5] and code.row_ptr[3] - code.row_ptr[2] > 6
+
+
+def test_batch_topk_entries_pad_with_zeros_when_too_few_are_positive():
+    z = -torch.ones(4, 10)
+    z[0, 3], z[2, 7] = 2.0, 1.0
+    code, smallest = batch_topk_entries(z, 2)
+    assert code.values.numel() == 8 and float(smallest) == 0.0
+    assert sorted(code.values.tolist()) == [0.0] * 6 + [1.0, 2.0]

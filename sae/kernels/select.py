@@ -11,6 +11,10 @@ indices (slope 1 where non-zero), padding entries have value 0, values are float
   candidates sets the batch threshold: no sort of all B x d_sae values. Exact whenever no
   row holds more than cap of the batch's k*B largest; `overflow` counts rows that may
   (their cap-th largest z reached the threshold), as a device tensor (no sync).
+- batch_topk_entries: the same selection as flat entries in row order (RowEntries, CSR):
+  exactly k*B of them whatever the rows' widths, so the fused step (sae.fused_step) walks
+  k*B pairs instead of B rows padded to the widest. Exact: a batch with an overflowing row
+  (one host read) is redone over the whole matrix.
 - threshold_rows: keep z > theta per feature (JumpReLU; ReLU is theta = 0), at most cap
   per row (the cap largest margins), with the same overflow count.
 """
@@ -60,6 +64,38 @@ def batch_topk(z: torch.Tensor, k: int, cap: int | None = None) -> Selected:
     # a row whose cap-th largest z is below the threshold has all its winners among its cap
     overflow = (row_last >= threshold).sum() if cap < d_sae else torch.zeros((), device=z.device, dtype=torch.long)
     return Selected(values, indices, threshold, overflow)
+
+
+class RowEntries(NamedTuple):
+    """A code as flat entries in row order: row b's are [row_ptr[b], row_ptr[b + 1]).
+    Entries of value 0 (a batch with fewer positive pre-activations than its budget) are
+    padding: they add nothing to the decode or to any gradient."""
+
+    values: torch.Tensor  # [P] float32, >= 0
+    indices: torch.Tensor  # [P] int64: the feature
+    rows: torch.Tensor  # [P] int32: the token row, ascending
+    row_ptr: torch.Tensor  # [B + 1] int64
+
+
+def batch_topk_entries(z: torch.Tensor, k: int, cap: int | None = None) -> tuple[RowEntries, torch.Tensor]:
+    """(the k*B largest entries of ReLU(z) [B, d_sae] as RowEntries, the smallest value kept).
+    Rows are cut to their cap largest first (as batch_topk); if a row's cap-th largest z
+    reaches the batch's threshold it may hold more winners, and the selection is redone
+    over all of z (the one host read)."""
+    B, d_sae = z.shape
+    cap = min(cap or 4 * k, d_sae)
+    n_keep = min(k * B, B * d_sae)
+    raw, columns = z.topk(cap, dim=1, sorted=False)
+    values, flat = raw.float().relu().reshape(-1).topk(n_keep, sorted=False)
+    smallest = values.min()
+    if cap < d_sae and bool((raw.min(dim=1).values.float() >= smallest).any()):
+        values, flat = z.float().relu().reshape(-1).topk(n_keep, sorted=False)
+        smallest, columns, cap = values.min(), None, d_sae
+    flat, order = flat.sort()
+    rows = flat // cap
+    indices = flat % cap if columns is None else columns.reshape(-1)[flat]
+    row_ptr = torch.searchsorted(rows, torch.arange(B + 1, device=z.device))
+    return RowEntries(values[order], indices, rows.to(torch.int32), row_ptr), smallest
 
 
 def threshold_rows(z: torch.Tensor, theta: torch.Tensor, cap: int) -> Selected:

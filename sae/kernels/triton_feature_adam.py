@@ -312,12 +312,16 @@ def _feature_adam_kernel(
 
 
 @triton.jit
-def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, feat_ptr, row_ptr, sval_ptr, sgval_ptr, P, K, BLOCK: tl.constexpr):
+def _sorted_pairs_kernel(order_ptr, idx_ptr, val_ptr, gval_ptr, rows_ptr, feat_ptr, row_ptr, sval_ptr, sgval_ptr, P, K,
+                         HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     pair = tl.load(order_ptr + offs, mask=mask, other=0)
     tl.store(feat_ptr + offs, tl.load(idx_ptr + pair, mask=mask, other=0).to(tl.int32), mask=mask)
-    tl.store(row_ptr + offs, (pair // K).to(tl.int32), mask=mask)
+    if HAS_ROWS:
+        tl.store(row_ptr + offs, tl.load(rows_ptr + pair, mask=mask, other=0), mask=mask)
+    else:
+        tl.store(row_ptr + offs, (pair // K).to(tl.int32), mask=mask)
     tl.store(sval_ptr + offs, tl.load(val_ptr + pair, mask=mask, other=0.0), mask=mask)
     tl.store(sgval_ptr + offs, tl.load(gval_ptr + pair, mask=mask, other=0.0), mask=mask)
 
@@ -358,14 +362,19 @@ class SortedPairs(NamedTuple):
     grad_val: torch.Tensor  # [P] float32: grad_val[b, j]
 
 
-def sort_pairs(indices: torch.Tensor, values: torch.Tensor, grad_val: torch.Tensor, n_features: int) -> SortedPairs:
-    """indices, values, grad_val [B, k] (values and grad_val float32) in feature order."""
+def sort_pairs(indices: torch.Tensor, values: torch.Tensor, grad_val: torch.Tensor, n_features: int,
+               rows: torch.Tensor | None = None) -> SortedPairs:
+    """indices, values, grad_val [B, k] (values and grad_val float32) in feature order; or,
+    with rows (int32, one per entry: sae.kernels.select.RowEntries), the flat [P] entries
+    of a code whose rows differ in width."""
     order, offsets = sort_pairs_by_feature(indices, n_features)
     P = order.numel()
     out = [torch.empty(P, device=values.device, dtype=dtype) for dtype in (torch.int32, torch.int32, torch.float32, torch.float32)]
     if P:
+        width = indices.shape[1] if rows is None else 1
         _sorted_pairs_kernel[(triton.cdiv(P, 1024),)](
-            order, indices.reshape(-1), values.reshape(-1), grad_val.reshape(-1), *out, P, indices.shape[1], BLOCK=1024, num_warps=4
+            order, indices.reshape(-1), values.reshape(-1), grad_val.reshape(-1), rows if rows is not None else order, *out,
+            P, width, HAS_ROWS=rows is not None, BLOCK=1024, num_warps=4
         )
     return SortedPairs(offsets, *out)
 

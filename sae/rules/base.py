@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sae.code import SparseCode
+from sae.kernels import RowEntries
 
 
 class SparsityRule(nn.Module):
@@ -31,6 +32,15 @@ class SparsityRule(nn.Module):
     trains_decoder_bias: bool = True
     #: True where the encoder is the decoder's directions (GBA; see SparseAutoencoder.tied).
     tied_weights: bool = False
+
+    #: Whether the fused step of this rule (sae.fused_step) can be replayed as one CUDA graph
+    #: (sae.graph_step): its fused_select reads nothing on the host and is the same every step.
+    fused_graph: bool = False
+
+    def fused_select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
+        """The training selection sae.fused_step trains, for a rule registered with the fused
+        step: (values [B, w] float32, indices [B, w]) or sae.kernels.RowEntries."""
+        raise NotImplementedError
 
     def select(self, z: torch.Tensor) -> SparseCode:
         """Training-time selection on a detached z (may use the whole batch; in training mode

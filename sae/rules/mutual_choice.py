@@ -18,8 +18,8 @@ batch budget goes to the tokens and latents with the largest pre-activations, so
 few active features (where a rare feature is seen with the least interference) get few or no
 latents and rare features are learned late or never; the TopK start lets features form first,
 and the batch budget then reallocates them between tokens (docs/methods.md has the synthetic
-recovery with and without it). Registers the training rule "mutual-choice" (autograd step,
-one process).
+recovery with and without it). Registers the training rule "mutual-choice" (autograd and
+fused steps, one process: fused_select is the fused step's selection).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 
 from sae.code import SparseCode, code_from_mask
 from sae.errors import SAEError
-from sae.kernels import batch_topk, topk_rows
+from sae.kernels import RowEntries, batch_topk, batch_topk_entries, topk_rows
 from sae.registry import TrainingRule, register_rule
 from sae.rules.base import SparsityRule
 from sae.rules.topk import TopKConfig, expected_density
@@ -126,6 +126,21 @@ class MutualChoiceRule(SparsityRule):
             self._estimate = smallest
         return code
 
+    def fused_select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
+        """The training selection as sae.fused_step trains it, with select's threshold
+        estimate: in the TopK start each row's k largest (values [B, k] float32, indices
+        [B, k]: sae.kernels.triton_topk.row_topk), then the batch budget as RowEntries
+        (sae.kernels.batch_topk_entries: k*B entries, no row padded to the widest)."""
+        if self._in_topk_start():
+            from sae.kernels.triton_topk import row_topk
+
+            values, indices, _ = row_topk(z, min(self.k, z.shape[1]))
+            self._estimate = torch.where(values > 0, values, torch.inf).amin()
+            return values, indices
+        code, _ = batch_topk_entries(z, self.k, cap=self.row_cap)
+        self._estimate = torch.where(code.values > 0, code.values, torch.inf).amin()
+        return code
+
     def _in_topk_start(self) -> bool:
         """Whether this training step is in the TopK start. Every step that keeps a value
         updates the threshold, so theta_updates counts the steps trained (checkpointed: a
@@ -185,6 +200,7 @@ class MutualChoiceConfig(BatchBudgetConfig):
 
 register_rule(TrainingRule(
     name="mutual-choice", config=MutualChoiceConfig, default_aux="aux-zipf", initial_density=expected_density,
+    steps=("autograd", "fused"),
     build=lambda settings, run: MutualChoiceRule(settings.k, theta_decay=settings.theta_decay, steps=run.steps,
                                                  topk_start=settings.topk_start),
     short_run_settings={"k": 16},

@@ -30,6 +30,7 @@ class TopKRule(SparsityRule):
 
     name = "topk"
     saelens_architecture = "topk"
+    fused_graph = True
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -38,6 +39,14 @@ class TopKRule(SparsityRule):
     def infer(self, z: torch.Tensor) -> SparseCode:
         values, indices = topk_rows(z, self.k)
         return SparseCode(indices=indices, values=values.to(z.dtype))
+
+    def fused_select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training selection as sae.fused_step trains it: (values [B, k] float32,
+        indices [B, k]) of sae.kernels.triton_topk.row_topk."""
+        from sae.kernels.triton_topk import row_topk
+
+        values, indices, _ = row_topk(z, self.k)
+        return values, indices
 
     def saelens_config(self) -> dict[str, Any]:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
