@@ -65,8 +65,11 @@ class MatryoshkaRule(MutualChoiceRule):
 
     name = "matryoshka"
 
-    def __init__(self, k: int, widths: tuple[int, ...], theta_decay: float = 0.99) -> None:
-        super().__init__(k, theta_decay=theta_decay)
+    def __init__(self, k: int, widths: tuple[int, ...], theta_decay: float = 0.99, steps: int | None = None) -> None:
+        """steps: the run's length, which places the inference threshold's calibration over
+        its last steps (as Mutual Choice's); the batch budget from the first step (no TopK
+        start: the paper's BatchTopK)."""
+        super().__init__(k, theta_decay=theta_decay, steps=steps, topk_start=0.0)
         self.widths = tuple(int(w) for w in widths)
 
     def loss_term(self, x: torch.Tensor, target: torch.Tensor, code: SparseCode, model: nn.Module) -> torch.Tensor | None:
@@ -100,6 +103,6 @@ class MatryoshkaConfig(BatchBudgetConfig):
 register_rule(TrainingRule(
     name="matryoshka", config=MatryoshkaConfig, default_aux="auxk", initial_density=expected_density,
     build=lambda settings, run: MatryoshkaRule(settings.k, parse_widths(settings.matryoshka_widths, run.d_sae),
-                                               theta_decay=settings.theta_decay),
+                                               theta_decay=settings.theta_decay, steps=run.steps),
     short_run_settings={"k": 16},
 ))
