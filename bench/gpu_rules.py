@@ -2,7 +2,7 @@
 and checks that it trains (a device benchmark; exits 1 if a check fails).
 
 For every registered rule, and transcoders (ARCH:transcoder, a target of another width;
-ARCH:skip, a skip transcoder), each with its default aux loss and precision (on CUDA the
+ARCH:skip, a skip transcoder), each with its default aux loss (CASE/AUX: another one) and precision (on CUDA the
 bf16 encoder product), the step the Trainer picks with step "auto" is started on a
 GPU-resident TensorSource (a fixed random low-rank-plus-noise tensor; a transcoder's target
 a fixed nonlinear map of it), so the data path is not what is timed. Trainer.fit runs --warmup steps, then --steps more
@@ -77,10 +77,14 @@ def transcoder_target(data: torch.Tensor, seed: int = 1) -> torch.Tensor:
 
 def run_rule(case: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: int, steps: int, device: str,
              profile: bool = False, backend: str | None = None) -> dict:
-    """case: a rule's name, or ARCH:transcoder / ARCH:skip for a (skip) transcoder of that rule."""
-    arch, _, kind = case.partition(":")
+    """case: a rule's name, or ARCH:transcoder / ARCH:skip for a (skip) transcoder of that rule,
+    either with /AUX for another aux loss than the rule's default (mutual-choice/none)."""
+    case_shape, _, aux = case.partition("/")
+    arch, _, kind = case_shape.partition(":")
     target = transcoder_target(data) if kind else None
     shape = {"d_out": target.shape[1], "skip": kind == "skip"} if kind else {}
+    if aux:
+        shape["aux"] = aux
     config = TrainConfig(arch=arch, d_in=data.shape[1], d_sae=d_sae, k=k, batch_size=B,
                          tokens=(warmup + steps) * B, device=device, warmup_steps=0, decay_fraction=0.0,
                          init_tokens=B, log_every=max(1, (warmup + steps) // 20), seed=0, **shape)
