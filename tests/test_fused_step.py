@@ -11,8 +11,8 @@ import torch
 
 from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep
-from sae.kernels.triton_centre import centre
 from sae.kernels import RowEntries
+from sae.kernels.triton_centre import centre
 from sae.kernels.triton_decode_residual import decode_residual, decode_residual_entries
 from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs
 from sae.losses import aux_candidates, aux_reconstruction_loss
