@@ -90,17 +90,21 @@ def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Ten
     order = torch.argsort(density, descending=True)
     ranks = torch.empty(d_sae, device=density.device)
     ranks[order] = torch.arange(1, d_sae + 1, device=density.device, dtype=ranks.dtype)
-    live = int((density > 0).sum())
-    n_fit = int(live * fit_fraction)
-    if n_fit < 2:
-        return (density <= 0).to(density.dtype)
-    fit_d = density[order[:n_fit]].double().log()
-    fit_r = torch.arange(1, n_fit + 1, device=density.device, dtype=torch.float64).log()
-    slope = ((fit_r - fit_r.mean()) * (fit_d - fit_d.mean())).sum() / (fit_r - fit_r.mean()).pow(2).sum()
-    log_a = fit_d.mean() - slope * fit_r.mean()
+    # the fit's ranks as a mask on the device: no host read of the live count
+    n_fit = ((density > 0).sum() * fit_fraction).floor()
+    log_r = torch.arange(1, d_sae + 1, device=density.device, dtype=torch.float64).log()
+    fit = torch.arange(d_sae, device=density.device) < n_fit  # the n_fit most frequent ranks
+    log_d = torch.where(fit, density[order].double().clamp(min=torch.finfo(torch.float64).tiny).log(), 0.0)
+    count = fit.sum().clamp(min=1)
+    mean_r = torch.where(fit, log_r, 0.0).sum() / count
+    mean_d = log_d.sum() / count
+    centred_r = torch.where(fit, log_r - mean_r, 0.0)
+    slope = (centred_r * (log_d - mean_d)).sum() / centred_r.pow(2).sum().clamp(min=torch.finfo(torch.float64).tiny)
+    log_a = mean_d - slope * mean_r
     expected = (log_a + slope * ranks.double().log()).exp()
     u = (1 - density.double() / expected).clamp(0, 1)
-    return torch.where(u < UNDERUSE_FLOOR, torch.zeros_like(u), u).to(density.dtype)
+    u = torch.where(u < UNDERUSE_FLOOR, torch.zeros_like(u), u)
+    return torch.where(n_fit < 2, (density <= 0).double(), u).to(density.dtype)
 
 
 def aux_zipf_loss(
