@@ -55,6 +55,9 @@ from sae.model import SparseAutoencoder
 from sae.registry import rule_names, training_rule
 from sae.step import StepStats
 
+#: The auxiliary loss's feature columns are padded to a multiple of this (_aux).
+AUX_COLUMNS = 64
+
 
 class FusedTopKStep:
     """A TrainStep (sae.step) that trains a TopK SparseAutoencoder in place with
@@ -270,8 +273,13 @@ class FusedTopKStep:
         b_enc part to db_enc in place and returns (loss, (row, dW_dec, dW_enc)) for
         feature_adam's aux."""
         n, F = features.numel(), self.params["W_dec"].shape[0]
-        W_aux = self.params["W_dec"].index_select(0, features).to(z_aux.dtype)
-        w = weights.to(z_aux.dtype)
+        # n padded to a multiple of AUX_COLUMNS (-inf pre-activations, zero rows and weights):
+        # the products' operands then have aligned strides, which the fast GEMM kernels need
+        padded = -(-n // AUX_COLUMNS) * AUX_COLUMNS
+        z_aux = torch.nn.functional.pad(z_aux, (0, padded - n), value=-torch.inf)
+        W_aux = z_aux.new_zeros(padded, self.params["W_dec"].shape[1])
+        W_aux[:n] = self.params["W_dec"].index_select(0, features)
+        w = torch.nn.functional.pad(weights.to(z_aux.dtype), (0, padded - n))
         top, local = z_aux.topk(min(self.k_aux, n), dim=1, sorted=False)
         acts = torch.zeros_like(z_aux).scatter_(1, local, top.relu()).mul_(w)
         err = (acts @ W_aux).float() - residual
@@ -279,8 +287,8 @@ class FusedTopKStep:
         loss = err.pow(2).sum() / e_var
         grad_e_hat = ((2 * self.aux_alpha / e_var) * err).to(acts.dtype)
         grad_z = (grad_e_hat @ W_aux.t()).masked_fill_(acts <= 0, 0).mul_(w)
-        db_enc.index_add_(0, features, grad_z.sum(dim=0, dtype=torch.float32))
+        db_enc.index_add_(0, features, grad_z[:, :n].sum(dim=0, dtype=torch.float32))
         row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
         row[features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
-        return loss, (row, acts.t() @ grad_e_hat, grad_z.t() @ xc)
+        return loss, (row, (acts.t() @ grad_e_hat)[:n], (grad_z.t() @ xc)[:n])
 
