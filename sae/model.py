@@ -27,9 +27,11 @@ from sae.kernels.backend import resolve_backend
 from sae.rules.base import SparsityRule
 
 #: Gather rows while the code is at most this fraction of d_sae wide; else one dense matmul.
-#: On CPU the gather's torch backward (index_add over B x w rows) loses to one BLAS product
-#: at a much narrower code than the Triton gather does on CUDA, hence the smaller fraction.
-SPARSE_DECODE_MAX_FRACTION = {"cuda": 1 / 8, "cpu": 1 / 64}
+#: On CUDA the gather's forward and backward grow with the width while one dense product's
+#: stay flat; they cross near d_sae / 13 (bench/kernels_decode_crossover.py). On CPU the
+#: gather's torch backward (index_add over B x w rows) loses to one BLAS product at a much
+#: narrower code, hence the smaller fraction.
+SPARSE_DECODE_MAX_FRACTION = {"cuda": 1 / 13, "cpu": 1 / 64}
 
 
 class SparseAutoencoder(nn.Module):
