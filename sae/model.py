@@ -82,18 +82,23 @@ class SparseAutoencoder(nn.Module):
             self.b_dec.copy_(b_dec)
 
     @torch.no_grad()
-    def fit_encoder_scale(self, x: torch.Tensor) -> float:
-        """Scale W_enc by the c that minimises ||(x - b_dec) - c * decode_directions(code)||^2
-        over the sample x, and return c. For a rule whose selection ignores a common scale of z
-        (TopK with b_enc = 0, as init_weights leaves it) the code's values scale with W_enc, so c
-        is one least-squares ratio. W_enc = W_dec^T at unit norm overshoots: the k rows most
-        aligned with x each return their whole projection, so the k projections add up to more
-        than x (FVU above 1 where k is a large fraction of d_in); the fitted, smaller encoder
-        starts nearer the data and moves farther per Adam step relative to its size."""
+    def fit_encoder_scale(self, x: torch.Tensor, target: torch.Tensor | None = None) -> float:
+        """Scale W_enc by the c that minimises ||(y - b_dec - skip) - c * decode_directions(code)||^2
+        over the sample x (y: x for an autoencoder, a transcoder's target; skip: a skip
+        transcoder's x W_skip^T), and return c. For a rule whose selection ignores a common
+        scale of z (SparsityRule.scale_free_selection, with b_enc = 0 as init_weights leaves it)
+        the code's values scale with W_enc, so c is one least-squares ratio. W_enc = W_dec^T at
+        unit norm overshoots: the k rows most aligned with x each return their whole
+        projection, so the k projections add up to more than x (FVU above 1 where k is a
+        large fraction of d_in); the fitted, smaller encoder starts nearer the data and moves
+        farther per Adam step relative to its size."""
+        y = x if target is None else target
         along, sq = 0.0, 0.0
-        for part in x.split(4096):  # bounds the dense pre-activations of a wide SAE
-            x_hat = self.decode_directions(self.rule.select(self.pre_acts(part)))
-            along += float(((part - self.input_bias()) * x_hat).sum())
+        for part, goal in zip(x.split(4096), y.split(4096)):  # bounds the dense pre-activations of a wide SAE
+            code = self.rule.select(self.pre_acts(part))
+            x_hat = self.decode_directions(code)
+            offset = self.output(part, code) - x_hat  # b_dec, and a skip transcoder's linear term
+            along += float(((goal - offset) * x_hat).sum())
             sq += float(x_hat.pow(2).sum())
         c = along / sq if sq > 0 else 0.0
         if c > 0:

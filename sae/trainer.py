@@ -43,7 +43,7 @@ from sae.kernels.backend import resolve_backend
 from sae.losses import zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.registry import training_rule
-from sae.rules import SparsityRule, TopKRule
+from sae.rules import SparsityRule
 from sae.step import StepStats
 from sae.step_choice import build_step
 from sae.tensorboard import EVENTS_FILE, write_events
@@ -210,8 +210,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.init_weights(generator, geometric_median(y * self.target_scale).cpu())
         self.model.to(self.model_device)
-        if isinstance(self.model.rule, TopKRule) and not self.model.transcoder:
-            self.model.fit_encoder_scale((x * self.input_scale).to(self.model_device))
+        if self.model.rule.scale_free_selection:
+            target = None if y is x else (y * self.target_scale).to(self.model_device)
+            self.model.fit_encoder_scale((x * self.input_scale).to(self.model_device), target)
         self.density.fill_(training_rule(cfg.arch).initial_density(self.model.rule, cfg))
         self.stepper.weights_changed()
 

@@ -73,19 +73,22 @@ def test_decoder_rows_stay_unit_norm_and_training_recovers_features():
     assert recovery(model.W_dec.detach(), FEATS.V)["mean_cos"] > 0.6
 
 
-def test_topk_encoder_starts_at_the_scale_that_best_reconstructs_the_init_sample():
-    """W_enc = c W_dec^T with c the least-squares scale of the first reconstruction: the unit
+@pytest.mark.parametrize("arch", ["topk", "mutual-choice", "matryoshka", "feature-choice"])
+def test_encoder_starts_at_the_scale_that_best_reconstructs_the_init_sample(arch):
+    """For the rules whose selection ignores a common scale of z: W_enc = c W_dec^T with c the
+    least-squares scale of the first reconstruction (through the training selection): the unit
     transpose (c = 1) overshoots, and any other c reconstructs the init tokens worse."""
     source = SyntheticSource(FEATS, seed=3)
-    trainer = Trainer.start(config("topk"), source)
+    trainer = Trainer.start(config(arch), source)
     model = trainer.model
+    assert model.rule.scale_free_selection
     x = torch.cat([batch for _, batch in zip(range(8), source.batches(128))]) * trainer.input_scale  # the init sample
 
     def fvu_at(factor: float) -> float:
         with torch.no_grad():
             saved = model.W_enc.clone()
             model.W_enc.mul_(factor)
-            x_hat = model.reconstruct(x)
+            x_hat = model.output(x, model.rule.select(model.pre_acts(x)))
             model.W_enc.copy_(saved)
         return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 

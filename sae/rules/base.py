@@ -33,6 +33,10 @@ class SparsityRule(nn.Module):
     #: True where the encoder is the decoder's directions (GBA; see SparseAutoencoder.tied).
     tied_weights: bool = False
 
+    #: True where multiplying every pre-activation by one c > 0 keeps the same entries (top-k
+    #: selections; not thresholds): SparseAutoencoder.fit_encoder_scale then sets the
+    #: encoder's starting scale.
+    scale_free_selection: bool = False
     #: Whether the fused step of this rule (sae.fused_step) can be replayed as one CUDA graph
     #: (sae.graph_step): its fused_select reads nothing on the host and is the same every step.
     fused_graph: bool = False

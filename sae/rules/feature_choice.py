@@ -98,6 +98,7 @@ class FeatureChoiceRule(SparsityRule):
 
     name = "feature-choice"
     saelens_architecture = "jumprelu"
+    scale_free_selection = True
 
     def __init__(self, k: int, d_sae: int, theta_decay: float = 0.99, steps: int | None = None) -> None:
         """steps: the run's length, which places the thresholds' calibration window."""

@@ -79,6 +79,7 @@ class MutualChoiceRule(SparsityRule):
 
     name = "mutual-choice"
     saelens_architecture = "jumprelu"
+    scale_free_selection = True
 
     def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8, steps: int | None = None,
                  topk_start: float = TOPK_START_FRACTION) -> None:

@@ -31,6 +31,7 @@ class TopKRule(SparsityRule):
     name = "topk"
     saelens_architecture = "topk"
     fused_graph = True
+    scale_free_selection = True
 
     def __init__(self, k: int) -> None:
         super().__init__()
