@@ -166,7 +166,11 @@ def test_either_step_resumes_the_others_checkpoint(tmp_path):
 def test_checkpoints_written_before_the_step_interface_resume_bit_for_bit(kind, tmp_path):
     """OLD_CHECKPOINTS holds, per step, the checkpoint the trainers before sae.step wrote after
     2 of 4 steps (the fused one with AuxK) and the state their uninterrupted run ended in:
-    resumed here, each ends there exactly on its own step, and within rounding on the other."""
+    resumed here, each ends there exactly on its own step, and within rounding on the other.
+    The fused step's aux products have since been padded to aligned widths
+    (sae.fused_step.AUX_COLUMNS), which rounds their sums differently: its own checkpoint
+    ends within rounding too (test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does
+    checks the fused step's exact resume on the current code)."""
     want = torch.load(OLD_CHECKPOINTS / kind / "after_4_steps.pt", weights_only=True)
     for step, backend in (("autograd", None), ("fused", "triton")):
         shutil.copytree(OLD_CHECKPOINTS / kind, tmp_path / step)
@@ -174,7 +178,7 @@ def test_checkpoints_written_before_the_step_interface_resume_bit_for_bit(kind, 
         assert trainer.step == 2
         trainer.fit(progress=False)
         got = trainer.state()
-        if step == kind:  # the same step: bit for bit
+        if step == kind == "autograd":  # the same step: bit for bit
             for name, tensor in want["model"].items():
                 assert torch.equal(got["model"][name], tensor), name
             for i, moments in want["optimizer"]["state"].items():
