@@ -73,7 +73,10 @@ def test_cli_trains_transcoders_in_the_saelens_transcoder_layout(store, trained)
         record = json.loads((folder / "training.json").read_text())
         assert record["config"]["d_out"] == 192 and record["config"]["skip"] == (name == "skip")
         assert record["step_kind"] == "autograd" and record["data"]["target_hook"] == OUT
-        assert record["history"][-1]["fvu"] < 0.6 * record["history"][0]["fvu"]
+        # it learned: the encoder starts at its fitted scale (first FVU about 1, the target's mean's),
+        # and the run ends well below both that start and the mean
+        first, last = record["history"][0]["fvu"], record["history"][-1]["fvu"]
+        assert last < 0.7 * first and last < 0.7
         cfg = json.loads((folder / "cfg.json").read_text())
         assert cfg["architecture"] == ("topk_skip_transcoder" if name == "skip" else "topk_transcoder")
         assert cfg["d_out"] == 192 and cfg["apply_b_dec_to_input"] is False
