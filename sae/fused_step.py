@@ -1,4 +1,4 @@
-"""One TopK (or Mutual Choice) training step as a handful of kernels, with no autograd.
+"""One TopK, Mutual Choice or GBA training step as a handful of kernels, with no autograd.
 
 The step sae.autograd_step runs for TopK (MSE / batch variance, the decoder gradient's part
 along each unit row removed, Adam, decoder rows renormalised), computed as:
@@ -7,7 +7,8 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   2. the rule's fused_select               TopK: the k largest of each row,
                                            sae.kernels.triton_topk.row_topk (split guess +
                                            verify); Mutual Choice: the batch's k*B largest
-                                           as flat entries in row order (RowEntries)
+                                           as flat entries in row order (RowEntries); GBA:
+                                           z > threshold as RowEntries (mask_entries)
   3. x_hat, grad_out, grad_val, sq_err     sae.kernels.triton_decode_residual (one gather of
                                            the decoder's bf16 copy in bf16; for entries,
                                            each row walks its own)
@@ -19,13 +20,17 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
   6. dW_enc, dW_dec and Adam on both       sae.kernels.triton_feature_adam, one program per
      rows + b_enc, renorm, bf16 copies    feature: no weight-sized gradient tensor
   7. Adam on b_dec                         one launch (vector_adam)
+Tied weights (GBA: one matrix, the encoder its unit rows) replace step 6 with
+sae.kernels.triton_tied_adam, which adds both gradient parts into the one row, and train
+no biases (b_enc is 0, the thresholds are the rule's buffers; b_dec stays put).
 With an auxiliary loss (a call with aux: the features of positive aux weight and their
 weights w, prepare_aux), as sae.autograd_step computes it: each row's k_aux largest z among
 those features activate as w * ReLU(z) and reconstruct the residual e = x - x_hat (step 3
 writes e); AuxK's weights are 1 on the dead features, aux_zipf's the Zipf deficits. One such
 feature takes up to a whole batch of these entries, so they are not pairs for step 6 but
 dense products over their columns only (_aux: the encoder product's dtype, torch matmuls),
-whose rows step 6 adds to those features' sums; b_dec gets none of the aux reconstruction's
+whose rows step 6 adds to those features' sums (each row's k_aux largest by
+sae.kernels.topk_rows, the Triton select); b_dec gets none of the aux reconstruction's
 gradient directly (it has no b_dec), only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
@@ -48,15 +53,25 @@ from typing import Any
 import torch
 
 from sae.errors import SAEError
-from sae.kernels import RowEntries
+from sae.kernels import RowEntries, topk_rows
 from sae.kernels.backend import resolve_backend
 from sae.losses import batch_variance
 from sae.model import SparseAutoencoder
 from sae.registry import rule_names, training_rule
 from sae.step import StepStats
 
-#: The auxiliary loss's feature columns are padded to a multiple of this (_aux).
+#: The auxiliary loss's feature columns are padded to a multiple of this (aux_columns).
 AUX_COLUMNS = 64
+
+
+def aux_columns(z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """z's columns of the aux features [B, N], in one gather: the n features' own, then -inf
+    columns up to N, the next multiple of AUX_COLUMNS (which no top-k of a row takes before
+    a real column)."""
+    n = features.numel()
+    columns = z.index_select(1, torch.nn.functional.pad(features, (0, -(-n // AUX_COLUMNS) * AUX_COLUMNS - n)))
+    columns[:, n:] = -torch.inf
+    return columns
 
 
 class FusedTopKStep:
@@ -91,7 +106,7 @@ class FusedTopKStep:
         (bench/gpu_train.py) and bounds the serial walk where one feature fires on half the
         batch (bench/kernels_feature_adam.py). backend: sae.kernels.backend.resolve_backend's
         (None: by the model's device); it must come out "triton"."""
-        if "fused" not in training_rule(model.rule.name).steps or model.tied:
+        if "fused" not in training_rule(model.rule.name).steps:
             fused = ", ".join(name for name in rule_names() if "fused" in training_rule(name).steps)
             raise SAEError(f"the fused step trains {fused} SAEs only (`model`); other rules train through sae.autograd_step")
         device = model.W_dec.device
@@ -100,18 +115,24 @@ class FusedTopKStep:
                            "under TRITON_INTERPRET=1")
         if precision not in ("bf16", "fp32"):
             raise SAEError(f"`precision` must be bf16 or fp32, not {precision!r}")
-        if not model.W_enc.t().is_contiguous() or not model.W_dec.is_contiguous():
+        if (not model.tied and not model.W_enc.t().is_contiguous()) or not model.W_dec.is_contiguous():
             raise SAEError("the fused step needs `model` with W_enc feature-major and W_dec contiguous: "
                            "call model.make_encoder_feature_major() first")
         self.model, self.betas, self.eps = model, betas, eps
         self.grad_out_dtype, self.pair_chunk = grad_out_dtype, pair_chunk
         self.k_aux, self.aux_alpha = min(k_aux, model.d_sae), aux_alpha
-        W_enc_t = model.W_enc.data.t()
         W_dec = model.W_dec.data
-        lp, dec_lp = (W_enc_t.to(torch.bfloat16), W_dec.to(torch.bfloat16)) if precision == "bf16" else (W_enc_t, W_dec)
-        self.params = {"W_enc_t": W_enc_t, "W_dec": W_dec, "b_enc": model.b_enc.data, "W_enc_lp": lp, "W_dec_lp": dec_lp}
+        lp_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dec_lp = W_dec.to(torch.bfloat16) if precision == "bf16" else W_dec
+        if model.tied:  # one matrix: the encoder's operand is a copy of its unit rows (tied_feature_adam)
+            self.params = {"W_dec": W_dec, "b_enc": model.b_enc.data, "W_dec_lp": dec_lp,
+                           "W_enc_lp": torch.nn.functional.normalize(W_dec, dim=1).to(lp_dtype)}
+        else:
+            W_enc_t = model.W_enc.data.t()
+            self.params = {"W_enc_t": W_enc_t, "W_dec": W_dec, "b_enc": model.b_enc.data, "W_dec_lp": dec_lp,
+                           "W_enc_lp": W_enc_t.to(lp_dtype) if precision == "bf16" else W_enc_t}
         self.moments = {}
-        for name in ("W_enc_t", "W_dec", "b_enc"):
+        for name in ("W_dec",) if model.tied else ("W_enc_t", "W_dec", "b_enc"):
             dtype = moments_dtype if self.params[name].dim() == 2 else torch.float32
             self.moments[name] = tuple(torch.zeros_like(self.params[name], dtype=dtype) for _ in range(2))
         self.b_dec = model.b_dec.data
@@ -142,9 +163,12 @@ class FusedTopKStep:
     def weights_changed(self) -> None:
         """Refresh the low-precision copies step reads, after the model's weights were
         written from outside it (initialised, loaded from a checkpoint)."""
+        p = self.params
+        if self.model.tied:
+            p["W_enc_lp"].copy_(torch.nn.functional.normalize(p["W_dec"], dim=1))
         for lp, master in (("W_enc_lp", "W_enc_t"), ("W_dec_lp", "W_dec")):
-            if self.params[lp].data_ptr() != self.params[master].data_ptr():
-                self.params[lp].copy_(self.params[master])
+            if master in p and p[lp].data_ptr() != p[master].data_ptr():
+                p[lp].copy_(p[master])
 
     def weights_to_model(self) -> None:
         """Nothing to copy: the step trains the model's storage in place."""
@@ -184,8 +208,9 @@ class FusedTopKStep:
         """(exp_avg, exp_avg_sq) of each trained parameter, in model.parameters() order and
         shaped like it: views of the step's tensors (W_enc's are transposes)."""
         model, moments = self.model, self.moments
-        of = {id(model.W_enc): (moments["W_enc_t"][0].t(), moments["W_enc_t"][1].t()), id(model.b_enc): moments["b_enc"],
-              id(model.W_dec): moments["W_dec"], id(model.b_dec): self.b_dec_moments}
+        of = {id(model.W_dec): moments["W_dec"], id(model.b_dec): self.b_dec_moments}
+        if not model.tied:
+            of.update({id(model.W_enc): (moments["W_enc_t"][0].t(), moments["W_enc_t"][1].t()), id(model.b_enc): moments["b_enc"]})
         return [of[id(p)] for p in model.parameters() if p.requires_grad]
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -217,6 +242,7 @@ class FusedTopKStep:
         from sae.kernels.triton_centre import centre
         from sae.kernels.triton_decode_residual import decode_residual, decode_residual_entries
         from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs, vector_adam
+        from sae.kernels.triton_tied_adam import tied_feature_adam
 
         p = self.params
         self.step_count += 1
@@ -225,7 +251,7 @@ class FusedTopKStep:
         own = self.shard(x)
         z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
         code = self.select(z)
-        z_aux = None if aux_features is None else z.index_select(1, aux_features)
+        z_aux = None if aux_features is None else aux_columns(z, aux_features)
         del z
         residual = None if aux_features is None else torch.empty_like(own)
         decoded = dict(grad_out_dtype=self.grad_out_dtype, residual=residual)
@@ -246,19 +272,24 @@ class FusedTopKStep:
             db_dec_out = grad_out.sum(dim=0, dtype=torch.float32)  # b_dec's gradient through x_hat
         pairs = sort_pairs(indices, values, grad_val, p["W_dec"].shape[0], rows=rows)
         chunks = chunk_sums(pairs, grad_out, xc, self.pair_chunk) if self.pair_chunk else None
-        db_enc = feature_sums(pairs, chunks)
+        trains_b_dec, tied = self.model.b_dec.requires_grad, self.model.tied
+        db_enc = feature_sums(pairs, chunks) if trains_b_dec or not tied else None  # b_enc's and b_dec's
         self._join()
         if aux_features is not None:
-            if self.k_aux <= 0 or aux_features.numel() == 0:
-                raise SAEError("the auxiliary loss needs `k_aux` > 0 and a feature in `aux`")
+            if self.k_aux <= 0 or aux_features.numel() == 0 or tied:
+                raise SAEError("the auxiliary loss needs `k_aux` > 0, a feature in `aux` and untied weights")
             aux, aux_grads = self._aux(z_aux, aux_features, aux_weights, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
         # b_dec's gradient through the encoder, before W_enc moves, through the copy the
         # product read (in bf16: half the bytes, db_enc rounded to bf16 too)
-        db_dec_enc = db_enc.to(lp) @ p["W_enc_lp"]
-        fired = feature_adam(pairs, grad_out, xc, p, self.moments, db_enc,
-                             self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
-        if self.model.b_dec.requires_grad:
+        db_dec_enc = db_enc.to(lp) @ p["W_enc_lp"] if trains_b_dec else None
+        if tied:
+            fired = tied_feature_adam(pairs, grad_out, xc, p, self.moments["W_dec"], self.lr, self.step_count,
+                                      self.betas, self.eps, chunks=chunks)
+        else:
+            fired = feature_adam(pairs, grad_out, xc, p, self.moments, db_enc,
+                                 self.lr, self.step_count, self.betas, self.eps, aux=aux_grads, chunks=chunks)
+        if trains_b_dec:
             vector_adam(self.b_dec, self.b_dec_moments, db_dec_out, db_dec_enc, self.lr, self.step_count, self.betas, self.eps)
         return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance[0], tokens=len(x))
 
@@ -266,29 +297,32 @@ class FusedTopKStep:
         self, z_aux: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor,
         db_enc: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """sae.losses.aux_reconstruction_loss on the columns z_aux [B, n] of z of the aux
-        features (weights w [n]): per row the k_aux largest (all n when fewer) activate as
-        a = w * ReLU(z) and reconstruct e = residual; loss ||a W_aux - e||^2 / ||e - mean(e)||^2.
-        Its gradient, scaled by aux_alpha, as dense products over the n features: adds the
-        b_enc part to db_enc in place and returns (loss, (row, dW_dec, dW_enc)) for
-        feature_adam's aux."""
-        n, F = features.numel(), self.params["W_dec"].shape[0]
-        # n padded to a multiple of AUX_COLUMNS (-inf pre-activations, zero rows and weights):
-        # the products' operands then have aligned strides, which the fast GEMM kernels need
-        padded = -(-n // AUX_COLUMNS) * AUX_COLUMNS
-        z_aux = torch.nn.functional.pad(z_aux, (0, padded - n), value=-torch.inf)
-        W_aux = z_aux.new_zeros(padded, self.params["W_dec"].shape[1])
-        W_aux[:n] = self.params["W_dec"].index_select(0, features)
-        w = torch.nn.functional.pad(weights.to(z_aux.dtype), (0, padded - n))
-        top, local = z_aux.topk(min(self.k_aux, n), dim=1, sorted=False)
-        acts = torch.zeros_like(z_aux).scatter_(1, local, top.relu()).mul_(w)
+        """sae.losses.aux_reconstruction_loss on z_aux [B, N] (aux_columns: the n aux features'
+        columns of z, then -inf columns up to N), weights w [n]: per row the k_aux largest (all n
+        when fewer; sae.kernels.topk_rows) activate as a = w * ReLU(z) and reconstruct
+        e = residual; loss ||a W_aux - e||^2 / ||e - mean(e)||^2. Its gradient, scaled by
+        aux_alpha, as dense products over the N columns, whose aligned strides the fast GEMM
+        kernels need: adds the b_enc part to db_enc in place and returns (loss, (row, dW_dec,
+        dW_enc)) for feature_adam's aux. z_aux's storage becomes the activations, then the
+        pre-activations' gradient: a kept entry's value is overwritten by its gradient and
+        every other entry stays 0."""
+        n, F, N = features.numel(), self.params["W_dec"].shape[0], z_aux.shape[1]
+        W_aux = self.params["W_dec_lp"].index_select(0, torch.nn.functional.pad(features, (0, N - n))).to(z_aux.dtype)
+        W_aux[n:] = 0
+        w = torch.nn.functional.pad(weights.float(), (0, N - n))
+        top, local = topk_rows(z_aux, min(self.k_aux, n), backend="triton")
+        kept_w = w[local]
+        acts_kept = top * kept_w
+        acts = z_aux.zero_().scatter_(1, local, acts_kept.to(z_aux.dtype))
         err = (acts @ W_aux).float() - residual
         e_var = batch_variance(residual)
         loss = err.pow(2).sum() / e_var
         grad_e_hat = ((2 * self.aux_alpha / e_var) * err).to(acts.dtype)
-        grad_z = (grad_e_hat @ W_aux.t()).masked_fill_(acts <= 0, 0).mul_(w)
-        db_enc.index_add_(0, features, grad_z[:, :n].sum(dim=0, dtype=torch.float32))
+        dW_dec = (acts.t() @ grad_e_hat)[:n]
+        grad_kept = torch.where(acts_kept > 0, (grad_e_hat @ W_aux.t()).gather(1, local).float() * kept_w, 0.0)
+        grad_z = acts.scatter_(1, local, grad_kept.to(acts.dtype))
+        db_enc.index_add_(0, features, torch.zeros(N, device=db_enc.device).scatter_add_(0, local.reshape(-1), grad_kept.reshape(-1))[:n])
         row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
         row[features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
-        return loss, (row, (acts.t() @ grad_e_hat)[:n], (grad_z.t() @ xc)[:n])
+        return loss, (row, dW_dec, (grad_z.t() @ xc)[:n])
 

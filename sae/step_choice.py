@@ -1,7 +1,7 @@
 """Which training step trains a config (`workbench train --step`), and building it.
 
 "autograd" (sae.autograd_step) trains every rule; "fused" (sae.fused_step) trains
-arch topk (replayed as a CUDA graph on CUDA) and mutual-choice through Triton kernels;
+arch topk (replayed as a CUDA graph on CUDA), mutual-choice and gba through Triton kernels;
 "data-parallel" (sae.distributed) is the autograd step over torchrun's processes; "auto"
 is fused where it can train the config on CUDA, else autograd (always autograd for a
 transcoder: the fused step trains autoencoders only). In a process group of more than one

@@ -15,10 +15,11 @@ from sae.kernels import RowEntries
 from sae.kernels.triton_centre import centre
 from sae.kernels.triton_decode_residual import decode_residual, decode_residual_entries
 from sae.kernels.triton_feature_adam import chunk_sums, feature_adam, feature_sums, sort_pairs
+from sae.kernels.triton_tied_adam import tied_feature_adam
 from sae.losses import aux_candidates, aux_reconstruction_loss
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
-from sae.rules.gba import GBARule
+from sae.rules.jumprelu import JumpReLURule
 
 
 @pytest.fixture
@@ -172,6 +173,42 @@ def test_feature_adam_matches_torch_adam_over_two_steps(B, F, D, k, xc_dtype, ch
         assert torch.equal(fired, torch.zeros(F).index_add(0, flat, (values > 0).float().reshape(-1)))
 
 
+@pytest.mark.parametrize("chunk", [0, 4], ids=["pairs-walked", "whole-chunks-summed-first"])
+@pytest.mark.parametrize("B,F,D,k", [(6, 13, 37, 3), (24, 5, 70, 4)])
+def test_tied_feature_adam_matches_autograd_through_the_normalisation(B, F, D, k, chunk, poisoned):
+    """GBA's one matrix W: the decoder part of the gradient through W's rows, the encoder part
+    through their unit directions (torch.nn.functional.normalize), torch's Adam, no
+    renormalisation; the encoder copy holds the updated unit rows."""
+    gen = torch.Generator().manual_seed(F * D + k)
+    W = torch.randn(F, D, generator=gen) * (0.5 + torch.rand(F, 1, generator=gen))  # rows of several norms
+    params = {"W_dec": W, "W_enc_lp": torch.empty(F, D)}
+    moments = (torch.zeros_like(W), torch.zeros_like(W))
+    W64 = W.double().clone().requires_grad_()
+    opt = torch.optim.Adam([W64], lr=3e-2, foreach=False)
+    lr, step = torch.tensor([3e-2]), torch.zeros(1)
+    for _ in range(2):
+        indices, values = pairs(B, F, k, gen)
+        grad_val = torch.where(values > 0, torch.randn(B, k, generator=gen), 0.0)
+        grad_out, xc = torch.randn(B, D, generator=gen), torch.randn(B, D, generator=gen)
+        by_feature = sort_pairs(indices, values, grad_val, F)
+        chunks = chunk_sums(by_feature, grad_out, xc, chunk, block_p=2, block_d=32) if chunk else None
+        step += 1
+        fired = tied_feature_adam(by_feature, grad_out, xc, params, moments, lr, step, chunks=chunks)
+
+        rows = torch.arange(B).repeat_interleave(k)
+        flat = indices.reshape(-1)
+        # the same gradient as autograd gives: x_hat = values W[idx] (decoder), z = xc . unit(W)[idx] (encoder)
+        unit = torch.nn.functional.normalize(W64, dim=1)
+        surrogate = (grad_out.double()[rows] * values.double().reshape(-1, 1) * W64[flat]).sum() \
+            + (grad_val.double().reshape(-1) * (xc.double()[rows] * unit[flat]).sum(1)).sum()
+        opt.zero_grad()
+        surrogate.backward()
+        opt.step()
+        torch.testing.assert_close(params["W_dec"].double(), W64.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(params["W_enc_lp"].double(), torch.nn.functional.normalize(W64.detach(), dim=1), rtol=1e-5, atol=1e-6)
+        assert torch.equal(fired, torch.zeros(F).index_add(0, flat, (values > 0).float().reshape(-1)))
+
+
 def reference_train_step(model64, opt, x, weights=None, k_aux=0, aux_alpha=0.0):
     """sae.autograd_step.AutogradStep's sequence in float64; weights ([d_sae]): with the
     auxiliary loss of those weights (AuxK: 1 on the dead features)."""
@@ -252,8 +289,8 @@ def test_fused_step_with_graded_aux_weights_trains_like_the_trainer_in_float64()
 
 
 def test_fused_step_refuses_what_it_cannot_train():
-    with pytest.raises(SAEError, match="trains topk, mutual-choice SAEs only"):
-        FusedTopKStep(SparseAutoencoder(8, 16, GBARule(16, seed=0)), lr=1e-3, backend="triton")
+    with pytest.raises(SAEError, match="trains topk, mutual-choice, gba SAEs only"):
+        FusedTopKStep(SparseAutoencoder(8, 16, JumpReLURule(torch.zeros(16))), lr=1e-3, backend="triton")
     with pytest.raises(SAEError, match="CUDA"):
         FusedTopKStep(SparseAutoencoder(8, 16, TopKRule(2)), lr=1e-3)  # the CPU's backend is torch
     with pytest.raises(SAEError, match="make_encoder_feature_major"):

@@ -89,10 +89,13 @@ def run_steps(trainer: Trainer) -> list[dict[str, torch.Tensor | float]]:
 
 
 MUTUAL_CHOICE = dict(arch="mutual-choice", k=2)  # step 0 in the TopK start, steps 1-3 the batch budget
+#: tied weights; targets from 0.5 (fires on 4 of a batch's 8 tokens at the start) and a bias
+#: update after step 2, so steps 3-4 train at adapted thresholds
+GBA = dict(arch="gba", k=None, aux="none", gba_p_max=0.5, gba_every=2)
 
 
-@pytest.mark.parametrize("aux", [dict(aux="none"), AUXK, dict(MUTUAL_CHOICE, aux="none"), dict(MUTUAL_CHOICE, aux="aux-zipf", k_aux=4)],
-                         ids=["none", "auxk", "mutual-choice", "mutual-choice-aux-zipf"])
+@pytest.mark.parametrize("aux", [dict(aux="none"), AUXK, dict(MUTUAL_CHOICE, aux="none"), dict(MUTUAL_CHOICE, aux="aux-zipf", k_aux=4), GBA],
+                         ids=["none", "auxk", "mutual-choice", "mutual-choice-aux-zipf", "gba"])
 def test_fused_trainer_trains_like_the_autograd_trainer(aux):
     fast, plain = fused(config(**aux)), Trainer.start(config(**aux), source())
     assert (fast.step_kind, plain.step_kind) == ("fused", "autograd")
@@ -105,10 +108,15 @@ def test_fused_trainer_trains_like_the_autograd_trainer(aux):
         torch.testing.assert_close(dict(fast.model.named_parameters())[name], param, **TOLERANCE, msg=name)
     assert torch.equal(fast.tokens_since_fired, plain.tokens_since_fired)
     torch.testing.assert_close(fast.density, plain.density, **TOLERANCE)
-    for name, buffer in plain.model.rule.named_buffers():  # Mutual Choice's threshold and its count
+    for name, buffer in plain.model.rule.named_buffers():  # Mutual Choice's threshold and its count, GBA's
         torch.testing.assert_close(dict(fast.model.rule.named_buffers())[name], buffer, **TOLERANCE, msg=name)
     if aux.get("arch") == "mutual-choice":  # the batch budget gave some token more than k features
         assert plain.model.rule.topk_until == 1 and max(float(m["l0"]) for m in want[1:]) > 0
+    if aux.get("arch") == "gba":  # the bias updates moved the thresholds from their start, and every code fired
+        started = Trainer.start(config(**aux), source())
+        started.train_step(next(source().batches(8)))
+        assert not torch.equal(plain.model.rule.threshold, started.model.rule.threshold)
+        assert all(float(m["l0"]) > 0 for m in want)
     if aux["aux"] == "auxk":
         assert all(float(m["aux"]) > 0 for m in want[1:]) and float(want[0]["aux"]) == 0  # nothing dead before step 1
         assert any(0 < float(m["dead_fraction"]) * 20 < 4 for m in want[:-1])  # a step with fewer dead than k_aux
@@ -141,25 +149,27 @@ def test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_
     assert [h["fvu"] for h in b["history"]] == [h["fvu"] for h in a["history"]]
 
 
-def test_either_step_resumes_the_others_checkpoint(tmp_path):
-    """Adam's state crosses over whole: moments (W_enc's transposed) and step count."""
-    plain = Trainer.start(config(), source(), out=tmp_path / "run", command=["t"])
+@pytest.mark.parametrize("rule,trained", [({}, 4), (GBA, 1)], ids=["topk", "gba"])
+def test_either_step_resumes_the_others_checkpoint(rule, trained, tmp_path):
+    """Adam's state crosses over whole: moments (W_enc's transposed; GBA's tied matrix alone
+    trains) and step count."""
+    plain = Trainer.start(config(**rule), source(), out=tmp_path / "run", command=["t"])
     plain.fit(until_step=2, progress=False)
-    fast = Trainer.resume(tmp_path / "run", source(), config(), command=["t"], step="fused", backend="triton")
+    fast = Trainer.resume(tmp_path / "run", source(), config(**rule), command=["t"], step="fused", backend="triton")
     saved, moved = plain.stepper.optimizer_state(), fast.stepper.optimizer_state()
-    assert saved["state"].keys() == moved["state"].keys() == {0, 1, 2, 3}
+    assert saved["state"].keys() == moved["state"].keys() == set(range(trained))
     for i, moments in saved["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(moved["state"][i][key], moments[key]), (i, key)
     assert float(fast.stepper.step_count) == 2
     fast.fit(until_step=3, progress=False)
-    again = Trainer.resume(tmp_path / "run", source(), config(), command=["t"])
+    again = Trainer.resume(tmp_path / "run", source(), config(**rule), command=["t"])
     after = fast.state()
     for i, param in enumerate(again.stepper.optimizer.param_groups[0]["params"]):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(again.stepper.optimizer.state[param][key], after["optimizer"]["state"][i][key]), (i, key)
     again.fit(progress=False)  # torch's Adam steps on from the fused step's moments
-    assert again.step == STEPS and float(again.stepper.optimizer.state[again.model.W_enc]["step"]) == STEPS
+    assert again.step == STEPS and float(again.stepper.optimizer.state[again.model.W_dec]["step"]) == STEPS
 
 
 @pytest.mark.parametrize("kind", ["autograd", "fused"])
@@ -196,13 +206,13 @@ def test_auto_picks_the_fused_step_on_cuda_only_and_fused_says_why_not():
     assert resolve_step(config(), "auto", "triton") == "autograd"  # the CPU runs Triton only in its interpreter
     assert resolve_step(config(device="cuda"), "autograd", "triton") == "autograd"
     assert resolve_step(config(), "fused", "triton") == "fused"  # under TRITON_INTERPRET=1, as here
-    assert resolve_step(config(device="cuda", arch="gba", k=None), "auto", "triton") == "autograd"
+    assert resolve_step(config(device="cuda", arch="gba", k=None), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", aux="auxk"), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", aux="aux-zipf"), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", arch="mutual-choice"), "auto", "triton") == "fused"
     assert resolve_step(config(device="cuda", arch="matryoshka"), "auto", "triton") == "autograd"
-    with pytest.raises(SAEError, match='`arch="topk"` or `arch="mutual-choice"` only, not gba'):
-        resolve_step(config(device="cuda", arch="gba", k=None), "fused", "triton")
+    with pytest.raises(SAEError, match='`arch="gba"` only, not matryoshka'):
+        resolve_step(config(device="cuda", arch="matryoshka"), "fused", "triton")
     with pytest.raises(SAEError, match='need `device="cuda"`'):
         resolve_step(config(), "fused", "torch")
     with pytest.raises(SAEError, match="unknown `step="):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae.errors import SAEError
-from sae.kernels import batch_topk, batch_topk_entries, threshold_rows, topk_rows
+from sae.kernels import batch_topk, batch_topk_entries, mask_entries, threshold_rows, topk_rows
 from sae.kernels.triton_topk import row_topk
 
 
@@ -134,3 +134,23 @@ def test_batch_topk_entries_pad_with_zeros_when_too_few_are_positive():
     code, smallest = batch_topk_entries(z, 2)
     assert code.values.numel() == 8 and float(smallest) == 0.0
     assert sorted(code.values.tolist()) == [0.0] * 6 + [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_entries_hold_the_kept_entries_row_by_row(dtype):
+    """GBA's z > threshold as flat entries: each row's kept columns in order, row_ptr its
+    bounds, values float32; an empty row has none, and a batch that keeps nothing gets one
+    padding entry of value 0."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(7, 40, generator=gen).to(dtype)
+    theta = torch.rand(40, generator=gen)
+    keep = z > theta
+    keep[2] = False
+    code = mask_entries(z, keep)
+    rows, cols = keep.nonzero(as_tuple=True)
+    assert torch.equal(code.rows.long(), rows) and torch.equal(code.indices, cols)
+    assert code.values.dtype == torch.float32 and torch.equal(code.values, z[rows, cols].float())
+    assert torch.equal(code.row_ptr.diff(), keep.sum(dim=1))
+    assert code.row_ptr[2] == code.row_ptr[3]
+    nothing = mask_entries(z, torch.zeros_like(keep))
+    assert nothing.values.tolist() == [0.0] and nothing.row_ptr.tolist() == [0] + [1] * 7

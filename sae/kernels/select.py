@@ -15,6 +15,8 @@ indices (slope 1 where non-zero), padding entries have value 0, values are float
   exactly k*B of them whatever the rows' widths, so the fused step (sae.fused_step) walks
   k*B pairs instead of B rows padded to the widest. Exact: a batch with an overflowing row
   (one host read) is redone over the whole matrix.
+- mask_entries: the entries of a boolean mask over z as RowEntries (GBA's z > threshold
+  in the fused step): one nonzero pass, whose count is the one host read.
 - threshold_rows: keep z > theta per feature (JumpReLU; ReLU is theta = 0), at most cap
   per row (the cap largest margins), with the same overflow count.
 """
@@ -96,6 +98,20 @@ def batch_topk_entries(z: torch.Tensor, k: int, cap: int | None = None) -> tuple
     indices = flat % cap if columns is None else columns.reshape(-1)[flat]
     row_ptr = torch.searchsorted(rows, torch.arange(B + 1, device=z.device))
     return RowEntries(values[order], indices, rows.to(torch.int32), row_ptr), smallest
+
+
+def mask_entries(z: torch.Tensor, keep: torch.Tensor) -> RowEntries:
+    """ReLU(z) [B, d_sae] at the kept entries as RowEntries (each row's columns ascending).
+    A batch that keeps nothing gets one padding entry (value 0 at row 0, feature 0), so
+    the code is never empty."""
+    rows, indices = keep.nonzero(as_tuple=True)  # row-major: rows ascending, columns within
+    if rows.numel() == 0:
+        rows = indices = torch.zeros(1, dtype=torch.long, device=z.device)
+        values = torch.zeros(1, dtype=torch.float32, device=z.device)
+    else:
+        values = z[rows, indices].float().relu()
+    row_ptr = torch.searchsorted(rows, torch.arange(z.shape[0] + 1, device=z.device))
+    return RowEntries(values, indices, rows.to(torch.int32), row_ptr)
 
 
 def threshold_rows(z: torch.Tensor, theta: torch.Tensor, cap: int) -> Selected:

@@ -35,7 +35,7 @@ The rest follows the paper's LLM runs:
 - only w and a get gradients: b_pre (our b_dec) stays at its data initialisation, the
   geometric median. Trained by the reconstruction loss it drifted to twice the data's
   norm, and neurons aligned with -b_dec then fired on every token whatever their bias.
-Registers the training rule "gba" (autograd step, one process; saved as SAELens "jumprelu").
+Registers the training rule "gba" (autograd and fused steps, one process; saved as SAELens "jumprelu").
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from torch import nn
 
 from sae.code import SparseCode, code_from_mask
 from sae.errors import SAEError
+from sae.kernels import RowEntries, mask_entries
 from sae.registry import RuleConfig, TrainingRule, register_rule
 from sae.rules.base import SparsityRule
 
@@ -160,17 +161,35 @@ class GBARule(SparsityRule):
         come from the code: a neuron fires exactly where it is kept, and its peak margin
         max(z - threshold, 0) is over its kept entries (0 if none), so z is read only once.
         The first training batch first sets the thresholds (start_at_targets)."""
+        self._start(z)
+        code = self.infer(z)
+        if self.training:
+            self._record(code.indices, code.values, z.shape[0])
+        return code
+
+    @torch.no_grad()
+    def fused_select(self, z: torch.Tensor) -> RowEntries:
+        """select's code and statistics as sae.fused_step trains it: the entries z > threshold
+        in row order (sae.kernels.mask_entries), no row padded to the widest."""
+        self._start(z)
+        code = mask_entries(z, z > self.threshold)
+        self._record(code.indices, code.values, z.shape[0])
+        return code
+
+    def _start(self, z: torch.Tensor) -> None:
+        """On the first training batch, set the thresholds from it (start_at_targets)."""
         if self.training and not self._started:
             if not bool(self.started):
                 self.start_at_targets(z)
             self._started = True
-        code = self.infer(z)
-        if self.training:
-            self.fire_count += code.fired(len(self.threshold)).to(self.fire_count.dtype)
-            margin = (code.values - self.threshold[code.indices]).clamp(min=0).to(self.peak.dtype)
-            self.peak.scatter_reduce_(0, code.indices.reshape(-1), margin.reshape(-1), reduce="amax")
-            self.buffer_tokens += z.shape[0]
-        return code
+
+    def _record(self, indices: torch.Tensor, values: torch.Tensor, tokens: int) -> None:
+        """Add a training code's firings (its positive entries) and peak margins to the buffer."""
+        active = values > 0
+        self.fire_count.index_add_(0, indices.reshape(-1), active.reshape(-1).to(self.fire_count.dtype))
+        margin = (values - self.threshold[indices]).clamp(min=0).to(self.peak.dtype)
+        self.peak.scatter_reduce_(0, indices.reshape(-1), margin.reshape(-1), reduce="amax")
+        self.buffer_tokens += tokens
 
     def infer(self, z: torch.Tensor) -> SparseCode:
         return code_from_mask(z, z > self.threshold)
@@ -241,6 +260,6 @@ def build_gba(settings: GBAConfig, run: TrainConfig) -> GBARule:
 
 
 register_rule(TrainingRule(
-    name="gba", config=GBAConfig, build=build_gba, default_aux="none",
+    name="gba", config=GBAConfig, build=build_gba, default_aux="none", steps=("autograd", "fused"),
     initial_density=lambda rule, run: float(rule.target.mean()),
 ))
