@@ -3,7 +3,7 @@ and checks that it trains (a device benchmark; exits 1 if a check fails).
 
 For every registered rule, and transcoders (ARCH:transcoder, a target of another width;
 ARCH:skip, a skip transcoder), each with its default aux loss (CASE/AUX: another one) and precision (on CUDA the
-bf16 encoder product), the step the Trainer picks with step "auto" is started on a
+bf16 encoder product), the step the Trainer picks with step "auto" (CASE@STEP: another one) is started on a
 GPU-resident TensorSource (a fixed random low-rank-plus-noise tensor; a transcoder's target
 a fixed nonlinear map of it), so the data path is not what is timed. Trainer.fit runs --warmup steps, then --steps more
 between two CUDA synchronisations. Checks: the rule trains without an error (such as a
@@ -78,8 +78,10 @@ def transcoder_target(data: torch.Tensor, seed: int = 1) -> torch.Tensor:
 def run_rule(case: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: int, steps: int, device: str,
              profile: bool = False, backend: str | None = None) -> dict:
     """case: a rule's name, or ARCH:transcoder / ARCH:skip for a (skip) transcoder of that rule,
-    either with /AUX for another aux loss than the rule's default (mutual-choice/none)."""
-    case_shape, _, aux = case.partition("/")
+    either with /AUX for another aux loss than the rule's default (mutual-choice/none), and
+    @STEP for another step than "auto" picks (gba@autograd)."""
+    case_aux, _, step = case.partition("@")
+    case_shape, _, aux = case_aux.partition("/")
     arch, _, kind = case_shape.partition(":")
     target = transcoder_target(data) if kind else None
     shape = {"d_out": target.shape[1], "skip": kind == "skip"} if kind else {}
@@ -92,7 +94,7 @@ def run_rule(case: str, data: torch.Tensor, d_sae: int, k: int, B: int, warmup: 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer.start(config, TensorSource(data, target=target), out=None, command=[], backend=backend)
+    trainer = Trainer.start(config, TensorSource(data, target=target), out=None, command=[], backend=backend, step=step or "auto")
     if not cuda:  # CUDA's precision through the CPU's autocast
         trainer.stepper.autocast_dtype = torch.bfloat16
     failure = ""
