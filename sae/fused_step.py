@@ -29,8 +29,8 @@ those features activate as w * ReLU(z) and reconstruct the residual e = x - x_ha
 writes e); AuxK's weights are 1 on the dead features, aux_zipf's the Zipf deficits. One such
 feature takes up to a whole batch of these entries, so they are not pairs for step 6 but
 dense products over their columns only (_aux: the encoder product's dtype, torch matmuls),
-whose rows step 6 adds to those features' sums (each row's k_aux largest by
-sae.kernels.topk_rows, the Triton select); b_dec gets none of the aux reconstruction's
+whose rows step 6 adds to those features' sums (each row's k_aux largest by torch.topk,
+which beats the Triton select at k_aux in the hundreds: bench/kernels_aux_topk.py); b_dec gets none of the aux reconstruction's
 gradient directly (it has no b_dec), only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
@@ -299,7 +299,7 @@ class FusedTopKStep:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """sae.losses.aux_reconstruction_loss on z_aux [B, N] (aux_columns: the n aux features'
         columns of z, then -inf columns up to N), weights w [n]: per row the k_aux largest (all n
-        when fewer; sae.kernels.topk_rows) activate as a = w * ReLU(z) and reconstruct
+        when fewer; torch.topk through sae.kernels.topk_rows) activate as a = w * ReLU(z) and reconstruct
         e = residual; loss ||a W_aux - e||^2 / ||e - mean(e)||^2. Its gradient, scaled by
         aux_alpha, as dense products over the N columns, whose aligned strides the fast GEMM
         kernels need: adds the b_enc part to db_enc in place and returns (loss, (row, dW_dec,
@@ -310,7 +310,7 @@ class FusedTopKStep:
         W_aux = self.params["W_dec_lp"].index_select(0, torch.nn.functional.pad(features, (0, N - n))).to(z_aux.dtype)
         W_aux[n:] = 0
         w = torch.nn.functional.pad(weights.float(), (0, N - n))
-        top, local = topk_rows(z_aux, min(self.k_aux, n), backend="triton")
+        top, local = topk_rows(z_aux, min(self.k_aux, n), backend="torch")  # at k_aux in the hundreds torch.topk is the faster
         kept_w = w[local]
         acts_kept = top * kept_w
         acts = z_aux.zero_().scatter_(1, local, acts_kept.to(z_aux.dtype))
