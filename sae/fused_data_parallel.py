@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sae.aux_capacity import AuxCapacity
 from sae.errors import SAEError
 from sae.fused_step import FusedTopKStep
 from sae.model import SparseAutoencoder
@@ -46,6 +47,7 @@ class FusedDataParallelStep(FusedTopKStep):
         if batch_size % self.world:
             raise SAEError(f"`batch_size={batch_size}` must divide evenly over {self.world} processes")
         super().__init__(model, lr, **options)
+        self._aux_capacity = AuxCapacity(model.d_sae, wait=True)  # the same aux columns on every rank
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         per = len(x) // self.world

@@ -23,23 +23,25 @@ along each unit row removed, Adam, decoder rows renormalised), computed as:
 Tied weights (GBA: one matrix, the encoder its unit rows) replace step 6 with
 sae.kernels.triton_tied_adam, which adds both gradient parts into the one row, and train
 no biases (b_enc is 0, the thresholds are the rule's buffers; b_dec stays put).
-With an auxiliary loss (a call with aux: the features of positive aux weight and their
-weights w, prepare_aux), as sae.autograd_step computes it: each row's k_aux largest z among
-those features activate as w * ReLU(z) and reconstruct the residual e = x - x_hat (step 3
-writes e); AuxK's weights are 1 on the dead features, aux_zipf's the Zipf deficits. One such
-feature takes up to a whole batch of these entries, so they are not pairs for step 6 but
-dense products over their columns only (_aux: the encoder product's dtype, torch matmuls),
-whose rows step 6 adds to those features' sums (each row's k_aux largest by torch.topk,
-which beats the Triton select at k_aux in the hundreds: bench/kernels_aux_topk.py); b_dec gets none of the aux reconstruction's
+With an auxiliary loss (a call with aux: prepare_aux's capacity of features, those of largest
+aux weight w, the ones of weight 0 padding), as sae.autograd_step computes it: each row's
+k_aux largest z among the features of w > 0 activate as w * ReLU(z) and reconstruct the
+residual e = x - x_hat (step 3 writes e); AuxK's weights are 1 on the dead features,
+aux_zipf's the Zipf deficits. One such feature takes up to a whole batch of these entries,
+so they are not pairs for step 6 but dense products over their columns only (_aux: the
+encoder product's dtype, torch matmuls), whose rows step 6 adds to those features' sums
+(each row's k_aux largest by torch.topk, which beats the Triton select at k_aux in the
+hundreds: bench/kernels_aux_topk.py); b_dec gets none of the aux reconstruction's
 gradient directly (it has no b_dec), only through the encoder, like the main entries.
 torch's path, for comparison, makes dense gradient tensors and walks the weights in four
 more passes (the parallel-part removal, Adam, the renormalisation, the bf16 cast).
 The step shares storage with the model it trains, which must hold W_enc feature-major
 (SparseAutoencoder.make_encoder_feature_major), so the model is current after every step.
-lr and the step count live on the device, so sae.graph_step.CudaGraphStep can capture a
-step (TopK, with no host sync; Mutual Choice reads the host once, when its selection
-checks for a row over its cap, and changes selection after its TopK start, so it runs
-eagerly: SparsityRule.fused_graph). Checkpoints carry the moments in torch.optim.Adam's state_dict layout and float32
+lr and the step count live on the device and no stage reads the host (the aux capacity is
+chosen before the step, sae.aux_capacity), so sae.graph_step.CudaGraphStep captures the
+step: one graph per batch shape, aux capacity and rule.graph_key (Mutual Choice's TopK
+start and batch budget; GBA's selection reads its count on the host and runs eagerly:
+SparsityRule.fused_graph). Checkpoints carry the moments in torch.optim.Adam's state_dict layout and float32
 (bf16 moments convert both ways exactly), so the autograd step resumes them and back.
 Triton only: backend "triton" (on CUDA, or on CPU under TRITON_INTERPRET=1 for tests).
 """
@@ -52,6 +54,7 @@ from typing import Any
 
 import torch
 
+from sae.aux_capacity import AUX_COLUMNS, AuxCapacity
 from sae.errors import SAEError
 from sae.kernels import RowEntries, topk_rows
 from sae.kernels.backend import resolve_backend
@@ -60,18 +63,15 @@ from sae.model import SparseAutoencoder
 from sae.registry import rule_names, training_rule
 from sae.step import StepStats
 
-#: The auxiliary loss's feature columns are padded to a multiple of this (aux_columns).
-AUX_COLUMNS = 64
 
-
-def aux_columns(z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """z's columns of the aux features [B, N], in one gather: the n features' own, then -inf
-    columns up to N, the next multiple of AUX_COLUMNS (which no top-k of a row takes before
-    a real column)."""
+def aux_columns(z: torch.Tensor, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """z's columns of the aux features [B, N], in one gather: the n features' own, then
+    columns up to N, the next multiple of AUX_COLUMNS; the padding and every feature of
+    weight 0 read -inf, which no top-k of a row takes before a candidate's column."""
     n = features.numel()
-    columns = z.index_select(1, torch.nn.functional.pad(features, (0, -(-n // AUX_COLUMNS) * AUX_COLUMNS - n)))
-    columns[:, n:] = -torch.inf
-    return columns
+    pad = -(-n // AUX_COLUMNS) * AUX_COLUMNS - n
+    columns = z.index_select(1, torch.nn.functional.pad(features, (0, pad)))
+    return columns.masked_fill_(torch.nn.functional.pad(weights, (0, pad)) <= 0, -torch.inf)
 
 
 class FusedTopKStep:
@@ -141,6 +141,7 @@ class FusedTopKStep:
         self._host_lr = float(lr)  # what a checkpoint records, read without a sync
         self.step_count = torch.zeros(1, device=device)
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._aux_capacity = AuxCapacity(model.d_sae)
 
     def _beside(self) -> contextlib.AbstractContextManager:
         """Run the block on a second stream, after what the current one has issued (on CUDA;
@@ -179,13 +180,18 @@ class FusedTopKStep:
         self._host_lr = float(lr)
 
     def prepare_aux(self, aux_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(ids, weights) of the features with aux weight > 0 (AuxK's dead features, weight
-        1), or None when there are none: a host sync, once a step, as the autograd step's
-        aux selection."""
+        """(ids [N], weights [N]) of the N features of largest aux weight, ids ascending, N
+        the step's capacity (sae.aux_capacity: the features of weight 0 among them are
+        padding), or None when the count of weights > 0 last read is 0. No host sync, and N
+        changes seldom, so a CUDA graph per N replays the step with its aux."""
         if aux_weights is None:
             return None
-        ids = torch.nonzero(aux_weights > 0).squeeze(1)
-        return (ids, aux_weights[ids]) if ids.numel() else None
+        columns = self._aux_capacity(aux_weights)
+        if columns == 0:
+            return None
+        weights, ids = aux_weights.topk(columns, sorted=False)
+        ids, order = ids.sort()
+        return ids, weights[order]
 
     def select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
         """What the rule keeps of z [B, d_sae] (its fused_select): (values float32 [B, w],
@@ -251,7 +257,7 @@ class FusedTopKStep:
         own = self.shard(x)
         z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
         code = self.select(z)
-        z_aux = None if aux_features is None else aux_columns(z, aux_features)
+        z_aux = None if aux_features is None else aux_columns(z, aux_features, aux_weights)
         del z
         residual = None if aux_features is None else torch.empty_like(own)
         decoded = dict(grad_out_dtype=self.grad_out_dtype, residual=residual)

@@ -17,7 +17,7 @@ sae.fused_step.FusedTopKStep (TopK as Triton kernels, Adam inside them),
 sae.distributed.DataParallelStep (the autograd step over torchrun's processes),
 sae.fused_data_parallel.FusedDataParallelStep (the fused step over them),
 sae.latent_shard.ShardedTopKStep (the features split over them) and
-sae.graph_step.CudaGraphStep (replays any capturable step as one CUDA graph);
+sae.graph_step.CudaGraphStep (replays any capturable step as CUDA graphs);
 sae.step_choice.build_step picks one for a config.
 """
 

@@ -83,7 +83,7 @@ def build_step(config: TrainConfig, model: SparseAutoencoder, step: str, backend
 
             return FusedDataParallelStep(model, config.learning_rate, config.batch_size, **options)
         fused = FusedTopKStep(model, lr=config.learning_rate, **options)
-        return CudaGraphStep(fused) if on_cuda and model.rule.fused_graph else fused
+        return CudaGraphStep(fused, key=model.rule.graph_key) if on_cuda and model.rule.fused_graph else fused
     if kind == "shard-latents":
         from sae.latent_shard import ShardedTopKStep
 

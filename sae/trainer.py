@@ -8,17 +8,17 @@ its checkpoint ends in the same state as an uninterrupted one.
 
 The step itself is a sae.step.TrainStep (sae.step_choice.build_step picks it: the
 autograd step, the fused TopK step, the data-parallel ones, the latent-sharded one; on
-CUDA the one-process fused step replayed as a CUDA graph); the Trainer owns the loop, the counters, the NaN/Inf guard and the
+CUDA the one-process fused step replayed as CUDA graphs); the Trainer owns the loop, the counters, the NaN/Inf guard and the
 checkpoints, where the step's optimiser state travels in torch Adam's layout. The kernels'
 backend is resolved once, from the `backend` argument or the device
 (sae.kernels.backend.resolve_backend).
 
 On CUDA batches are copied from pinned memory without blocking, and the NaN/Inf guard is
 a pair of device-side flags that fit() reads at each log step and before anything is
-written (checkpoint, SAE), naming the steps since the last check: a TopK step with aux
-"none" never waits for the GPU. (The auxiliary losses read the dead-feature count once a
-step, and Mutual Choice reads its overflow count.) On CPU the same code checks the flags
-every step.
+written (checkpoint, SAE), naming the steps since the last check: the fused TopK and
+Mutual Choice steps never wait for the GPU (the auxiliary losses' feature count reaches the
+host a step late: sae.aux_capacity; GBA's fused selection reads its count). On CPU the
+same code checks the flags every step.
 """
 
 from __future__ import annotations

@@ -260,7 +260,9 @@ def test_fused_step_with_auxk_trains_like_the_trainer_in_float64(n_dead, k_aux):
         dead = torch.zeros(30, dtype=torch.bool).index_fill_(0, dead_features, True)
         x = torch.randn(10, 21, generator=gen)
         aux = fused.prepare_aux(dead.float())
-        assert torch.equal(aux[0], dead_features) and torch.equal(aux[1], torch.ones(n_dead))
+        ids, weights = aux  # a capacity of columns (sae.aux_capacity): the dead ones, then padding of weight 0
+        assert torch.equal(ids[weights > 0], dead_features) and torch.equal(weights[weights > 0], torch.ones(n_dead))
+        assert len(ids) > n_dead and torch.equal(ids, ids.unique())
         stats = fused(x, aux)
         loss = reference_train_step(model64, opt, x.double(), dead.float(), k_aux, aux_alpha=0.5)
         assert float(stats.aux) > 0

@@ -112,28 +112,48 @@ def test_threshold_rows_is_jumprelu():
     assert int(small.overflow) == int(((z > theta).sum(1) >= 3).sum())
 
 
-@pytest.mark.parametrize("cap", [6, None, 300])
-def test_batch_topk_entries_are_the_batchs_k_times_B_largest_in_row_order(cap):
+def check_batch_entries(code, z, k):
+    """code holds the k*B largest entries of ReLU(z) (as a multiset of values: ties may go
+    either way), each at its own position with its own value, rows in order, row_ptr right."""
+    B, D = z.shape
+    n = min(k * B, B * D)
+    assert code.values.numel() == n
+    assert torch.equal(code.values.sort().values, z.float().relu().reshape(-1).topk(n).values.sort().values)
+    positions = code.rows.long() * D + code.indices
+    assert positions.unique().numel() == n
+    assert torch.equal(code.values, z.float().relu().reshape(-1)[positions])
+    assert torch.equal(positions, positions.sort().values)  # row order, columns ascending in a row
+    assert torch.equal(code.row_ptr[1:] - code.row_ptr[:-1], torch.bincount(code.rows.long(), minlength=B))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_topk_entries_are_the_batchs_k_times_B_largest_in_row_order(dtype):
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(16, 300, generator=gen)
-    z[2] += 4.0  # one row holds far more of the winners than a cap of 6 (the exact redo)
+    z[2] += 4.0  # one row holds most of the winners
     z[5] = -1.0  # a row that keeps nothing
-    code, smallest = batch_topk_entries(z, 4, cap=cap)
-    values, flat = z.relu().reshape(-1).topk(64)
-    assert code.values.numel() == 64 and torch.equal(smallest, values.min())
-    got = torch.zeros(16 * 300).index_put_((code.rows.long() * 300 + code.indices,), code.values)
-    assert torch.equal(got, torch.zeros(16 * 300).index_put_((flat,), values))
-    assert torch.equal(code.rows, code.rows.sort().values)  # row order, row_ptr bounding each row's slice
-    assert torch.equal(code.row_ptr[1:] - code.row_ptr[:-1], torch.bincount(code.rows.long(), minlength=16))
-    assert code.row_ptr[6] == code.row_ptr[5] and code.row_ptr[3] - code.row_ptr[2] > 6
+    code = batch_topk_entries(z.to(dtype), 4)
+    check_batch_entries(code, z.to(dtype), 4)
+    assert code.row_ptr[6] == code.row_ptr[5] and code.row_ptr[3] - code.row_ptr[2] > 32
 
 
-def test_batch_topk_entries_pad_with_zeros_when_too_few_are_positive():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_topk_entries_pad_with_zeros_when_too_few_are_positive(dtype):
     z = -torch.ones(4, 10)
     z[0, 3], z[2, 7] = 2.0, 1.0
-    code, smallest = batch_topk_entries(z, 2)
-    assert code.values.numel() == 8 and float(smallest) == 0.0
+    code = batch_topk_entries(z.to(dtype), 2)
+    assert code.values.numel() == 8
     assert sorted(code.values.tolist()) == [0.0] * 6 + [1.0, 2.0]
+    check_batch_entries(code, z.to(dtype), 2)
+
+
+def test_batch_topk_entries_split_ties_at_the_threshold():
+    """Ties at the k*B-th value fill the budget exactly (which of them is torch.topk's choice)."""
+    z = torch.full((8, 50), 0.25, dtype=torch.bfloat16)
+    z[0, :3] = 1.0
+    code = batch_topk_entries(z, 3)
+    check_batch_entries(code, z, 3)
+    assert int((code.values == 1.0).sum()) == 3 and int((code.values == 0.25).sum()) == 21
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,10 +11,11 @@ indices (slope 1 where non-zero), padding entries have value 0, values are float
   candidates sets the batch threshold: no sort of all B x d_sae values. Exact whenever no
   row holds more than cap of the batch's k*B largest; `overflow` counts rows that may
   (their cap-th largest z reached the threshold), as a device tensor (no sync).
-- batch_topk_entries: the same selection as flat entries in row order (RowEntries, CSR):
-  exactly k*B of them whatever the rows' widths, so the fused step (sae.fused_step) walks
-  k*B pairs instead of B rows padded to the widest. Exact: a batch with an overflowing row
-  (one host read) is redone over the whole matrix.
+- batch_topk_entries: the same selection, exact, as flat entries in row order (RowEntries,
+  CSR): exactly k*B of them whatever the rows' widths, so the fused step (sae.fused_step)
+  walks k*B pairs instead of B rows padded to the widest: one torch.topk over all of z
+  (no row cut first, so no overflow to check), with fixed shapes and no host read, so a
+  CUDA graph captures it.
 - mask_entries: the entries of a boolean mask over z as RowEntries (GBA's z > threshold
   in the fused step): one nonzero pass, whose count is the one host read.
 - threshold_rows: keep z > theta per feature (JumpReLU; ReLU is theta = 0), at most cap
@@ -79,25 +80,17 @@ class RowEntries(NamedTuple):
     row_ptr: torch.Tensor  # [B + 1] int64
 
 
-def batch_topk_entries(z: torch.Tensor, k: int, cap: int | None = None) -> tuple[RowEntries, torch.Tensor]:
-    """(the k*B largest entries of ReLU(z) [B, d_sae] as RowEntries, the smallest value kept).
-    Rows are cut to their cap largest first (as batch_topk); if a row's cap-th largest z
-    reaches the batch's threshold it may hold more winners, and the selection is redone
-    over all of z (the one host read)."""
+def batch_topk_entries(z: torch.Tensor, k: int) -> RowEntries:
+    """The min(k*B, B*d_sae) largest entries of ReLU(z) [B, d_sae] as RowEntries, rows
+    ascending and each row's columns ascending; entries of value 0 pad a batch with fewer
+    positive entries than its budget. One torch.topk over the flattened z and a sort of the
+    kept positions: exact, fixed shapes, nothing read on the host."""
     B, d_sae = z.shape
-    cap = min(cap or 4 * k, d_sae)
-    n_keep = min(k * B, B * d_sae)
-    raw, columns = z.topk(cap, dim=1, sorted=False)
-    values, flat = raw.float().relu().reshape(-1).topk(n_keep, sorted=False)
-    smallest = values.min()
-    if cap < d_sae and bool((raw.min(dim=1).values.float() >= smallest).any()):
-        values, flat = z.float().relu().reshape(-1).topk(n_keep, sorted=False)
-        smallest, columns, cap = values.min(), None, d_sae
+    values, flat = z.reshape(-1).topk(min(k * B, B * d_sae), sorted=False)
     flat, order = flat.sort()
-    rows = flat // cap
-    indices = flat % cap if columns is None else columns.reshape(-1)[flat]
+    rows = flat // d_sae
     row_ptr = torch.searchsorted(rows, torch.arange(B + 1, device=z.device))
-    return RowEntries(values[order], indices, rows.to(torch.int32), row_ptr), smallest
+    return RowEntries(values[order].float().relu(), flat % d_sae, rows.to(torch.int32), row_ptr)
 
 
 def mask_entries(z: torch.Tensor, keep: torch.Tensor) -> RowEntries:

@@ -10,6 +10,7 @@ backward sends the gradient through those kept entries only.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -37,14 +38,20 @@ class SparsityRule(nn.Module):
     #: selections; not thresholds): SparseAutoencoder.fit_encoder_scale then sets the
     #: encoder's starting scale.
     scale_free_selection: bool = False
-    #: Whether the fused step of this rule (sae.fused_step) can be replayed as one CUDA graph
-    #: (sae.graph_step): its fused_select reads nothing on the host and is the same every step.
+    #: Whether the fused step of this rule (sae.fused_step) can be replayed as CUDA graphs
+    #: (sae.graph_step): its fused_select reads nothing on the host, and is the same at every
+    #: step of one graph_key.
     fused_graph: bool = False
 
     def fused_select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
         """The training selection sae.fused_step trains, for a rule registered with the fused
         step: (values [B, w] float32, indices [B, w]) or sae.kernels.RowEntries."""
         raise NotImplementedError
+
+    def graph_key(self) -> Hashable:
+        """Which of the rule's fused selections this step runs (sae.graph_step captures one
+        graph per key): the same for every step here."""
+        return None
 
     def select(self, z: torch.Tensor) -> SparseCode:
         """Training-time selection on a detached z (may use the whole batch; in training mode

@@ -80,6 +80,7 @@ class MutualChoiceRule(SparsityRule):
     name = "mutual-choice"
     saelens_architecture = "jumprelu"
     scale_free_selection = True
+    fused_graph = True
 
     def __init__(self, k: int, theta_decay: float = 0.99, row_cap_factor: int = 8, steps: int | None = None,
                  topk_start: float = TOPK_START_FRACTION) -> None:
@@ -96,7 +97,7 @@ class MutualChoiceRule(SparsityRule):
         self.calibrate_from = calibration_start(steps)
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long))
-        self._estimate: torch.Tensor | None = None  # this step's smallest kept value, for after_step
+        self._estimate: torch.Tensor | None = None  # the last step's smallest kept value (_record_estimate)
 
     def select(self, z: torch.Tensor) -> SparseCode:
         """Exact batch top-k*B. Fast path: sae.kernels.batch_topk cuts each row to its
@@ -107,7 +108,7 @@ class MutualChoiceRule(SparsityRule):
         z = z.detach()
         if self.training and self._in_topk_start():
             values, indices = topk_rows(z, min(self.k, z.shape[1]))
-            self._estimate = torch.where(values > 0, values, torch.inf).amin()
+            self._record_estimate(values)
             return SparseCode(indices=indices, values=values)
         selected = batch_topk(z, self.k, cap=self.row_cap)
         kept = selected.values > 0
@@ -115,32 +116,46 @@ class MutualChoiceRule(SparsityRule):
         if overflow == 0:
             values, position = selected.values.topk(max(widest, 1), dim=1, sorted=False)
             code = SparseCode(indices=selected.indices.gather(1, position), values=values.to(z.dtype))
-            smallest = torch.where(kept, selected.values, torch.inf).amin()
+            smallest = selected.values
         else:
             acts = z.relu()
             budget = min(self.k * z.shape[0], acts.numel())
             kept_values, kept_flat = torch.topk(acts.reshape(-1), budget, sorted=False)
             keep = torch.zeros(acts.numel(), dtype=torch.bool, device=z.device).index_fill_(0, kept_flat, True)
             code = code_from_mask(acts, keep.view_as(acts))
-            smallest = torch.where(kept_values > 0, kept_values, torch.inf).amin()
+            smallest = kept_values
         if self.training:
-            self._estimate = smallest
+            self._record_estimate(smallest)
         return code
 
     def fused_select(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RowEntries:
         """The training selection as sae.fused_step trains it, with select's threshold
         estimate: in the TopK start each row's k largest (values [B, k] float32, indices
         [B, k]: sae.kernels.triton_topk.row_topk), then the batch budget as RowEntries
-        (sae.kernels.batch_topk_entries: k*B entries, no row padded to the widest)."""
+        (sae.kernels.batch_topk_entries: k*B entries, no row padded to the widest). Nothing
+        is read on the host, so a CUDA graph captures either (graph_key tells them apart)."""
         if self._in_topk_start():
             from sae.kernels.triton_topk import row_topk
 
             values, indices, _ = row_topk(z, min(self.k, z.shape[1]))
-            self._estimate = torch.where(values > 0, values, torch.inf).amin()
+            self._record_estimate(values)
             return values, indices
-        code, _ = batch_topk_entries(z, self.k, cap=self.row_cap)
-        self._estimate = torch.where(code.values > 0, code.values, torch.inf).amin()
+        code = batch_topk_entries(z, self.k)
+        self._record_estimate(code.values)
         return code
+
+    def graph_key(self) -> bool:
+        """Whether this step is in the TopK start: the two selections are two graphs."""
+        return self._in_topk_start()
+
+    def _record_estimate(self, kept: torch.Tensor) -> None:
+        """This step's smallest positive kept value (inf: none), written into one tensor that
+        after_step reads, so a CUDA graph's replay leaves it where after_step looks."""
+        smallest = torch.where(kept > 0, kept, torch.inf).amin()
+        if self._estimate is None or self._estimate.device != smallest.device:
+            self._estimate = smallest.float()
+        else:
+            self._estimate.copy_(smallest)
 
     def _in_topk_start(self) -> bool:
         """Whether this training step is in the TopK start. Every step that keeps a value
@@ -158,10 +173,10 @@ class MutualChoiceRule(SparsityRule):
         super()._load_from_state_dict(*args, **kwargs)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        """The threshold takes the estimate of the step just taken (update_threshold)."""
+        """The threshold takes the estimate of the step just taken (update_threshold); every
+        training step's selection records one."""
         if self._estimate is not None:
             update_threshold(self.theta, self.theta_updates, self._estimate, step, self.calibrate_from, self.theta_decay)
-            self._estimate = None
             if self._steps_seen is not None:
                 self._steps_seen += 1
 
