@@ -13,6 +13,10 @@ from sae.kernels import sparse_decode
 #: Zipf deficits below this are treated as none (see zipf_underuse).
 UNDERUSE_FLOOR = 1e-3
 
+#: At most this share of the features count as under-used, the furthest below the curve
+#: (more only where more are tied there, such as the dead ones; see zipf_underuse).
+UNDERUSE_SHARE = 0.25
+
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
     """sum ||x - mean(x)||^2 over the batch (kept above 0): the FVU's denominator."""
@@ -83,8 +87,13 @@ def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Ten
     (d > 0) ranks, where the curve fits; the expected density at rank r is A r^-s.
     u_i = clamp(1 - d_i / (A r_i^-s), 0, 1): 1 for a dead feature, 0 for one at or above
     the curve; deficits under UNDERUSE_FLOOR (the fit's own noise) count as 0, so features on
-    the curve never compete with under-used ones for the k_aux slots. With fewer than 2 live
-    features there is no curve: u = 1[d == 0].
+    the curve never compete with under-used ones for the k_aux slots. A least-squares line
+    has about half the features below it, most of them barely; so only the UNDERUSE_SHARE
+    of the features with the largest deficits keep theirs (all of those tied at the cut:
+    every dead feature when more are dead). The rest, whose activations the loss would scale
+    by a small u, would otherwise take k_aux slots from the ones it is for, and make the aux
+    products span most of the dictionary. With fewer than 2 live features there is no
+    curve: u = 1[d == 0].
     """
     d_sae = density.numel()
     order = torch.argsort(density, descending=True)
@@ -104,6 +113,8 @@ def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Ten
     expected = (log_a + slope * ranks.double().log()).exp()
     u = (1 - density.double() / expected).clamp(0, 1)
     u = torch.where(u < UNDERUSE_FLOOR, torch.zeros_like(u), u)
+    cut = u.topk(max(1, int(UNDERUSE_SHARE * d_sae))).values.min()  # on the device: no host read
+    u = torch.where(u >= cut, u, torch.zeros_like(u))
     return torch.where(n_fit < 2, (density <= 0).double(), u).to(density.dtype)
 
 
@@ -121,7 +132,8 @@ def aux_zipf_loss(
         d_i      firing frequency of feature i over recent tokens (trainer's running estimate)
         r_i      rank of d_i, 1 = most frequent
         A, s     least-squares fit of log d_i = log A - s log r_i on the head of the live ranks
-        u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1), set to 0 below 1e-3  (zipf_underuse)
+        u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1), set to 0 below 1e-3 and outside the
+                   quarter of the features with the largest u (ties kept)  (zipf_underuse)
         T(x)     = the k_aux features with u_i > 0 of largest z_i(x)
         e        = x - x_hat (detached)
         e_hat    = sum_{i in T(x)} u_i ReLU(z_i(x)) W_dec[i]

@@ -81,6 +81,8 @@ def direct_aux_zipf(z, residual, density, W_dec, k_aux, fit_fraction):
     log_a = my - slope * mx
     u = [min(max(1 - float(density[i]) / math.exp(log_a + slope * math.log(rank[i])), 0.0), 1.0) for i in range(d_sae)]
     u = [0.0 if value < 1e-3 else value for value in u]
+    cut = sorted(u, reverse=True)[d_sae // 4 - 1]  # the quarter furthest below the curve, ties kept
+    u = [value if value >= cut else 0.0 for value in u]
     candidates = [i for i in range(d_sae) if u[i] > 0]
     num = 0.0
     mean_e = residual.mean(0)
@@ -110,6 +112,14 @@ def test_aux_zipf_matches_a_direct_computation_of_its_formula():
     weights = zipf_underuse(density, 0.8)
     assert torch.all(weights[density == 0] == 1.0)
     assert int((weights > 0).sum()) > int((density == 0).sum())  # under-used, not only dead
+    assert int((weights > 0).sum()) == d_sae // 4  # at most a quarter of them
+
+
+def test_zipf_underuse_keeps_every_dead_feature_when_more_than_a_quarter_are_dead():
+    density = 0.3 * torch.arange(1, 41, dtype=torch.float32).pow(-1.1)
+    density[25:] = 0.0  # 15 of 40 dead: more than the quarter
+    weights = zipf_underuse(density, 0.8)
+    assert torch.equal(weights > 0, density == 0) and torch.all(weights[density == 0] == 1.0)
 
 
 def test_aux_zipf_reduces_to_auxk_when_only_dead_features_are_below_the_curve():
