@@ -40,7 +40,9 @@ def test_a_saved_checkpoint_resumes_to_the_uninterrupted_runs_weights(tmp_path, 
     flat config, its buffers from the state (GBA is left out here: its algorithm is being
     rewritten, which changes its weights; its checkpoint's loading is checked below). Mutual
     Choice's threshold estimate changed since (calibrated over the run's last steps), so its
-    threshold is checked to be a positive one, its weights and step counts bit for bit."""
+    threshold is checked to be a positive one, its weights within float32's last bits (the
+    CPU's matrix kernels differ from one processor to another, so bits match only on the
+    machine that wrote the files) and its step counts exactly."""
     want = expected(arch)
     out = tmp_path / "run"
     shutil.copytree(SAVED / arch / "run", out)
@@ -53,7 +55,10 @@ def test_a_saved_checkpoint_resumes_to_the_uninterrupted_runs_weights(tmp_path, 
         if (arch, name) == ("mutual-choice", "rule.theta"):
             assert float(value) > 0
             continue
-        assert torch.equal(value, want[f"final.{name}"]), name
+        if value.is_floating_point():
+            torch.testing.assert_close(value, want[f"final.{name}"], rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(value, want[f"final.{name}"]), name
 
 
 def test_a_saved_gba_checkpoint_loads_with_its_rule_settings(tmp_path):
