@@ -40,9 +40,11 @@ def test_a_saved_checkpoint_resumes_to_the_uninterrupted_runs_weights(tmp_path, 
     flat config, its buffers from the state (GBA is left out here: its algorithm is being
     rewritten, which changes its weights; its checkpoint's loading is checked below). Mutual
     Choice's threshold estimate changed since (calibrated over the run's last steps), so its
-    threshold is checked to be a positive one, its weights within float32's last bits (the
+    threshold is checked to be a positive one; and its default aux, aux_zipf, now reaches only
+    the quarter of the features furthest below the Zipf curve, so its weights are checked to
+    stay within 2% of the saved run's. Others' weights match within float32's last bits (the
     CPU's matrix kernels differ from one processor to another, so bits match only on the
-    machine that wrote the files) and its step counts exactly."""
+    machine that wrote the files); step counts exactly."""
     want = expected(arch)
     out = tmp_path / "run"
     shutil.copytree(SAVED / arch / "run", out)
@@ -55,7 +57,9 @@ def test_a_saved_checkpoint_resumes_to_the_uninterrupted_runs_weights(tmp_path, 
         if (arch, name) == ("mutual-choice", "rule.theta"):
             assert float(value) > 0
             continue
-        if value.is_floating_point():
+        if arch == "mutual-choice" and value.is_floating_point():
+            assert float((value - want[f"final.{name}"]).norm()) <= 0.02 * float(want[f"final.{name}"].norm()), name
+        elif value.is_floating_point():
             torch.testing.assert_close(value, want[f"final.{name}"], rtol=1e-6, atol=1e-7, msg=name)
         else:
             assert torch.equal(value, want[f"final.{name}"]), name
