@@ -37,6 +37,16 @@ class SparseCode:
         dense = self.values.new_zeros(self.values.shape[0], d_sae)
         return dense.scatter_add(1, self.indices, self.values)
 
+    def outside(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, d_sae] with -inf at this code's active entries: what the auxiliary loss
+        chooses from. Its features reconstruct what a token's own code left unexplained, so
+        a feature already in that code takes no aux slot there (for AuxK's dead features a
+        no-op; aux_zipf's under-used ones are live, and would otherwise be trained twice on
+        the same token, to fit x and the residual at once)."""
+        taken = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
+        taken.scatter_add_(1, self.indices, self.active().float())  # padding repeats an index with 0
+        return z.masked_fill(taken > 0, float("-inf"))
+
     def fired(self, d_sae: int) -> torch.Tensor:
         """Per-feature count of rows in which it fired, [d_sae] (no gradient, no host sync)."""
         counts = torch.zeros(d_sae, dtype=torch.long, device=self.indices.device)

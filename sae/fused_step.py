@@ -74,6 +74,22 @@ def aux_columns(z: torch.Tensor, features: torch.Tensor, weights: torch.Tensor) 
     return columns.masked_fill_(torch.nn.functional.pad(weights, (0, pad)) <= 0, -torch.inf)
 
 
+def exclude_code(z_aux: torch.Tensor, column: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                 rows: torch.Tensor | None) -> None:
+    """Set z_aux [B, N] (aux_columns) to -inf, in place, at the main code's active entries
+    whose feature is an aux column (column [d_sae]: a feature's aux column, -1 for none):
+    the entries SparseCode.outside removes in the autograd step. The code is rows of
+    (values, indices) [B, w], or flat entries with their rows (RowEntries). Adding -inf
+    there and 0 elsewhere writes every entry once per mention, so repeated (row, feature)
+    pairs need no care and the step stays capturable (no host read)."""
+    col = column[indices]
+    hit = (col >= 0) & (values > 0)
+    row = torch.arange(len(z_aux), device=z_aux.device).unsqueeze(1) if rows is None else rows.long()
+    flat = row * z_aux.shape[1] + col.clamp(min=0)
+    add = torch.zeros(hit.shape, dtype=z_aux.dtype, device=z_aux.device).masked_fill_(hit, -torch.inf)
+    z_aux.view(-1).index_add_(0, flat.reshape(-1), add.reshape(-1))
+
+
 class FusedTopKStep:
     """A TrainStep (sae.step) that trains a TopK SparseAutoencoder in place with
     Adam(betas, eps), no weight decay."""
@@ -257,7 +273,12 @@ class FusedTopKStep:
         own = self.shard(x)
         z = torch.addmm(p["b_enc"].to(lp), self.shard(xc), p["W_enc_lp"].t())
         code = self.select(z)
-        z_aux = None if aux_features is None else aux_columns(z, aux_features, aux_weights)
+        z_aux = column = None
+        if aux_features is not None:
+            z_aux = aux_columns(z, aux_features, aux_weights)
+            column = torch.full((z.shape[1],), -1, device=z.device, dtype=torch.long)
+            column[aux_features] = torch.arange(aux_features.numel(), device=z.device)
+            exclude_code(z_aux, column, *((code.values, code.indices, code.rows) if isinstance(code, RowEntries) else (*code, None)))
         del z
         residual = None if aux_features is None else torch.empty_like(own)
         decoded = dict(grad_out_dtype=self.grad_out_dtype, residual=residual)
@@ -284,7 +305,7 @@ class FusedTopKStep:
         if aux_features is not None:
             if self.k_aux <= 0 or aux_features.numel() == 0 or tied:
                 raise SAEError("the auxiliary loss needs `k_aux` > 0, a feature in `aux` and untied weights")
-            aux, aux_grads = self._aux(z_aux, aux_features, aux_weights, residual, xc, db_enc)
+            aux, aux_grads = self._aux(z_aux, aux_features, aux_weights, column, residual, xc, db_enc)
             loss = loss + self.aux_alpha * aux
         # b_dec's gradient through the encoder, before W_enc moves, through the copy the
         # product read (in bf16: half the bytes, db_enc rounded to bf16 too)
@@ -300,11 +321,12 @@ class FusedTopKStep:
         return StepStats(sq_err=sq, loss=loss, l0=fired.sum(), fired=fired, aux=aux, variance=variance[0], tokens=len(x))
 
     def _aux(
-        self, z_aux: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor, xc: torch.Tensor,
-        db_enc: torch.Tensor,
+        self, z_aux: torch.Tensor, features: torch.Tensor, weights: torch.Tensor, column: torch.Tensor,
+        residual: torch.Tensor, xc: torch.Tensor, db_enc: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """sae.losses.aux_reconstruction_loss on z_aux [B, N] (aux_columns: the n aux features'
-        columns of z, then -inf columns up to N), weights w [n]: per row the k_aux largest (all n
+        columns of z, then -inf columns up to N; the main code's entries -inf: exclude_code),
+        weights w [n], column [F] each feature's aux column (-1: none): per row the k_aux largest (all n
         when fewer; torch.topk through sae.kernels.topk_rows) activate as a = w * ReLU(z) and reconstruct
         e = residual; loss ||a W_aux - e||^2 / ||e - mean(e)||^2. Its gradient, scaled by
         aux_alpha, as dense products over the N columns, whose aligned strides the fast GEMM
@@ -312,7 +334,7 @@ class FusedTopKStep:
         dW_enc)) for feature_adam's aux. z_aux's storage becomes the activations, then the
         pre-activations' gradient: a kept entry's value is overwritten by its gradient and
         every other entry stays 0."""
-        n, F, N = features.numel(), self.params["W_dec"].shape[0], z_aux.shape[1]
+        n, N = features.numel(), z_aux.shape[1]
         W_aux = self.params["W_dec_lp"].index_select(0, torch.nn.functional.pad(features, (0, N - n))).to(z_aux.dtype)
         W_aux[n:] = 0
         w = torch.nn.functional.pad(weights.float(), (0, N - n))
@@ -328,7 +350,5 @@ class FusedTopKStep:
         grad_kept = torch.where(acts_kept > 0, (grad_e_hat @ W_aux.t()).gather(1, local).float() * kept_w, 0.0)
         grad_z = acts.scatter_(1, local, grad_kept.to(acts.dtype))
         db_enc.index_add_(0, features, torch.zeros(N, device=db_enc.device).scatter_add_(0, local.reshape(-1), grad_kept.reshape(-1))[:n])
-        row = torch.full((F,), -1, device=db_enc.device, dtype=torch.int32)
-        row[features] = torch.arange(n, device=db_enc.device, dtype=torch.int32)
-        return loss, (row, dW_dec, (grad_z.t() @ xc)[:n])
+        return loss, (column.to(torch.int32), dW_dec, (grad_z.t() @ xc)[:n])
 

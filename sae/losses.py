@@ -57,26 +57,31 @@ def aux_reconstruction_loss(
 
 
 def weighted_aux_loss(
-    z: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor, k_aux: int
+    z: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, W_dec: torch.Tensor, k_aux: int,
+    code: SparseCode | None = None,
 ) -> torch.Tensor:
     """The auxiliary loss from a dense z (reference form; training selects the same entries
-    inside the fused encoder): candidates are features with weight > 0; per token take the
-    k_aux candidates with the largest z, activate them as a_j = w_j * ReLU(z_j), and return
+    inside the fused encoder): candidates are features with weight > 0 outside the token's
+    own code (code: the main code; SparseCode.outside); per token take the k_aux candidates
+    with the largest z, activate them as a_j = w_j * ReLU(z_j), and return
     ||sum_j a_j W_dec[j] - e||^2 / ||e - mean(e)||^2 (sums over the batch)."""
-    indices = aux_candidates(z.detach(), weights, k_aux)
-    code = SparseCode(indices=indices, values=z.gather(1, indices).relu())
-    return aux_reconstruction_loss(code, residual, weights, lambda c: sparse_decode(c.indices, c.values, W_dec))
+    free = z if code is None else code.outside(z)
+    indices = aux_candidates(free.detach(), weights, k_aux)
+    aux_code = SparseCode(indices=indices, values=free.gather(1, indices).relu())
+    return aux_reconstruction_loss(aux_code, residual, weights, lambda c: sparse_decode(c.indices, c.values, W_dec))
 
 
 def auxk_loss(
-    z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, k_aux: int
+    z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, k_aux: int,
+    code: SparseCode | None = None,
 ) -> torch.Tensor:
     """AuxK: the dead features (bool [d_sae]) reconstruct the detached residual e = x - x_hat.
 
     L_aux = ||e_hat - e||^2 / ||e - mean(e)||^2, e_hat from the top-k_aux dead pre-activations
-    (Gao et al. 2024, section A.2; k_aux about d_in / 2, weighted alpha = 1/32 by the trainer).
+    (Gao et al. 2024, section A.2; k_aux about d_in / 2, weighted alpha = 1/32 by the trainer);
+    code: the main code, whose entries take no aux slot (weighted_aux_loss).
     """
-    return weighted_aux_loss(z, residual, dead.to(z.dtype), W_dec, k_aux)
+    return weighted_aux_loss(z, residual, dead.to(z.dtype), W_dec, k_aux, code)
 
 
 def zipf_underuse(density: torch.Tensor, fit_fraction: float = 0.8) -> torch.Tensor:
@@ -125,6 +130,7 @@ def aux_zipf_loss(
     W_dec: torch.Tensor,
     k_aux: int,
     fit_fraction: float = 0.8,
+    code: SparseCode | None = None,
 ) -> torch.Tensor:
     """aux_zipf_loss: AuxK generalised from dead to under-used features, weighted by deficit.
 
@@ -134,12 +140,15 @@ def aux_zipf_loss(
         A, s     least-squares fit of log d_i = log A - s log r_i on the head of the live ranks
         u_i      = clamp(1 - d_i / (A r_i^-s), 0, 1), set to 0 below 1e-3 and outside the
                    quarter of the features with the largest u (ties kept)  (zipf_underuse)
-        T(x)     = the k_aux features with u_i > 0 of largest z_i(x)
+        T(x)     = the k_aux features with u_i > 0 of largest z_i(x), outside x's own code
+                   (code; a feature x already uses is not trained again on x's residual)
         e        = x - x_hat (detached)
         e_hat    = sum_{i in T(x)} u_i ReLU(z_i(x)) W_dec[i]
         L        = sum_x ||e_hat - e||^2 / sum_x ||e - mean(e)||^2
     If only dead features fall below the curve (u = 1 for them, 0 elsewhere) this is exactly
-    auxk_loss, which is the sense in which the paper says it "generalises aux_k_loss".
+    auxk_loss, which is the sense in which the paper says it "generalises aux_k_loss". Leaving
+    out x's own code is ours: it keeps AuxK's premise (the aux features explain what x's code
+    did not) for features that are live.
 
     Provenance: Ayonrinde 2024 (arXiv:2411.02124) introduces aux_zipf_loss to push dead and
     under-used features, measured against the Zipf curve that feature densities follow except
@@ -148,4 +157,4 @@ def aux_zipf_loss(
     check it against the paper's section on aux_zipf_loss before relying on exact numbers.
     """
     weights = zipf_underuse(density, fit_fraction)
-    return weighted_aux_loss(z, residual, weights, W_dec, k_aux)
+    return weighted_aux_loss(z, residual, weights, W_dec, k_aux, code)

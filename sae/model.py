@@ -148,8 +148,10 @@ class SparseAutoencoder(nn.Module):
         """Training pass: (x_hat, code, aux_code).
 
         aux(z) -> LongTensor[B, k_aux], if given, names extra entries per row (AuxK's dead
-        features); they come back as aux_code with values ReLU(z) there, carrying gradient to
-        the encoder like the main code's, but they take no part in x_hat. The main code
+        features) from z with the row's own code at -inf (SparseCode.outside); they come back
+        as aux_code with values ReLU(z) there (0 where a row had too few entries outside its
+        code), carrying gradient to the encoder like the main code's, but they take no part
+        in x_hat. The main code
         passes through the rule's train_code before it is decoded.
         """
         width = 0
@@ -160,8 +162,9 @@ class SparseAutoencoder(nn.Module):
             width = code.width
             if aux is None:
                 return code.values, code.indices
-            extra = aux(z)
-            values = torch.cat([code.values, z.gather(1, extra).relu().to(code.values.dtype)], dim=1)
+            free = code.outside(z)
+            extra = aux(free)
+            values = torch.cat([code.values, free.gather(1, extra).relu().to(code.values.dtype)], dim=1)
             return values, torch.cat([code.indices, extra], dim=1)
 
         backend = resolve_backend(x.device, self.backend)

@@ -182,7 +182,10 @@ def test_checkpoints_written_before_the_step_interface_resume_where_their_run_en
     aux products have since been padded to aligned widths (sae.aux_capacity), which rounds
     their sums differently: its own checkpoint ends within rounding too
     (test_resumed_fused_run_ends_bit_for_bit_where_an_uninterrupted_one_does checks the
-    exact resume on the current code and machine)."""
+    exact resume on the current code and machine). AuxK has since left each token's own
+    features out of its aux entries (SparseCode.outside), and in this short run features
+    counted dead fire again, so the fused run's recorded end no longer holds: resumed
+    on either step it ends where the other step ends, within the kernels' rounding."""
     want = torch.load(OLD_CHECKPOINTS / kind / "after_4_steps.pt", weights_only=True)
     for step, backend in (("autograd", None), ("fused", "triton")):
         shutil.copytree(OLD_CHECKPOINTS / kind, tmp_path / step)
@@ -190,7 +193,9 @@ def test_checkpoints_written_before_the_step_interface_resume_where_their_run_en
         assert trainer.step == 2
         trainer.fit(progress=False)
         got = trainer.state()
-        if step == kind == "autograd":  # the same step: float32's last bits
+        if kind == "fused" and step == "autograd":  # AuxK's aux entries changed since (docstring)
+            want = {"model": got["model"]}  # the fused step must end where the autograd step did
+        elif step == kind == "autograd":  # the same step: float32's last bits
             for name, tensor in want["model"].items():
                 torch.testing.assert_close(got["model"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
             for i, moments in want["optimizer"]["state"].items():

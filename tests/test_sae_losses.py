@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sae.code import SparseCode
 from sae.losses import aux_candidates, aux_reconstruction_loss, aux_zipf_loss, auxk_loss, fvu, zipf_underuse
 from sae.model import SparseAutoencoder
 from sae.rules import TopKRule
@@ -48,7 +49,7 @@ def test_auxk_gradient_reaches_the_encoder_of_dead_features_only():
     assert float(model.W_dec.grad[40:].abs().sum()) > 0
     # the same loss from a dense z (the reference form), and through the CPU path, agree
     z = model.pre_acts(x)
-    reference = auxk_loss(z, (x - x_hat).detach(), dead.bool(), model.W_dec, k_aux=8)
+    reference = auxk_loss(z, (x - x_hat).detach(), dead.bool(), model.W_dec, k_aux=8, code=code)
     assert float(reference.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
     fused_grad = grad.clone()
     model.zero_grad()
@@ -151,3 +152,24 @@ def test_aux_candidates_are_the_largest_z_among_weighted_features(n_candidates):
         masked = torch.where(weights > 0, z, torch.full_like(z, -torch.inf))
         expected = masked.topk(min(8, n_candidates), dim=1).indices
         assert torch.equal(chosen.sort(dim=1).values, expected.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_aux_entries_leave_out_each_token_s_own_code(backend):
+    """With every feature a candidate (aux_zipf's under-used features are live), a token's aux
+    entries are features its own code does not hold: no feature fits x and the residual on
+    the same token."""
+    g = torch.Generator().manual_seed(6)
+    model = SparseAutoencoder(16, 24, TopKRule(5))
+    model.init_weights(g)
+    model.backend = backend
+    x = torch.randn(64, 16, generator=g)
+    weights = torch.ones(24)
+    _, code, aux_code = model(x, lambda z: aux_candidates(z, weights, 8))
+    for main, aux, values in zip(code.indices.tolist(), aux_code.indices.tolist(), aux_code.values.tolist()):
+        assert not set(main) & {f for f, v in zip(aux, values) if v > 0}
+    # TopK kept each row's largest: what is left for the aux is no larger than the row's smallest kept
+    assert bool((aux_code.values.detach().max(dim=1).values <= code.values.detach().min(dim=1).values + 1e-6).all())
+    z = model.pre_acts(x)
+    own_out = SparseCode(indices=code.indices, values=code.values.detach()).outside(z)
+    assert torch.isinf(own_out.gather(1, code.indices)).all() and torch.isfinite(own_out).sum() == 64 * (24 - 5)
